@@ -1,0 +1,1 @@
+"""The `exfilguard` command. Holds no logic: it parses options and calls the components."""

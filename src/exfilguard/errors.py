@@ -1,0 +1,102 @@
+"""One tree of errors for every component.
+
+Each message says what happened and what to do. The HTTP layer (outside) and the CLI map
+these classes to status codes and exit codes here, in one place: ``http_status`` and
+``exit_code`` on each class.
+"""
+
+from __future__ import annotations
+
+
+class ExfilguardError(Exception):
+    """Base class: something exfilguard refuses to do, with a message saying why."""
+
+    http_status: int = 500
+    error_type: str = "server_error"
+    exit_code: int = 1
+
+
+class ConfigError(ExfilguardError):
+    """A command-line option, URL, spec or file is malformed or missing."""
+
+    http_status = 500
+    error_type = "configuration_error"
+    exit_code = 2
+
+
+class RequestInvalid(ExfilguardError):
+    """A client request is malformed or asks for something that raises egress."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+    exit_code = 2
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class BudgetExhausted(ExfilguardError):
+    """The egress budget (cap or rolling window) has no bytes left for this transfer."""
+
+    http_status = 429
+    error_type = "egress_budget_exhausted"
+    exit_code = 3
+
+
+class LedgerUnavailable(ExfilguardError):
+    """The ledger cannot be read or written; the meter forwards nothing (fail closed)."""
+
+    http_status = 503
+    error_type = "ledger_unavailable"
+    exit_code = 4
+
+
+class LedgerTampered(ExfilguardError):
+    """The ledger's entries, tree or signed heads do not verify."""
+
+    http_status = 500
+    error_type = "ledger_tampered"
+    exit_code = 5
+
+
+class UpstreamUnavailable(ExfilguardError):
+    """The meter or the inside worker cannot be reached."""
+
+    http_status = 503
+    error_type = "upstream_unavailable"
+    exit_code = 6
+
+
+class FrameCorrupt(ExfilguardError):
+    """A codec stream or protocol frame is malformed, truncated or fails its checksum."""
+
+    http_status = 502
+    error_type = "frame_corrupt"
+    exit_code = 7
+
+
+class ModelMismatch(ExfilguardError):
+    """The encoder's weak model is not the decoder's: fingerprints differ."""
+
+    http_status = 500
+    error_type = "model_mismatch"
+    exit_code = 8
+
+    def __init__(self, expected: str, got: str, what: str = "weak model"):
+        super().__init__(
+            f"{what} fingerprint mismatch: stream was encoded with {got}, "
+            f"this side has {expected}; run the same {what} on both sides"
+        )
+        self.expected = expected
+        self.got = got
+
+
+class Desync(FrameCorrupt):
+    """A model-coded chunk decoded to tokens whose checksum does not match: ask for a raw resend."""
+
+    error_type = "codec_desync"
+
+    def __init__(self, message: str, chunk_index: int):
+        super().__init__(message)
+        self.chunk_index = chunk_index
