@@ -1,0 +1,280 @@
+"""Strong-model backends: generation jobs in, token ids out.
+
+`LocalEngine` runs a transformers model with continuous batching: one thread steps every active
+request together (left-padded KV cache, attention mask, per-row position ids); a new request is
+prefilled alone and merged into the running batch, a finished one is cut out of it. Requests do
+not wait for each other one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from exfilguard.inside.sampling import sample_token
+from exfilguard.protocol.wire import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class TokenSink(Protocol):
+    """Where a backend delivers one job's tokens (called from the backend's thread)."""
+
+    def tokens(self, ids: Sequence[int]) -> bool:
+        """Take newly generated ids; return True to stop the job (a stop string was hit)."""
+
+    def done(self, reason: str) -> None:
+        """The job ended: "stop", "length", "cancelled" or "error"."""
+
+
+@dataclass
+class Job:
+    """One generation request and where its tokens go."""
+
+    request: GenerationRequest
+    sink: TokenSink
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Backend(Protocol):
+    """A strong model that runs jobs."""
+
+    name: str
+
+    def submit(self, job: Job) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class _Row:
+    job: Job
+    last: int  # sampled, not yet fed to the model
+    generated: int
+    length: int  # real tokens in the KV cache (prompt + fed)
+    eos: frozenset[int] = field(default_factory=frozenset)
+
+
+class LocalEngine:
+    """Continuous batching over a TransformersModel (CPU or GPU)."""
+
+    def __init__(self, model: Any, max_batch: int = 64, max_context: int | None = None):
+        self.model = model  # exfilguard.models.hf.TransformersModel
+        self.name = model.info.spec
+        self.max_batch = max_batch
+        cfg = model.model.config
+        self.max_context = max_context or int(getattr(cfg, "max_position_embeddings", 8192))
+        self._eos = frozenset(model.info.eos_token_ids)
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Row] = []
+        self._kv: list[tuple[Any, Any]] = []
+        self._mask: Any = None
+        self._cache: Any = None
+        self.steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="exfilguard-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            self._pending.append(job)
+            self._cv.notify_all()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while self._running and not self._pending and not self._rows:
+                        self._cv.wait(timeout=0.5)
+                    if not self._running:
+                        break
+                    room = self.max_batch - len(self._rows)
+                    new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                for job in new:
+                    try:
+                        self._admit(job)
+                    except Exception:
+                        log.exception("prefill failed")
+                        self._finish(job, "error")
+                self._drop([r for r in self._rows if r.job.cancelled], "cancelled")
+                if self._rows:
+                    try:
+                        self._step()
+                    except Exception:
+                        log.exception("generation step failed")
+                        self._drop(list(self._rows), "error")
+        for r in self._rows:
+            self._finish(r.job, "cancelled")
+        while self._pending:
+            self._finish(self._pending.popleft(), "cancelled")
+
+    def _finish(self, job: Job, reason: str) -> None:
+        try:
+            job.sink.done(reason)
+        except Exception:
+            log.exception("sink.done failed")
+
+    def _emit(self, row: _Row, tok: int) -> str | None:
+        """Deliver one token; the reason the row is finished, or None."""
+        req = row.job.request
+        row.generated += 1
+        try:
+            hit = row.job.sink.tokens([tok])
+        except Exception:
+            log.exception("sink.tokens failed")
+            return "error"
+        if row.job.cancelled:
+            return "cancelled"
+        if hit or tok in self._eos:
+            return "stop"
+        if row.generated >= req.max_tokens or row.length + 1 >= self.max_context:
+            return "length"
+        return None
+
+    def _sample(self, logits: np.ndarray, row: _Row) -> int:
+        req = row.job.request
+        return sample_token(logits, req.seed, row.generated, req.temperature, req.top_p)
+
+    def _admit(self, job: Job) -> None:
+        import torch
+
+        if job.cancelled:
+            self._finish(job, "cancelled")
+            return
+        ids = job.request.prompt_ids
+        if len(ids) >= self.max_context:
+            self._finish(job, "length")
+            return
+        m = self.model
+        x = torch.tensor([ids], dtype=torch.long, device=m.device)
+        out = m.model(input_ids=x, use_cache=True)
+        row = _Row(job=job, last=-1, generated=0, length=len(ids))
+        tok = self._sample(out.logits[0, -1].float().cpu().numpy(), row)
+        row.last = tok
+        reason = self._emit(row, tok)
+        if reason is not None:
+            self._finish(job, reason)
+            return
+        new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        new_mask = torch.ones((1, len(ids)), dtype=torch.long, device=m.device)
+        if not self._rows:
+            self._kv, self._mask = new_kv, new_mask
+        else:
+            self._kv = self._current_kv()
+            cur = self._mask.shape[1]
+            width = max(cur, len(ids))
+            self._kv = [
+                (torch.cat([_lpad(k, width), _lpad(nk, width)]), torch.cat([_lpad(v, width), _lpad(nv, width)]))
+                for (k, v), (nk, nv) in zip(self._kv, new_kv, strict=True)
+            ]
+            self._mask = torch.cat([_lpad_mask(self._mask, width), _lpad_mask(new_mask, width)])
+        self._cache = None
+        self._rows.append(row)
+
+    def _current_kv(self) -> list[tuple[Any, Any]]:
+        if self._cache is not None:
+            return [(layer.keys, layer.values) for layer in self._cache.layers]
+        return self._kv
+
+    def _drop(self, rows: list[_Row], reason: str) -> None:
+        """Cut finished rows out of the batch and tell their sinks."""
+        if not rows:
+            return
+        import torch
+
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
+        for r in rows:
+            self._finish(r.job, reason)
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._kv, self._mask, self._cache = [], None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        mask = self._mask.index_select(0, idx)
+        # Columns that are padding in every remaining row are dead weight: trim them.
+        live = mask.any(dim=0).nonzero()
+        start = int(live[0]) if live.numel() else 0
+        self._kv = [
+            (k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
+            for k, v in self._current_kv()
+        ]
+        self._mask = mask[:, start:]
+        self._cache = None
+
+    def _step(self) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        dev = self._mask.device
+        if self._cache is None:
+            self._cache = DynamicCache(ddp_cache_data=self._kv)
+            self._kv = []
+        rows = self._rows
+        x = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=dev)
+        pos = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=dev)
+        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
+        out = self.model.model(
+            input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=self._cache, use_cache=True
+        )
+        self._cache = out.past_key_values
+        self._mask = mask
+        self.steps += 1
+        logits = out.logits[:, -1].float().cpu().numpy()
+        done: dict[str, list[_Row]] = {}
+        for i, r in enumerate(rows):
+            r.length += 1
+            tok = self._sample(logits[i], r)
+            r.last = tok
+            reason = self._emit(r, tok)
+            if reason is not None:
+                done.setdefault(reason, []).append(r)
+        for reason, rs in done.items():
+            self._drop(rs, reason)
+
+
+def _lpad(t: Any, width: int) -> Any:
+    """Left-pad a [B, H, L, D] tensor with zeros to length `width` along L."""
+    import torch
+
+    extra = width - t.shape[2]
+    if extra == 0:
+        return t
+    z = torch.zeros((t.shape[0], t.shape[1], extra, t.shape[3]), dtype=t.dtype, device=t.device)
+    return torch.cat([z, t], dim=2)
+
+
+def _lpad_mask(m: Any, width: int) -> Any:
+    import torch
+
+    extra = width - m.shape[1]
+    if extra == 0:
+        return m
+    return torch.cat([torch.zeros((m.shape[0], extra), dtype=m.dtype, device=m.device), m], dim=1)
