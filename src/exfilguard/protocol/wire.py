@@ -220,29 +220,26 @@ def parse_chunk_index(payload: bytes) -> int:
 
 @dataclass
 class Hello:
-    """What the inside announces on connect. Informational except the weak fingerprint."""
+    """What the inside announces on connect (counted by the meter, so kept to ~40 bytes)."""
 
     version: int
     strong: str
-    weak_fingerprint: str
-    codecs: list[str] = field(default_factory=list)
+    weak_fingerprint: str  # a prefix of the weak model's fingerprint (hex)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        d = {"v": self.version, "s": self.strong[:64], "w": self.weak_fingerprint[:16]}
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "Hello":
         """Parse and validate a HELLO payload; FrameCorrupt on anything unexpected."""
         try:
             d = json.loads(payload.decode("utf-8"))
-            hello = cls(
-                version=int(d["version"]),
-                strong=str(d["strong"])[:200],
-                weak_fingerprint=str(d["weak_fingerprint"])[:128],
-                codecs=[str(c)[:32] for c in d.get("codecs", [])][:16],
-            )
+            hello = cls(version=int(d["v"]), strong=str(d["s"])[:64], weak_fingerprint=str(d["w"])[:16])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
             raise FrameCorrupt("protocol: malformed HELLO") from None
+        if not all(c in "0123456789abcdef" for c in hello.weak_fingerprint):
+            raise FrameCorrupt("protocol: malformed HELLO fingerprint")
         return hello
 
 

@@ -1,0 +1,203 @@
+"""Client-facing request parsing and text assembly for the OpenAI-compatible API (no I/O)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from exfilguard.errors import RequestInvalid
+
+# Parameters that would raise egress (more bits per answer than the answer itself).
+_EGRESS = "it would raise egress through the meter, which exfilguard refuses"
+
+
+@dataclass
+class Sampling:
+    """What a client asked for, validated."""
+
+    model: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    seed_given: bool
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+
+
+def _num(body: dict[str, Any], name: str, lo: float, hi: float, default: Any, integer: bool = False) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise RequestInvalid(f"'{name}' must be {'an integer' if integer else 'a number'}", name)
+    if not lo <= v <= hi:
+        raise RequestInvalid(f"'{name}' must be between {lo} and {hi}", name)
+    return v
+
+
+def refuse_egress_params(body: dict[str, Any]) -> None:
+    """400 for every parameter that would make an answer carry more than its text."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise RequestInvalid(f"'n' > 1 is not supported: {_EGRESS}", "n")
+    lp = body.get("logprobs")
+    if lp is not None and lp is not False:
+        raise RequestInvalid(f"'logprobs' is not supported: {_EGRESS}", "logprobs")
+    if body.get("top_logprobs") is not None:
+        raise RequestInvalid(f"'top_logprobs' is not supported: {_EGRESS}", "top_logprobs")
+    if body.get("echo"):
+        raise RequestInvalid(f"'echo' is not supported: {_EGRESS}", "echo")
+    bo = body.get("best_of")
+    if bo is not None and bo != 1:
+        raise RequestInvalid(f"'best_of' is not supported: {_EGRESS}", "best_of")
+    if body.get("suffix"):
+        raise RequestInvalid(f"'suffix' is not supported: {_EGRESS}", "suffix")
+
+
+def parse_sampling(body: Any, default_max_tokens: int, max_max_tokens: int) -> Sampling:
+    """Validate the fields both endpoints share; RequestInvalid names the bad field."""
+    if not isinstance(body, dict):
+        raise RequestInvalid("the request body must be a JSON object", "body")
+    refuse_egress_params(body)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestInvalid("'model' must be a string", "model")
+    mt = body.get("max_completion_tokens")
+    name = "max_completion_tokens"
+    if mt is None:
+        mt, name = body.get("max_tokens"), "max_tokens"
+    if mt is None:
+        max_tokens = default_max_tokens
+    else:
+        max_tokens = _num({name: mt}, name, 1, max_max_tokens, None, integer=True)
+    temperature = float(_num(body, "temperature", 0.0, 2.0, 1.0))
+    top_p = float(_num(body, "top_p", 0.0, 1.0, 1.0))
+    if top_p == 0.0:
+        temperature = 0.0
+    seed_v = body.get("seed")
+    if seed_v is None:
+        # The outside picks the seed so the coupled codec can use shared randomness.
+        seed, seed_given = secrets.randbits(63), False
+    else:
+        seed, seed_given = int(_num(body, "seed", -(1 << 63), (1 << 64) - 1, 0, integer=True)) % (1 << 64), True
+    stop_v = body.get("stop")
+    if stop_v is None:
+        stop: list[str] = []
+    elif isinstance(stop_v, str):
+        stop = [stop_v] if stop_v else []
+    elif isinstance(stop_v, list) and all(isinstance(s, str) for s in stop_v):
+        stop = [s for s in stop_v if s]
+    else:
+        raise RequestInvalid("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > 4 or any(len(s) > 256 for s in stop):
+        raise RequestInvalid("'stop' takes at most 4 strings of at most 256 characters", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise RequestInvalid("'stream' must be a boolean", "stream")
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not isinstance(so, dict):
+            raise RequestInvalid("'stream_options' must be an object", "stream_options")
+        include_usage = bool(so.get("include_usage", False))
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise RequestInvalid("'user' must be a string", "user")
+    return Sampling(model, int(max_tokens), temperature, top_p, seed, seed_given, stop, bool(stream), include_usage, user)
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages, as role/content strings (content parts of type text are joined)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RequestInvalid("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestInvalid(f"'messages[{i}]' must be an object with a 'role'", f"messages[{i}]")
+        if m["role"] not in ("system", "user", "assistant", "developer", "tool"):
+            raise RequestInvalid(f"'messages[{i}].role' {m['role']!r} is not supported", f"messages[{i}].role")
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for p in c:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise RequestInvalid(f"'messages[{i}].content' supports text parts only", f"messages[{i}].content")
+                parts.append(p["text"])
+            c = "".join(parts)
+        if c is None:
+            c = ""
+        if not isinstance(c, str):
+            raise RequestInvalid(f"'messages[{i}].content' must be a string", f"messages[{i}].content")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": c})
+    return out
+
+
+def parse_prompt(body: dict[str, Any]) -> str | list[int]:
+    """A completions prompt: a string, or a list of token ids (one prompt only)."""
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return list(p)
+    raise RequestInvalid("'prompt' must be a string or a list of token ids (one prompt)", "prompt")
+
+
+class TextAssembler:
+    """Token ids -> text deltas, with stop strings applied and a finish reason."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], eos_ids: set[int]):
+        self.tok, self.stop, self.eos = tokenizer, stop, eos_ids
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the text already handed out
+        self.finish_reason: str | None = None
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+    def push(self, ids: list[int]) -> str:
+        """Add tokens; return the new text that is safe to send."""
+        if self.finish_reason is not None:
+            return ""
+        for t in ids:
+            if t in self.eos:
+                self.ids.append(t)
+                self.finish_reason = "stop"
+                break
+            self.ids.append(t)
+        text = self._text()
+        if self.stop:
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.finish_reason = "stop"
+                return self._take(text[:cut])
+        if self.finish_reason is not None:
+            return self._take(text)
+        safe = len(text) - self.hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next token
+            safe = min(safe, len(text.rstrip("\ufffd")))
+        return self._take(text[: max(safe, self.emitted)])
+
+    def finish(self, reason: str = "length") -> str:
+        """The stream ended: hand out what was held back."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            return self._take(self._text())
+        return ""
+
+    def _text(self) -> str:
+        return self.tok.decode([t for t in self.ids if t not in self.eos], skip_special_tokens=True)
+
+    def _take(self, upto: str) -> str:
+        out = upto[self.emitted :]
+        self.emitted = max(self.emitted, len(upto))
+        return out
