@@ -3,74 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import pytest
 
-from exfilguard.codec.frame import parse_varints, varints  # noqa: F401  (stand-in payload format)
-from exfilguard.errors import FrameCorrupt
+from exfilguard.protocol.codec_adapter import RealCodecFactory
 
 KEY = "sk-test-key"
-
-
-class RawEncoder:
-    """Stand-in codec: token ids as varints (self-delimiting)."""
-
-    def __init__(self) -> None:
-        self.pending: list[int] = []
-        self.chunks: list[list[int]] = []
-
-    def push(self, t: int) -> None:
-        self.pending.append(t)
-
-    def flush(self) -> bytes:
-        if not self.pending:
-            return b""
-        self.chunks.append(self.pending)
-        data, self.pending = varints(self.pending), []
-        return data
-
-    def finish(self) -> bytes:
-        return self.flush()
-
-    def raw_chunk(self, index: int) -> bytes:
-        return varints(self.chunks[index])
-
-
-class RawDecoder:
-    def __init__(self) -> None:
-        self.buf = b""
-
-    def push(self, data: bytes) -> list[int]:
-        self.buf += data
-        # cut at the last complete varint
-        end = len(self.buf)
-        while end > 0 and self.buf[end - 1] & 0x80:
-            end -= 1
-        ids = parse_varints(self.buf[:end]) if end else []
-        self.buf = self.buf[end:]
-        return ids
-
-    def push_raw(self, index: int, data: bytes) -> list[int]:
-        return parse_varints(data)
-
-    def finish(self) -> list[int]:
-        if self.buf:
-            raise FrameCorrupt("stand-in: truncated stream")
-        return []
-
-
-class RawCodecs:
-    names = ("model", "raw")
-
-    def __init__(self, fingerprint: str) -> None:
-        self.weak_fingerprint = fingerprint
-
-    def encoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> RawEncoder:
-        return RawEncoder()
-
-    def decoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> RawDecoder:
-        return RawDecoder()
 
 
 class StandInMeter:
@@ -132,7 +70,7 @@ class TinyStack:
         self.model = load_model("tiny-random")
         tok = self.model.tokenizer
         fp = self.model.info.fingerprint
-        self.codecs = RawCodecs(fp)
+        self.codecs = RealCodecFactory(self.model)
         self.lt = LoopThread()
         self.inside = self.lt.run(start_inside(make_backend(self.model), self.codecs, tok, self.model.info.vocab_size))
         self.meter = StandInMeter(self.inside.port, cap)

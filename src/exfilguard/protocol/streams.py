@@ -48,7 +48,7 @@ class CodecFactory(Protocol):
     def decoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> StreamDecoder: ...
 
 
-def codec_factory(weak: Any, flush_hint: int = 16) -> CodecFactory:
+def codec_factory(weak: Any) -> CodecFactory:
     """The real codec (exfilguard.codec) over weak model `weak`."""
     from exfilguard.protocol.codec_adapter import RealCodecFactory
 

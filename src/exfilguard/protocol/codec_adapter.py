@@ -1,0 +1,100 @@
+"""Adapts exfilguard.codec's streaming Encoder/Decoder to the StreamEncoder/StreamDecoder the
+inside and outside use. Imports the codec lazily (the model codec runs the weak model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from exfilguard.errors import ConfigError
+
+
+class _Encoder:
+    """Holds back what codec.Encoder.push returns (the header) until the next flush, so the
+    header travels with the first chunk in one frame."""
+
+    def __init__(self, enc: Any):
+        self._enc = enc
+        self._held = bytearray()
+
+    def push(self, token_id: int) -> None:
+        self._held += self._enc.push(token_id)
+
+    def flush(self) -> bytes:
+        out = bytes(self._held) + self._enc.flush()
+        self._held.clear()
+        return out
+
+    def finish(self) -> bytes:
+        out = bytes(self._held) + self._enc.finish()
+        self._held.clear()
+        return out
+
+    def raw_chunk(self, index: int) -> bytes:
+        try:
+            return self._enc.raw_chunk(index)
+        except ValueError:
+            from exfilguard.errors import FrameCorrupt
+
+            raise FrameCorrupt(f"protocol: RESEND_REQUEST for chunk {index}, which does not exist") from None
+
+
+class _Decoder:
+    def __init__(self, dec: Any):
+        self._dec = dec
+
+    def push(self, data: bytes) -> list[int]:
+        return self._dec.feed(data)
+
+    def push_raw(self, index: int, data: bytes) -> list[int]:
+        from exfilguard.errors import FrameCorrupt
+
+        try:
+            return self._dec.resend(index, data)
+        except ValueError as exc:
+            raise FrameCorrupt(f"unexpected raw resend: {exc}") from None
+
+    def finish(self) -> list[int]:
+        self._dec.finish()  # raises if the stream is incomplete; tokens were already handed out
+        return []
+
+
+class RealCodecFactory:
+    """Encoders and decoders of exfilguard.codec over one weak model."""
+
+    def __init__(self, weak: Any, options: dict[str, dict[str, Any]] | None = None):
+        from exfilguard.codec import codec_names
+
+        try:
+            import exfilguard.codec.coupled  # noqa: F401  (registers itself when present)
+        except ModuleNotFoundError:
+            pass
+        self.weak = weak
+        self.weak_fingerprint = str(weak.info.fingerprint)
+        self.names = tuple(codec_names())
+        self._options = options or {}
+        self._codecs: dict[str, Any] = {}
+
+    def codec(self, name: str) -> Any:
+        """One codec object per name (its stats add up across streams)."""
+        from exfilguard.codec import get_codec
+
+        if name not in self._codecs:
+            self._codecs[name] = get_codec(name, self.weak, **self._options.get(name, {}))
+        return self._codecs[name]
+
+    def _check(self, name: str) -> None:
+        if name not in self.names:
+            raise ConfigError(f"unknown codec {name!r}")
+
+    def encoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Encoder:
+        from exfilguard.codec import Encoder
+
+        self._check(codec)
+        return _Encoder(Encoder(self.codec(codec), prompt_ids, stream_id=0, flush_every=None))
+
+    def decoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Decoder:
+        from exfilguard.codec import Decoder
+
+        self._check(codec)
+        return _Decoder(Decoder(self.codec(codec), prompt_ids, stream_id=0))
