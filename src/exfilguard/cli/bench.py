@@ -1,9 +1,72 @@
-"""CLI commands: bench."""
+"""CLI commands: bench (codec; `bench coupled` is added by the coupled codec)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+bench = typer.Typer(help="Benchmarks that print figures (bits per token, tokens/s).", no_args_is_help=True)
+
+
+@bench.command("codec")
+def bench_codec(
+    corpus: Path = typer.Option(..., "--corpus", help="JSONL corpus (the format of smollm2_corpus_dev.jsonl)."),
+    weak: Optional[str] = typer.Option(None, "--weak", help="Weak-model spec for the model codec (e.g. smollm2)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Generations per temperature (default: all)."),
+    codec: Optional[list[str]] = typer.Option(None, "--codec", help="Codecs to run (repeatable; default: all)."),
+    flush_every: Optional[int] = typer.Option(None, "--flush-every", help="Tokens per chunk (default: one chunk)."),
+    encoder: str = typer.Option("teacher-forced", "--encoder", help="Model-codec encoder: teacher-forced or incremental."),
+    encode_threads: int = typer.Option(1, "--encode-threads", help="torch threads while encoding."),
+    decode_threads: int = typer.Option(2, "--decode-threads", help="torch threads while decoding."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Code every generation as its own stream, decode it, and report bits/token and speed."""
+    from exfilguard.codec.bench import BenchConfig, run
+
+    cfg = BenchConfig(corpus, weak, limit, codec or None, flush_every, encoder, encode_threads, decode_threads)
+    if as_json:
+        result = run(cfg)
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(transient=True) as prog:
+        task = prog.add_task("coding", total=None)
+
+        def progress(name: str, done: int, total: int) -> None:
+            prog.update(task, description=f"{name} {done}/{total}", completed=done, total=total)
+
+        result = run(cfg, progress)
+    _print_table(Console(), result)
+
+
+def _print_table(console: "object", result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"bench codec: {result['generations']} generations, {result['tokens']} tokens, weak={result['weak']}")
+    for col in ("T", "codec", "bits/token", "ideal", "roundtrip", "desyncs", "enc tok/s", "dec tok/s"):
+        table.add_column(col, justify="right")
+    sections = list(result["by_temperature"].items()) + [("all", result["all"])]
+    for t, entry in sections:
+        for name, c in entry["codecs"].items():
+            ideal = c.get("ideal_bits_per_token")
+            table.add_row(
+                t,
+                name,
+                f"{c['bits_per_token']:.3f}",
+                "" if ideal is None else f"{ideal:.3f}",
+                "ok" if c["roundtrip_ok"] else f"{c['roundtrip_failures']} failed",
+                str(c["desync_streams"]),
+                f"{c['encode_tokens_per_s']:.0f}",
+                f"{c['decode_tokens_per_s']:.0f}",
+            )
+    console.print(table)  # type: ignore[attr-defined]
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.add_typer(bench, name="bench")
