@@ -1,0 +1,107 @@
+"""Counter-based Gumbel noise and the seeded sampler: pinned bits, exactness, seed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exfilguard.codec.gumbel import (
+    MAX_SEED,
+    gumbel_noise,
+    sample_token,
+    tempered_logprobs,
+    uniform_bits,
+    uniform_noise,
+    validate_seed,
+)
+from exfilguard.errors import RequestInvalid
+
+
+def test_pinned_bits() -> None:
+    # Changing these breaks every stored seed's reproduction (and verification): never do it.
+    assert [int(v) for v in uniform_bits(1, 0, 4)] == [
+        0x1CDB33CDD5A123E6,
+        0x014CC23BA6E5A655,
+        0xB3E93F1A49D44B19,
+        0xC1DAE85C467425E2,
+    ]
+    assert [int(v) for v in uniform_bits(MAX_SEED, 7, 2)] == [0x697A05729B1FCC8C, 0x9F387BE2F3B7F937]
+    np.testing.assert_allclose(gumbel_noise(1, 0, 3), [-0.780631599638213, -1.6644822343341223, 1.0420963362527584], rtol=1e-12)
+
+
+def test_prefix_stable_and_positions_independent() -> None:
+    # The first k values do not depend on the vocabulary size asked for.
+    assert np.array_equal(uniform_bits(9, 3, 10), uniform_bits(9, 3, 1000)[:10])
+    # Neighbouring positions share no counter blocks (no shifted copies).
+    a, b = uniform_bits(9, 3, 4096), uniform_bits(9, 4, 4096)
+    assert not np.intersect1d(a, b).size
+    assert not np.array_equal(uniform_bits(9, 3, 8), uniform_bits(10, 3, 8))
+
+
+def test_uniform_range_and_gumbel_moments() -> None:
+    u = uniform_noise(5, 0, 200_000)
+    assert 0.0 < u.min() and u.max() < 1.0
+    g = gumbel_noise(5, 1, 200_000)
+    assert abs(g.mean() - np.euler_gamma) < 0.01
+    assert abs(g.var() - np.pi**2 / 6) < 0.03
+    # Tail: P(G > 3) = 1 - exp(-exp(-3)).
+    assert abs((g > 3).mean() - (1 - np.exp(-np.exp(-3)))) < 0.002
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_SEED + 1, 1.5, "7", None, True, 2**70])
+def test_bad_seeds(bad: object) -> None:
+    with pytest.raises(RequestInvalid) as exc:
+        validate_seed(bad)
+    assert exc.value.param == "seed"
+    assert "seed" in str(exc.value)
+    with pytest.raises(RequestInvalid):
+        sample_token(np.zeros(4, dtype=np.float32), 1.0, 1.0, bad, 0)  # type: ignore[arg-type]
+
+
+def test_good_seeds() -> None:
+    assert validate_seed(0) == 0
+    assert validate_seed(MAX_SEED) == MAX_SEED
+    assert validate_seed(np.uint64(3)) == 3
+
+
+def test_greedy_ties_lowest_id() -> None:
+    logits = np.array([0.0, 3.0, 1.0, 3.0], dtype=np.float32)
+    assert all(sample_token(logits, 0.0, 1.0, s, 0) == 1 for s in range(20))
+
+
+def test_top_p_nucleus() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    lp = tempered_logprobs(logits, 1.0, 0.8)
+    assert np.isfinite(lp[:2]).all() and np.isneginf(lp[2:]).all()
+    seen = {sample_token(logits, 1.0, 0.8, s, p) for s in range(50) for p in range(4)}
+    assert seen == {0, 1}
+
+
+def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson chi-square goodness-of-fit p-value (torch's regularized gamma; no scipy)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    expected = np.asarray(probs, dtype=np.float64) / np.sum(probs) * counts.sum()
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    dof = counts.size - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_chi2_pvalue_matches_reference() -> None:
+    # scipy.stats.chisquare([30, 20, 50], [25, 25, 50]).pvalue
+    assert abs(chi2_pvalue(np.array([30, 20, 50]), np.array([0.25, 0.25, 0.5])) - 0.36787944117144233) < 1e-9
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9)])
+def test_sampler_matches_distribution(temperature: float, top_p: float) -> None:
+    """Chi-square: seeded Gumbel-max draws follow softmax(logits / T) within the nucleus."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, size=12).astype(np.float32)
+    p = np.exp(tempered_logprobs(logits, temperature, top_p))
+    counts = np.zeros(12)
+    for seed in range(400):
+        for pos in range(10):
+            counts[sample_token(logits, temperature, top_p, seed * 7919 + 11, pos)] += 1
+    support = p > 0
+    assert counts[~support].sum() == 0
+    assert chi2_pvalue(counts[support], p[support]) > 1e-3
