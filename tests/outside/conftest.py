@@ -62,7 +62,7 @@ class StandInMeter:
 
 
 class TinyStack:
-    def __init__(self, cap: int = 10**9, flush_every: int = 4) -> None:
+    def __init__(self, cap: int = 10**9, flush_every: int = 4, outside_fingerprint: str | None = None) -> None:
         from exfilguard.models import load_model
         from exfilguard.outside.app import OutsideConfig
         from exfilguard.outside.stack import LoopThread, make_backend, start_inside, start_outside
@@ -77,7 +77,7 @@ class TinyStack:
         mport = self.lt.run(self.meter.start())
         cfg = OutsideConfig(model_name="tiny-random", flush_every=flush_every, default_max_tokens=16)
         self.outside, self.port = self.lt.run(
-            start_outside(self.codecs, tok, fp, [KEY], "127.0.0.1", mport, self.meter.status, config=cfg)
+            start_outside(self.codecs, tok, outside_fingerprint or fp, [KEY], "127.0.0.1", mport, self.meter.status, config=cfg)
         )
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 

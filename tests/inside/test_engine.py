@@ -1,0 +1,123 @@
+"""The continuous-batching engine and the openai: upstream backend, with tiny-random."""
+
+
+
+import json
+import threading
+import time
+
+import pytest
+
+from exfilguard.inside.engine import Job, LocalEngine
+from exfilguard.protocol.wire import GenerationRequest
+
+
+class Sink:
+    def __init__(self, stop_after: int | None = None):
+        self.ids: list[int] = []
+        self.reason: str | None = None
+        self.ev = threading.Event()
+        self.stop_after = stop_after
+
+    def tokens(self, ids):
+        self.ids += list(ids)
+        return self.stop_after is not None and len(self.ids) >= self.stop_after
+
+    def done(self, reason):
+        self.reason = reason
+        self.ev.set()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from exfilguard.models import load_model
+
+    return load_model("tiny-random")
+
+
+def _run(model, reqs, stagger=0.0):
+    e = LocalEngine(model)
+    e.start()
+    sinks = []
+    for r in reqs:
+        sinks.append(Sink())
+        e.submit(Job(r, sinks[-1]))
+        time.sleep(stagger)
+    for s in sinks:
+        assert s.ev.wait(60)
+    e.stop()
+    return [(s.ids, s.reason) for s in sinks]
+
+
+def test_batched_equals_alone(tiny):
+    reqs = [GenerationRequest(list(range(5, 5 + n)), 10, seed=i, temperature=t)
+            for i, (n, t) in enumerate([(3, 0.0), (9, 1.0), (5, 0.7), (2, 0.0), (12, 1.0)])]
+    alone = [_run(tiny, [r])[0] for r in reqs]
+    assert _run(tiny, reqs) == alone
+    assert _run(tiny, reqs, stagger=0.02) == alone  # joining a running batch changes nothing
+    assert all(reason == "length" and len(ids) == 10 for ids, reason in alone)
+
+
+def test_stop_and_cancel(tiny):
+    e = LocalEngine(tiny)
+    e.start()
+    stopper, runner = Sink(stop_after=3), Sink()
+    job = Job(GenerationRequest([1, 2], 4000, seed=1), runner)
+    e.submit(Job(GenerationRequest([1, 2], 50, seed=2), stopper))
+    e.submit(job)
+    assert stopper.ev.wait(30) and stopper.reason == "stop" and len(stopper.ids) == 3
+    time.sleep(0.2)
+    job.cancel()
+    assert runner.ev.wait(30) and runner.reason == "cancelled" and len(runner.ids) < 4000
+    e.stop()
+
+
+def test_openai_upstream_backend():
+    """A fake vLLM that streams token ids; the backend hands them to the sink."""
+
+
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    from exfilguard.inside.upstream import OpenAIUpstream, parse_openai_spec
+    from exfilguard.outside.stack import LoopThread, UvicornThreadless
+
+    app = FastAPI()
+    seen = {}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "fake"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        seen.update(body)
+
+        async def gen():
+            for i in range(body["max_tokens"]):
+                ch = {"choices": [{"index": 0, "text": "x", "token_ids": [100 + i], "finish_reason": None}]}
+                yield "data: " + json.dumps(ch) + "\n\n"
+            yield 'data: {"choices":[{"index":0,"text":"","token_ids":[],"finish_reason":"length"}]}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    lt = LoopThread()
+    srv = UvicornThreadless(app, "127.0.0.1", 0)
+    port = lt.run(srv.start())
+    try:
+        assert parse_openai_spec(f"openai:http://h:1/v1?model=m") == ("http://h:1/v1", "m")
+        up = OpenAIUpstream(f"openai:http://127.0.0.1:{port}")
+        up.start()
+        s = Sink()
+        up.submit(Job(GenerationRequest([1, 2, 3], 5, seed=9, temperature=0.5), s))
+        assert s.ev.wait(30)
+        assert s.ids == [100, 101, 102, 103, 104] and s.reason == "length"
+        assert seen["prompt"] == [1, 2, 3] and seen["model"] == "fake" and seen["return_token_ids"] is True
+        up.stop()
+    finally:
+        lt.run(srv.stop())
+        lt.close()
+

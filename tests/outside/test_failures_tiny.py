@@ -1,0 +1,71 @@
+"""Cap exhausted mid-stream, meter down, client gone: with tiny-random and a stand-in meter."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import KEY, TinyStack
+
+
+def test_cap_exhausted_mid_stream_then_429():
+    s = TinyStack(cap=120, flush_every=2)
+    try:
+        c = s.client()
+        got = []
+        with pytest.raises(openai.APIError) as e:
+            for ch in c.completions.create(model="m", prompt="Hello there", max_tokens=200, seed=1, temperature=1.0, stream=True):
+                if ch.choices:
+                    got.append(ch.choices[0].text)
+        assert "egress budget" in str(e.value.message)
+        assert "".join(got)  # what the cap covered arrived first
+        assert s.meter.used <= s.meter.cap
+        with pytest.raises(openai.RateLimitError) as e2:
+            c.completions.create(model="m", prompt="x", max_tokens=4)
+        assert e2.value.body["type"] == "egress_budget_exhausted"
+    finally:
+        s.close()
+
+
+def test_meter_down_is_503():
+    s = TinyStack()
+    try:
+        c = s.client()
+        assert c.completions.create(model="m", prompt="x", max_tokens=3, seed=1).usage.completion_tokens == 3
+        s.lt.run(s.meter.stop())
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model="m", prompt="x", max_tokens=3)
+        assert e.value.status_code == 503
+        assert e.value.body["type"] == "upstream_unavailable"
+    finally:
+        s.close()
+
+
+def test_client_disconnect_cancels_generation():
+    s = TinyStack()
+    try:
+        engine = s.inside.backend
+        with httpx.stream("POST", s.base_url + "/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"prompt": "x", "max_tokens": 4000, "stream": True, "seed": 1}, timeout=30) as r:
+            assert r.status_code == 200
+            for _ in zip(range(5), r.iter_lines()):
+                pass
+        deadline = time.monotonic() + 20
+        while engine._rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine._rows  # the inside stopped generating for the gone client
+    finally:
+        s.close()
+
+
+def test_weak_model_mismatch_is_500_naming_both():
+    s = TinyStack(outside_fingerprint="0" * 64)
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            s.client().completions.create(model="m", prompt="x", max_tokens=3)
+        assert e.value.status_code == 500
+        assert "0" * 64 in e.value.message and s.model.info.fingerprint[:16] in e.value.message
+    finally:
+        s.close()
