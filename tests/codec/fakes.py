@@ -31,7 +31,7 @@ class FakeSession(Session):
     def frequencies(self) -> np.ndarray | None:
         if not self.m.exact:
             return None
-        return (np.exp(_row(self.m.seed, self.ctx, self.m.vocab, self.m.sharp) / 2) * 1000).astype(np.int64) + 1
+        return np.minimum(np.exp(_row(self.m.seed, self.ctx, self.m.vocab, self.m.sharp) / 2) * 1000, 2.0**31).astype(np.int64) + 1
 
     def feed(self, token_id: int) -> None:
         self.ctx.append(int(token_id))

@@ -13,7 +13,7 @@ from exfilguard.codec.codecs import (
     register_codec,
 )
 from exfilguard.codec.frame import Header, Record, parse_header, parse_record
-from exfilguard.codec.quantize import QuantizedDist, from_frequencies, levels, quantize
+from exfilguard.codec.quantizer import QuantizedDist, from_frequencies, levels, quantize
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.codec.stream import Decoder, Encoder, decode_stream, encode_stream
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from exfilguard.codec import quantize as Q
+from exfilguard.codec import quantizer as Q
 from exfilguard.codec.frame import parse_varints, varints
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.errors import ConfigError, FrameCorrupt

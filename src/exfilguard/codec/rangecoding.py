@@ -13,7 +13,7 @@ from collections.abc import Callable
 import constriction
 import numpy as np
 
-from exfilguard.codec.quantize import QuantizedDist
+from exfilguard.codec.quantizer import QuantizedDist
 from exfilguard.errors import FrameCorrupt
 
 _Categorical = constriction.stream.model.Categorical

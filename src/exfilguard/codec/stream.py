@@ -153,7 +153,12 @@ class Decoder:
         self.resends += 1
         self._accept(rec, ids, resent=True)
         before, self._undelivered = self._undelivered, []
-        return before + ids + self._run()
+        try:
+            more = self._run()
+        except Desync:
+            self._undelivered = before + ids + self._undelivered
+            raise
+        return before + ids + more
 
     # -- internals
     def _fail(self, exc: FrameCorrupt) -> None:
