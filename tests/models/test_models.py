@@ -1,0 +1,56 @@
+"""The models package: fingerprints, the shipped tokenizer, scoring paths, spec errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exfilguard.errors import ConfigError
+from exfilguard.models import load_model
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "smollm2_corpus_dev.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random")
+
+
+def test_tiny_random_fingerprint_is_stable_across_processes(tiny):
+    code = "from exfilguard.models import load_model; print(load_model('tiny-random').fingerprint)"
+    fps = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)}
+    assert fps == {tiny.fingerprint}
+    assert len(tiny.fingerprint) == 64
+
+
+def test_tokenizer_reproduces_corpus_prompt_ids():
+    if not CORPUS.is_file():
+        pytest.skip("corpus not available")
+    from exfilguard.models.hf import load_tokenizer
+
+    tok = load_tokenizer()
+    rows = [json.loads(line) for _, line in zip(range(30), CORPUS.open())]
+    for r in rows:
+        ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        assert list(ids) == r["prompt_ids"]
+
+
+def test_incremental_score_close_to_teacher_forced(tiny):
+    prefix, toks = [1, 9690, 198, 2683], [359, 253, 5356, 5646, 11173, 3365]
+    inc = tiny.score(prefix, toks)
+    fast = tiny.score_fast(prefix, toks)
+    assert inc.shape == fast.shape == (len(toks), tiny.vocab_size)
+    assert inc.dtype == np.float32
+    np.testing.assert_allclose(inc, fast, atol=1e-3, rtol=1e-3)
+
+
+def test_unknown_spec_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown model spec"):
+        load_model("no-such-model")
+    with pytest.raises(ConfigError):
+        load_model("hf:/no/such/path")
