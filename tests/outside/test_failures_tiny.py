@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import KEY, TinyStack
+from tinystack import KEY, TinyStack
 
 
 def test_cap_exhausted_mid_stream_then_429():

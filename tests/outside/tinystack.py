@@ -1,0 +1,41 @@
+"""A tiny-random stack (inside + stand-in meter + outside) in one background loop."""
+
+from __future__ import annotations
+
+from standin_meter import StandInMeter
+
+from exfilguard.protocol.codec_adapter import RealCodecFactory
+
+KEY = "sk-test-key"
+
+
+class TinyStack:
+    def __init__(self, cap: int = 10**9, flush_every: int = 4, outside_fingerprint: str | None = None) -> None:
+        from exfilguard.models import load_model
+        from exfilguard.outside.app import OutsideConfig
+        from exfilguard.outside.stack import LoopThread, make_backend, start_inside, start_outside
+
+        self.model = load_model("tiny-random")
+        tok = self.model.tokenizer
+        fp = self.model.info.fingerprint
+        self.codecs = RealCodecFactory(self.model)
+        self.lt = LoopThread()
+        self.inside = self.lt.run(start_inside(make_backend(self.model), self.codecs, tok, self.model.info.vocab_size))
+        self.meter = StandInMeter(self.inside.port, cap)
+        mport = self.lt.run(self.meter.start())
+        cfg = OutsideConfig(model_name="tiny-random", flush_every=flush_every, default_max_tokens=16)
+        self.outside, self.port = self.lt.run(
+            start_outside(self.codecs, tok, outside_fingerprint or fp, [KEY], "127.0.0.1", mport, self.meter.status, config=cfg)
+        )
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key: str = KEY):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        self.lt.run(self.outside.stop())
+        self.lt.run(self.meter.stop())
+        self.lt.run(self.inside.stop())
+        self.lt.close()
