@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         listen: str = typer.Option("127.0.0.1:8000", help="HOST:PORT for the OpenAI-compatible API"),
         api_keys: str = typer.Option(..., "--api-keys", help="file with one API key a line"),
         meter_status: Optional[str] = typer.Option(None, help="meter status URL (tells 429 from 503)"),
-        codec: str = typer.Option("model", help="codec the inside encodes with"),
+        codec: str = typer.Option("auto", help="codec the inside encodes with (auto: coupled if available, else model)"),
         flush_every: int = typer.Option(16, help="flush a chunk every N tokens (0: only at the end)"),
         flush_ms: float = typer.Option(0.0, help="also flush after T ms (0: off)"),
         model_name: str = typer.Option("smollm2", help="model id shown by /v1/models"),
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         cap: Optional[int] = typer.Option(None, help="egress cap in bytes (default: 10% of the strong weights)"),
         port: int = typer.Option(8000, help="port of the API on 127.0.0.1"),
         data_dir: str = typer.Option(".exfilguard", help="ledger and API keys live here"),
-        codec: str = typer.Option("model", help="codec the inside encodes with"),
+        codec: str = typer.Option("auto", help="codec the inside encodes with (auto: coupled if available, else model)"),
         flush_every: int = typer.Option(16, help="flush a chunk every N tokens (0: only at the end)"),
         flush_ms: float = typer.Option(0.0, help="also flush after T ms (0: off)"),
     ) -> None:

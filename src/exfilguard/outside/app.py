@@ -34,7 +34,7 @@ class OutsideConfig:
     """How the outside API serves."""
 
     model_name: str = "smollm2"
-    codec: str = "model"
+    codec: str = "auto"  # coupled (shared randomness) when the inside offers it, else model
     flush_every: int = 16
     flush_ms: float = 0.0
     default_max_tokens: int = 256
@@ -113,12 +113,18 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             raise RequestInvalid("the request body must be a JSON object", "body")
         return body
 
+    def codec_for() -> str:
+        if cfg.codec != "auto":
+            return cfg.codec
+        offered = conn.codecs.names
+        return "coupled" if "coupled" in offered else "model"
+
     def gen_request(prompt_ids: list[int], s: Sampling) -> GenerationRequest:
         if len(prompt_ids) > cfg.max_prompt_tokens:
             raise RequestInvalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {cfg.max_prompt_tokens}", "messages")
         return GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=s.max_tokens, seed=s.seed, temperature=s.temperature,
-            top_p=s.top_p, stop=s.stop, codec=cfg.codec, flush_every=cfg.flush_every, flush_ms=cfg.flush_ms,
+            top_p=s.top_p, stop=s.stop, codec=codec_for(), flush_every=cfg.flush_every, flush_ms=cfg.flush_ms,
         )
 
     @app.get("/health")

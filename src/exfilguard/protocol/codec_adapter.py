@@ -87,14 +87,22 @@ class RealCodecFactory:
         if name not in self.names:
             raise ConfigError(f"unknown codec {name!r}")
 
+    def _bound(self, name: str, seed: int, temperature: float, top_p: float) -> Any:
+        """The codec for one request: seeded codecs (coupled) are bound to its sampling."""
+        self._check(name)
+        c = self.codec(name)
+        if hasattr(c, "for_request"):
+            if top_p <= 0.0:  # the sampler treats top_p = 0 as greedy
+                temperature, top_p = 0.0, 1.0
+            c = c.for_request(seed % (1 << 64), temperature, top_p)
+        return c
+
     def encoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Encoder:
         from exfilguard.codec import Encoder
 
-        self._check(codec)
-        return _Encoder(Encoder(self.codec(codec), prompt_ids, stream_id=0, flush_every=None))
+        return _Encoder(Encoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0, flush_every=None))
 
     def decoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Decoder:
         from exfilguard.codec import Decoder
 
-        self._check(codec)
-        return _Decoder(Decoder(self.codec(codec), prompt_ids, stream_id=0))
+        return _Decoder(Decoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0))
