@@ -87,3 +87,14 @@ def test_tau_costs_match_coding_probability():
         for tau in range(len(Q.TAUS)):
             qd = Q.from_levels(lv, tau)
             assert costs[tau] == pytest.approx(qd.cost_bits(tok), abs=0.01)
+
+
+def test_chunk_tau_costs_matches_exact():
+    rng = np.random.default_rng(5)
+    rows, toks = [], []
+    for i in range(30):
+        logits = _row(rng, vocab=5000)
+        rows.append(Q.levels(logits))
+        toks.append(int(np.argmax(logits)) if i % 3 else int(rng.integers(5000)))
+    exact = sum(Q.tau_costs(lv, t) for lv, t in zip(rows, toks))
+    np.testing.assert_allclose(Q.chunk_tau_costs(rows, toks), exact, rtol=1e-3, atol=0.5)

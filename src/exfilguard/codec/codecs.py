@@ -297,10 +297,7 @@ class _ModelState(CodecState):
         else:
             tau = self.codec.tau
             if tau is None:
-                costs = np.zeros(len(Q.TAUS))
-                for lv, tok in zip(rows, tokens):
-                    costs += Q.tau_costs(lv, tok)  # type: ignore[arg-type]
-                tau = int(np.argmin(costs))
+                tau = int(np.argmin(Q.chunk_tau_costs(rows, tokens)))  # type: ignore[arg-type]
             dists = [Q.from_levels(lv, tau) for lv in rows]  # type: ignore[arg-type]
         payload = encode_steps(list(zip(dists, tokens)))
         self.codec.stats.codec_s += time.perf_counter() - t

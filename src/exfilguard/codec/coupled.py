@@ -51,6 +51,7 @@ ZQ_BITS = 8
 PRECISION = Q.PRECISION
 TOTAL = Q.TOTAL
 _SCALE = TOTAL - KMAX - 2  # room for +1 per active entry and an escape >= 1
+BONUS = 1  # extra weight of the argmax of the perturbed scores (the predicted token)
 ESCAPE_MIN = TOTAL >> 11  # the escape never costs more than 11 bits
 # Record param (3 bits) -> stage-1 temperature, in units of the perturbed score.
 TAUS: tuple[float, ...] = (0.03, 0.06, 0.1, 0.16, 0.25, 0.4, 0.6, 1.0)
@@ -91,7 +92,7 @@ def perturbed_scores(logits: np.ndarray, temperature: float, seed: int, position
 class Position:
     """One position's perturbed scores reduced to what coding needs (exactly reproducible)."""
 
-    ids: np.ndarray  # int64, active candidates sorted by (d, id); d <= depth at the widest tau
+    ids: np.ndarray  # int64: the argmax, then the other candidates by (d, id); d <= widest depth
     d: np.ndarray  # int64 levels below the top, non-decreasing
     scores: np.ndarray  # float64 [vocab] perturbed scores, for the stage-2 table
 
@@ -109,7 +110,16 @@ def position_levels(scores: np.ndarray) -> Position:
     ids = np.flatnonzero(q >= top - depth_levels(len(TAUS) - 1))
     d = top - q[ids]
     order = np.argsort(d, kind="stable")  # ties stay in id order
-    return Position(ids=ids[order][:KMAX], d=d[order][:KMAX], scores=s)
+    ids, d = ids[order][:KMAX], d[order][:KMAX]
+    # The argmax goes first and gets the BONUS weight: it is the weak model's guess, and a grid
+    # cell shared with it must not halve the price of agreement. It differs between two
+    # machines only when the two best scores are within float noise of each other.
+    best = int(np.argmax(s))
+    at = int(np.flatnonzero(ids == best)[0])
+    if at:
+        ids = np.concatenate(([best], np.delete(ids, at)))
+        d = np.concatenate(([d[at]], np.delete(d, at)))
+    return Position(ids=ids, d=d, scores=s)
 
 
 def _round_up_bits(z: int, bits: int = ZQ_BITS) -> int:
@@ -125,6 +135,7 @@ def _stage1_weights(pos: Position, tau_index: int) -> tuple[int, np.ndarray, int
     table = exp_table(tau_index)
     k = int(np.searchsorted(pos.d, depth_levels(tau_index), side="right"))
     e = table[pos.d[:k]]
+    e[0] *= BONUS
     # Normaliser rounded up to ZQ_BITS significant bits: a flip in a small entry moves the sum
     # by less than a rounding step, so the other entries keep their frequencies.
     zq = _round_up_bits(int(e.sum()))

@@ -94,15 +94,21 @@ def levels(logits: np.ndarray) -> Levels:
     row = np.asarray(logits, dtype=np.float32)
     if row.ndim != 1 or row.size < 2:
         raise ValueError("logits must be a 1-D array with at least 2 entries")
-    if np.isnan(row).any():
-        raise ValueError("logits contain NaN")
-    # GRID is a power of two, so the product is exact and floor() is the only rounding.
-    q = np.floor(np.clip(row, -_LOGIT_CLAMP, _LOGIT_CLAMP) * np.float32(GRID)).astype(np.int64)
-    top = int(q.max())
-    ids = np.flatnonzero(q >= top - depth_levels(0))
-    d = top - q[ids]
-    order = np.argsort(d, kind="stable")  # flatnonzero is ascending, so ties stay in id order
-    return Levels(ids=ids[order][:KMAX], d=d[order][:KMAX], vocab_size=row.size)
+    top_f = row.max()
+    if not np.isfinite(top_f):
+        if np.isnan(row).any() or top_f > 0:
+            raise ValueError("logits contain NaN or +inf")
+        raise ValueError("every logit is -inf")
+    g = np.float32(GRID)
+    # GRID is a power of two, so x * GRID is exact and floor() is the only rounding; the
+    # threshold test q >= top - depth is done on the exact float product (same result).
+    top = int(np.floor(np.float32(min(float(top_f), _LOGIT_CLAMP)) * g))
+    scaled = row * g
+    ids = np.flatnonzero(scaled >= np.float32(top - depth_levels(0)))
+    q = np.floor(np.minimum(scaled[ids], np.float32(top))).astype(np.int64)
+    d = (top - q).astype(np.int16)
+    order = np.argsort(d, kind="stable")  # radix sort; flatnonzero is ascending, so ties stay in id order
+    return Levels(ids=ids[order][:KMAX].astype(np.int64), d=d[order][:KMAX].astype(np.int64), vocab_size=row.size)
 
 
 @dataclass(frozen=True)
@@ -195,20 +201,62 @@ def from_frequencies(freqs: np.ndarray) -> QuantizedDist:
 
 
 def tau_costs(lv: Levels, token: int) -> np.ndarray:
-    """Exact coding cost in bits of `token` under every table temperature (for choosing tau)."""
+    """Exact coding cost in bits of `token` under every table temperature (for choosing tau).
+
+    Only the histogram of levels matters for the normaliser, so this is O(K) once plus
+    O(depth) per tau."""
+    hist = np.bincount(lv.d, minlength=depth_levels(0) + 1)
     hit = np.flatnonzero(lv.ids == token)
-    pos = int(hit[0]) if hit.size else -1
+    dx = int(lv.d[hit[0]]) if hit.size else -1
     out = np.empty(len(TAUS), dtype=np.float64)
     for t in range(len(TAUS)):
         table = exp_table(t)
-        k = int(np.searchsorted(lv.d, depth_levels(t), side="right"))
-        e = table[lv.d[:k]]
+        depth = depth_levels(t)
+        k = int(hist[: depth + 1].sum())
         tail = lv.vocab_size - k
-        zq = _round_up_bits(int(e.sum()) + tail * (int(table[-1]) >> 3))
-        if 0 <= pos < k:
-            freq = int(e[pos]) * _SCALE // zq + 1
+        zq = _round_up_bits(int((hist[: depth + 1] * table).sum()) + tail * (int(table[-1]) >> 3))
+        if 0 <= dx <= depth:
+            freq = int(table[dx]) * _SCALE // zq + 1
             out[t] = PRECISION - math.log2(freq)
         else:
-            esc = TOTAL - k - int(((e * _SCALE) // zq).sum())
+            w = (table * _SCALE) // zq
+            esc = TOTAL - k - int((hist[: depth + 1] * w).sum())
             out[t] = PRECISION - math.log2(esc) + math.log2(max(tail, 2))
+    return out
+
+
+def chunk_tau_costs(rows: list[Levels], tokens: list[int]) -> np.ndarray:
+    """Total cost in bits of a chunk under every table temperature, vectorized over tokens.
+
+    Only the encoder's choice of tau depends on it (the decoder is told tau), so float
+    arithmetic is fine here; tau_costs is the exact per-token reference."""
+    n = len(rows)
+    if n == 0:
+        return np.zeros(len(TAUS))
+    width = depth_levels(0) + 1
+    hist = np.zeros((n, width), dtype=np.int64)
+    dx = np.full(n, -1, dtype=np.int64)
+    vocab = np.empty(n, dtype=np.float64)
+    for i, (lv, tok) in enumerate(zip(rows, tokens)):
+        hist[i] = np.bincount(lv.d, minlength=width)
+        hit = np.flatnonzero(lv.ids == tok)
+        if hit.size:
+            dx[i] = lv.d[hit[0]]
+        vocab[i] = lv.vocab_size
+    out = np.empty(len(TAUS))
+    for t in range(len(TAUS)):
+        table = exp_table(t)
+        depth = depth_levels(t)
+        h = hist[:, : depth + 1]
+        k = h.sum(axis=1)
+        tail = vocab - k
+        z = (h @ table).astype(np.float64) + tail * float(int(table[-1]) >> 3)
+        shift = np.maximum(np.floor(np.log2(z)) + 1 - ZQ_BITS, 0)
+        zq = (np.floor(z / 2**shift) + (shift > 0)) * 2**shift
+        inside = (dx >= 0) & (dx <= depth)
+        ex = table[np.clip(dx, 0, depth)].astype(np.float64)
+        freq = np.floor(ex * _SCALE / zq) + 1
+        esc = TOTAL - k - (h @ table).astype(np.float64) * _SCALE / zq
+        cost = np.where(inside, PRECISION - np.log2(freq), PRECISION - np.log2(np.maximum(esc, 1)) + np.log2(np.maximum(tail, 2)))
+        out[t] = cost.sum()
     return out

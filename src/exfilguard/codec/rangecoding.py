@@ -21,21 +21,24 @@ _Uniform = constriction.stream.model.Uniform
 _queue = constriction.stream.queue
 
 
-def _encode_one(enc, dist: QuantizedDist, token: int) -> None:
+def _model(dist: QuantizedDist):  # noqa: ANN202 (constriction has no type stubs)
+    return _Categorical(dist.probs32(), perfect=False)
+
+
+def _encode_one(enc, dist: QuantizedDist, model, token: int) -> None:  # noqa: ANN001
     pos = dist.position(token)
-    k = dist.order.size
     if pos >= 0:
-        enc.encode(pos, _Categorical(dist.probs32(), perfect=False))
+        enc.encode(pos, model)
         return
     if dist.tail_size < 1 or not 0 <= token < dist.vocab_size:
         raise ValueError(f"token {token} is outside the model's vocabulary")
-    enc.encode(k, _Categorical(dist.probs32(), perfect=False))
+    enc.encode(dist.order.size, model)
     if dist.tail_size >= 2:
         enc.encode(dist.tail_index(token), _Uniform(dist.tail_size))
 
 
-def _decode_one(dec, dist: QuantizedDist) -> int:
-    sym = int(dec.decode(_Categorical(dist.probs32(), perfect=False)))
+def _decode_one(dec, dist: QuantizedDist, model=None) -> int:  # noqa: ANN001
+    sym = int(dec.decode(model if model is not None else _model(dist)))
     k = dist.order.size
     if sym < k:
         return int(dist.order[sym])
@@ -50,10 +53,10 @@ def _words(payload: bytes) -> np.ndarray:
     return np.frombuffer(pad, dtype=">u4").astype(np.uint32)
 
 
-def _decodes_to(payload: bytes, steps: list[tuple[QuantizedDist, int]]) -> bool:
+def _decodes_to(payload: bytes, steps: list[tuple[QuantizedDist, int]], models: list) -> bool:  # noqa: ANN001
     dec = _queue.RangeDecoder(_words(payload))
     try:
-        return all(_decode_one(dec, dist) == tok for dist, tok in steps)
+        return all(_decode_one(dec, dist, m) == tok for (dist, tok), m in zip(steps, models))
     except Exception:  # a candidate tail that decodes to nonsense
         return False
 
@@ -63,27 +66,23 @@ def encode_steps(steps: list[tuple[QuantizedDist, int]]) -> bytes:
     if not steps:
         return b""
     enc = _queue.RangeEncoder()
-    for dist, tok in steps:
-        _encode_one(enc, dist, int(tok))
+    models = [_model(dist) for dist, _ in steps]
+    for (dist, tok), m in zip(steps, models):
+        _encode_one(enc, dist, m, int(tok))
     full = enc.get_compressed().astype(">u4").tobytes().rstrip(b"\x00")
-    best = full
-    # Try dropping the last 1..4 bytes (as is, or with the kept prefix incremented).
-    for cut in range(1, min(4, len(full)) + 1):
+    # Shortest first: drop the last 4..1 bytes, with the kept prefix incremented or as is.
+    for cut in range(min(4, len(full)), 0, -1):
         prefix = full[:-cut]
-        cands = [prefix]
+        cands = []
         if prefix:
             val = int.from_bytes(prefix, "big") + 1
             if val < 1 << (8 * len(prefix)):
-                cands.append(val.to_bytes(len(prefix), "big"))
-        found = None
-        for c in cands:
-            c = c.rstrip(b"\x00")
-            if len(c) < len(best) and _decodes_to(c, steps):
-                found = c
-                break
-        if found is not None:
-            best = found
-    return best
+                cands.append(val.to_bytes(len(prefix), "big").rstrip(b"\x00"))
+        cands.append(prefix.rstrip(b"\x00"))
+        for c in sorted(set(cands), key=len):
+            if _decodes_to(c, steps, models):
+                return c
+    return full
 
 
 class StepDecoder:
