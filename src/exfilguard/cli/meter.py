@@ -2,8 +2,61 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+
+    @app.command()
+    def meter(
+        listen: str = typer.Option(..., "--listen", help="HOST:PORT the outside connects to."),
+        upstream: str = typer.Option(..., "--upstream", help="HOST:PORT of the inside worker."),
+        ledger: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DB."),
+        cap: str = typer.Option(..., "--cap", help="Total bytes that may ever leave (e.g. 10GB, 500MiB). Fixed once the budget exists."),
+        budget: str = typer.Option("default", "--budget", help="Budget name (meters that share a name share the cap)."),
+        window: Optional[list[str]] = typer.Option(None, "--window", help="Rolling window DURATION=BYTES, e.g. 1h=50MB (repeatable)."),
+        reserve_block: str = typer.Option("64KiB", "--reserve-block", help="Bytes reserved per ledger commit."),
+        signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 key (from `exfilguard keys new`) that signs tree heads."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT for Prometheus /metrics and JSON /status."),
+        sth_interval: float = typer.Option(30.0, "--sth-interval", help="Seconds between signed tree heads."),
+        upstream_wait: float = typer.Option(5.0, "--upstream-wait", help="Seconds to wait for the upstream at start (0: don't check)."),
+        log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    ) -> None:
+        """Run the metered proxy: every byte from upstream to client is reserved in the ledger first."""
+        import asyncio
+        import logging
+        import signal
+
+        from exfilguard.meter import Meter, MeterConfig, parse_size, parse_window
+
+        logging.basicConfig(
+            level=getattr(logging, log_level.upper(), logging.INFO),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        cfg = MeterConfig(
+            listen=listen,
+            upstream=upstream,
+            ledger=ledger,
+            cap=parse_size(cap, "--cap"),
+            budget=budget,
+            windows=tuple(parse_window(w) for w in window or ()),
+            reserve_block=parse_size(reserve_block, "--reserve-block"),
+            signing_key=signing_key,
+            metrics=metrics,
+            sth_interval=sth_interval,
+            upstream_wait=upstream_wait,
+        )
+
+        async def main() -> None:
+            m = Meter(cfg)
+            await m.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(m.stop()))
+            await m.wait_closed()
+
+        asyncio.run(main())

@@ -1,0 +1,717 @@
+"""Ledger storage: SQLite (one host) and PostgreSQL (several meters share one budget).
+
+Every write is one transaction that first locks the single ``ledger_head`` row, so the event
+log gets gap-free sequence numbers and a debit is decided and recorded atomically: never
+check-then-write. The debit itself is also a conditional UPDATE guarded by a CHECK constraint
+(``reserved_bytes <= cap_bytes``), so even a wrong grant could not be committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from exfilguard.errors import ConfigError, LedgerUnavailable
+from exfilguard.ledger import merkle
+from exfilguard.ledger.events import GENESIS_PREV, encode_event
+from exfilguard.ledger.keys import TreeHead
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        tree_size BIGINT NOT NULL,
+        frontier BLOB NOT NULL,
+        last_ts BIGINT NOT NULL,
+        last_leaf BLOB NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS events (seq BIGINT PRIMARY KEY, entry BLOB NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS budgets (
+        name TEXT PRIMARY KEY,
+        cap_bytes BIGINT NOT NULL CHECK (cap_bytes >= 0),
+        reserved_bytes BIGINT NOT NULL CHECK (reserved_bytes >= 0),
+        outstanding_bytes BIGINT NOT NULL CHECK (outstanding_bytes >= 0),
+        windows TEXT NOT NULL,
+        CHECK (reserved_bytes <= cap_bytes))""",
+    """CREATE TABLE IF NOT EXISTS reservations (
+        id BIGINT PRIMARY KEY,
+        budget TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        amount BIGINT NOT NULL CHECK (amount > 0),
+        used BIGINT CHECK (used IS NULL OR (used >= 0 AND used <= amount)))""",
+    """CREATE INDEX IF NOT EXISTS reservations_budget_ts ON reservations (budget, ts)""",
+    """CREATE TABLE IF NOT EXISTS tree_heads (
+        tree_size BIGINT NOT NULL,
+        ts BIGINT NOT NULL,
+        root BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        signature BLOB NOT NULL,
+        PRIMARY KEY (tree_size, ts, key_id))""",
+]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rolling window: at most `limit` bytes reserved in any `seconds`-long interval."""
+
+    seconds: int
+    limit: int
+
+    def label(self) -> str:
+        return f"{self.seconds}s"
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget as the ledger sees it (``ledger status``)."""
+
+    budget: str
+    cap_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    remaining_bytes: int
+    outstanding_bytes: int
+    tree_size: int
+    root: str
+    windows: list[dict[str, int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "cap_bytes": self.cap_bytes,
+            "used_bytes": self.used_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "remaining_bytes": self.remaining_bytes,
+            "outstanding_bytes": self.outstanding_bytes,
+            "tree_size": self.tree_size,
+            "root": self.root,
+            "windows": self.windows,
+        }
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The answer to a reservation: `granted` bytes (0 when denied) under reservation `res`."""
+
+    res: int | None
+    granted: int
+    reserved_after: int
+    remaining: int
+    reason: str = ""  # why fewer bytes than asked: "cap" or "window:<seconds>s"
+
+
+@dataclass
+class _Head:
+    tree_size: int
+    frontier: list[bytes]
+    last_ts: int
+    last_leaf: bytes
+    now: int
+
+
+def windows_to_json(windows: Sequence[Window]) -> str:
+    return json.dumps(sorted([w.seconds, w.limit] for w in windows), separators=(",", ":"))
+
+
+def windows_from_json(text: str) -> list[Window]:
+    return [Window(int(s), int(n)) for s, n in json.loads(text)]
+
+
+class Ledger:
+    """The durable, append-only ledger of one database; thread-compatible, not thread-safe.
+
+    Write methods run in their own transaction; ``batch`` runs several in one (group commit).
+    Database failures surface as LedgerUnavailable: callers fail closed.
+    """
+
+    url: str
+    dialect: str = ""
+
+    # -- plumbing the dialects fill in -------------------------------------------------
+    def _connect(self) -> None:
+        raise NotImplementedError
+
+    def _begin_write(self) -> Any:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        raise NotImplementedError
+
+    def _head_sql(self) -> str:
+        raise NotImplementedError
+
+    def _head_params(self) -> tuple[Any, ...]:
+        return ()
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    # -- transactions ------------------------------------------------------------------
+    def _write(self, body: Callable[[Any, _Head], Any]) -> Any:
+        """Run body(cursor, head) in one write transaction holding the head lock; commit durably."""
+        try:
+            cur = self._begin_write()
+            try:
+                row = cur.execute(self._sql(self._head_sql()), self._head_params()).fetchone()
+                if row is None:
+                    raise LedgerUnavailable(f"ledger {self.url} has no head row; it is not an exfilguard ledger")
+                size, frontier, last_ts, last_leaf, now = row
+                frontier = bytes(frontier)
+                head = _Head(
+                    int(size),
+                    [frontier[i : i + 32] for i in range(0, len(frontier), 32)],
+                    int(last_ts),
+                    bytes(last_leaf),
+                    max(int(now), int(last_ts)),
+                )
+                start_size = head.tree_size
+                result = body(cur, head)
+                if head.tree_size != start_size:
+                    cur.execute(
+                        self._sql("UPDATE ledger_head SET tree_size = ?, frontier = ?, last_ts = ?, last_leaf = ? WHERE id = 1"),
+                        (head.tree_size, b"".join(head.frontier), head.last_ts, head.last_leaf),
+                    )
+                self._commit()
+                return result
+            except BaseException:
+                try:
+                    self._rollback()
+                except Exception:
+                    pass
+                raise
+        except self._errors() as exc:
+            self._broken()
+            raise LedgerUnavailable(f"ledger {self.url} cannot be written: {_one_line(exc)}") from None
+
+    def _broken(self) -> None:
+        """Forget a connection that failed; the next call reconnects."""
+
+    def _append(self, cur: Any, head: _Head, kind: str, **fields: Any) -> int:
+        seq = head.tree_size
+        event = {"v": 1, "seq": seq, "ts": head.now, "kind": kind, "prev": head.last_leaf.hex() if seq else GENESIS_PREV}
+        event.update(fields)
+        entry = encode_event(event)
+        cur.execute(self._sql("INSERT INTO events (seq, entry) VALUES (?, ?)"), (seq, entry))
+        lh = merkle.leaf_hash(entry)
+        head.frontier = merkle.frontier_append(head.frontier, seq, lh)
+        head.tree_size = seq + 1
+        head.last_leaf = lh
+        head.last_ts = head.now
+        return seq
+
+    # -- schema ------------------------------------------------------------------------
+    def _init_schema(self) -> None:
+        def body() -> None:
+            cur = self._begin_write()
+            try:
+                if self.dialect == "postgresql":
+                    cur.execute("SELECT pg_advisory_xact_lock(7270011)")
+                for stmt in _SCHEMA:
+                    cur.execute(self._ddl(stmt))
+                cur.execute(
+                    self._sql("INSERT INTO ledger_meta (key, value) VALUES ('schema', ?) ON CONFLICT (key) DO NOTHING"),
+                    (SCHEMA_VERSION,),
+                )
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO ledger_head (id, tree_size, frontier, last_ts, last_leaf) VALUES (1, 0, ?, 0, ?) "
+                        "ON CONFLICT (id) DO NOTHING"
+                    ),
+                    (b"", bytes(32)),
+                )
+                version = cur.execute(self._sql("SELECT value FROM ledger_meta WHERE key = 'schema'")).fetchone()[0]
+                self._commit()
+            except BaseException:
+                try:
+                    self._rollback()
+                except Exception:
+                    pass
+                raise
+            if version != SCHEMA_VERSION:
+                raise ConfigError(f"ledger {self.url} has schema {version}, this exfilguard speaks {SCHEMA_VERSION}")
+
+        try:
+            body()
+        except self._errors() as exc:
+            raise LedgerUnavailable(f"ledger {self.url} cannot be initialised: {_one_line(exc)}") from None
+
+    def _ddl(self, stmt: str) -> str:
+        return stmt
+
+    # -- write operations ----------------------------------------------------------------
+    def ensure_budget(self, name: str, cap: int, windows: Sequence[Window] = ()) -> BudgetStatus:
+        """Create the budget with this cap and windows, or check that the stored one matches.
+
+        A different cap or window set is refused with ConfigError: raising a cap is a signed
+        k-of-n operation, never a command-line flag.
+        """
+        if cap < 0:
+            raise ConfigError("a cap must be a non-negative number of bytes")
+        wjson = windows_to_json(windows)
+
+        def body(cur: Any, head: _Head) -> None:
+            row = cur.execute(self._sql("SELECT cap_bytes, windows FROM budgets WHERE name = ?"), (name,)).fetchone()
+            if row is None:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO budgets (name, cap_bytes, reserved_bytes, outstanding_bytes, windows) VALUES (?, ?, 0, 0, ?)"
+                    ),
+                    (name, cap, wjson),
+                )
+                self._append(cur, head, "budget_created", budget=name, cap=cap, windows=json.loads(wjson))
+                return
+            stored_cap, stored_w = int(row[0]), row[1]
+            if stored_cap != cap:
+                raise ConfigError(
+                    f"budget {name!r} exists with cap {stored_cap} bytes; refusing to start with --cap {cap}: "
+                    f"a cap is changed only by a signed k-of-n cap change, never a flag (start with --cap {stored_cap})"
+                )
+            if stored_w != wjson:
+                raise ConfigError(
+                    f"budget {name!r} exists with windows {_fmt_windows(stored_w)}; refusing to start with "
+                    f"{_fmt_windows(wjson)}: windows are part of the budget (start with the stored ones)"
+                )
+
+        self._write(body)
+        return self.status(name)
+
+    def reserve(self, budget: str, want: int, meter: str = "", conn: int = 0) -> Grant:
+        """Debit up to `want` bytes from the budget, as many as fit in the cap and every window."""
+        return self._write(lambda cur, head: self._reserve(cur, head, budget, want, meter, conn))
+
+    def _reserve(self, cur: Any, head: _Head, budget: str, want: int, meter: str, conn: int) -> Grant:
+        if want <= 0:
+            raise ValueError("a reservation is for a positive number of bytes")
+        row = cur.execute(
+            self._sql("SELECT cap_bytes, reserved_bytes, windows FROM budgets WHERE name = ?" + self._lock_row()), (budget,)
+        ).fetchone()
+        if row is None:
+            raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
+        cap, reserved, wjson = int(row[0]), int(row[1]), row[2]
+        grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
+        for w in windows_from_json(wjson):
+            used = self._window_usage(cur, budget, head.now - w.seconds * 1_000_000)
+            room = max(0, w.limit - used)
+            if room < grant:
+                grant, reason = room, f"window:{w.label()}"
+        if grant <= 0:
+            self._append(cur, head, "deny", budget=budget, meter=meter, conn=conn, reason=reason)
+            return Grant(None, 0, reserved, cap - reserved, reason)
+        n = cur.execute(
+            self._sql(
+                "UPDATE budgets SET reserved_bytes = reserved_bytes + ?, outstanding_bytes = outstanding_bytes + ? "
+                "WHERE name = ? AND reserved_bytes + ? <= cap_bytes"
+            ),
+            (grant, grant, budget, grant),
+        ).rowcount
+        if n != 1:  # cannot happen under the head lock; never forward on it
+            raise LedgerUnavailable(f"conditional debit of budget {budget!r} did not apply")
+        after = reserved + grant
+        seq = self._append(cur, head, "reserve", budget=budget, meter=meter, conn=conn, amount=grant, reserved=after)
+        cur.execute(
+            self._sql("INSERT INTO reservations (id, budget, ts, amount, used) VALUES (?, ?, ?, ?, NULL)"),
+            (seq, budget, head.now, grant),
+        )
+        return Grant(seq, grant, after, cap - after, reason)
+
+    def _window_usage(self, cur: Any, budget: str, since: int) -> int:
+        row = cur.execute(
+            self._sql("SELECT COALESCE(SUM(COALESCE(used, amount)), 0) FROM reservations WHERE budget = ? AND ts > ?"),
+            (budget, since),
+        ).fetchone()
+        return int(row[0])
+
+    def _lock_row(self) -> str:
+        return ""
+
+    def release(self, res: int, used: int, meter: str = "") -> int:
+        """Settle reservation `res` at `used` bytes and give the rest back; return bytes returned."""
+        return self._write(lambda cur, head: self._release(cur, head, res, used, meter))
+
+    def _release(self, cur: Any, head: _Head, res: int, used: int, meter: str) -> int:
+        row = cur.execute(self._sql("SELECT budget, amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
+        if row is None:
+            raise ValueError(f"no reservation {res}")
+        budget, amount, prior = row[0], int(row[1]), row[2]
+        if prior is not None:
+            raise ValueError(f"reservation {res} is already settled")
+        if not 0 <= used <= amount:
+            raise ValueError(f"reservation {res} of {amount} bytes cannot settle at {used}")
+        back = amount - used
+        cur.execute(self._sql("UPDATE reservations SET used = ? WHERE id = ?"), (used, res))
+        cur.execute(
+            self._sql(
+                "UPDATE budgets SET reserved_bytes = reserved_bytes - ?, outstanding_bytes = outstanding_bytes - ? WHERE name = ?"
+            ),
+            (back, amount, budget),
+        )
+        after = int(cur.execute(self._sql("SELECT reserved_bytes FROM budgets WHERE name = ?"), (budget,)).fetchone()[0])
+        self._append(cur, head, "release", budget=budget, meter=meter, res=res, used=used, returned=back, reserved=after)
+        return back
+
+    def record(self, kind: str, **fields: Any) -> int:
+        """Append one event (meter_start, meter_stop, deny, ...); return its sequence number."""
+        return self._write(lambda cur, head: self._append(cur, head, kind, **fields))
+
+    def batch(self, ops: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Run several operations in one transaction (one durable commit).
+
+        Each op is ("reserve", (budget, want, meter, conn)), ("release", (res, used, meter)),
+        ("renew", (res, used, budget, want, meter, conn)) or ("record", (kind, fields)). A ValueError in one op is returned in its slot; a database
+        failure fails the whole batch with LedgerUnavailable.
+        """
+
+        def body(cur: Any, head: _Head) -> list[Any]:
+            out: list[Any] = []
+            for name, args in ops:
+                try:
+                    if name == "reserve":
+                        out.append(self._reserve(cur, head, *args))
+                    elif name == "release":
+                        out.append(self._release(cur, head, *args))
+                    elif name == "renew":  # settle a used-up reservation and take the next, one commit
+                        prev, used, budget, want, meter, conn = args
+                        self._release(cur, head, prev, used, meter)
+                        out.append(self._reserve(cur, head, budget, want, meter, conn))
+                    elif name == "record":
+                        out.append(self._append(cur, head, args[0], **args[1]))
+                    else:
+                        raise ValueError(f"unknown ledger op {name!r}")
+                except (ValueError, ConfigError) as exc:
+                    out.append(exc)
+            return out
+
+        return self._write(body)
+
+    def add_tree_head(self, head: TreeHead) -> None:
+        """Store a signed tree head."""
+
+        def body(cur: Any, _h: _Head) -> None:
+            cur.execute(
+                self._sql("INSERT INTO tree_heads (tree_size, ts, root, key_id, signature) VALUES (?, ?, ?, ?, ?)"),
+                (head.tree_size, head.ts, head.root, head.key_id, head.signature),
+            )
+
+        self._write(body)
+
+    def ping(self) -> None:
+        """Raise LedgerUnavailable unless a write transaction can be opened right now."""
+        self._write(lambda cur, head: None)
+
+    # -- reads -------------------------------------------------------------------------
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            rows = self._read_rows(self._sql(sql), params)
+        except self._errors() as exc:
+            self._broken()
+            raise LedgerUnavailable(f"ledger {self.url} cannot be read: {_one_line(exc)}") from None
+        return rows
+
+    def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def tree_head(self) -> TreeHead:
+        """Return the current (unsigned) tree head: size, last timestamp and root."""
+        rows = self._read("SELECT tree_size, frontier, last_ts FROM ledger_head WHERE id = 1")
+        if not rows:
+            raise LedgerUnavailable(f"ledger {self.url} has no head row")
+        size, frontier, ts = rows[0]
+        frontier = bytes(frontier)
+        root = merkle.frontier_root([frontier[i : i + 32] for i in range(0, len(frontier), 32)])
+        return TreeHead(int(size), int(ts), root)
+
+    def budgets(self) -> list[str]:
+        """Return the names of all budgets."""
+        return [r[0] for r in self._read("SELECT name FROM budgets ORDER BY name")]
+
+    def status(self, budget: str | None = None) -> BudgetStatus:
+        """Return one budget's totals (the only budget when `budget` is None)."""
+        names = self.budgets()
+        if budget is None:
+            if len(names) != 1:
+                raise ConfigError(
+                    f"ledger {self.url} holds {len(names)} budgets ({', '.join(names) or 'none'}); name one with --budget"
+                )
+            budget = names[0]
+        rows = self._read(
+            "SELECT cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets WHERE name = ?", (budget,)
+        )
+        if not rows:
+            raise ConfigError(f"no budget {budget!r} in ledger {self.url} (it has: {', '.join(names) or 'none'})")
+        cap, reserved, outstanding, wjson = rows[0]
+        head = self.tree_head()
+        now = max(int(time.time() * 1_000_000), head.ts)
+        wins = []
+        for w in windows_from_json(wjson):
+            used = int(
+                self._read(
+                    "SELECT COALESCE(SUM(COALESCE(used, amount)), 0) FROM reservations WHERE budget = ? AND ts > ?",
+                    (budget, now - w.seconds * 1_000_000),
+                )[0][0]
+            )
+            wins.append({"seconds": w.seconds, "limit_bytes": w.limit, "used_bytes": used, "remaining_bytes": max(0, w.limit - used)})
+        return BudgetStatus(
+            budget=budget,
+            cap_bytes=int(cap),
+            used_bytes=int(reserved),
+            reserved_bytes=int(reserved),
+            remaining_bytes=int(cap) - int(reserved),
+            outstanding_bytes=int(outstanding),
+            tree_size=head.tree_size,
+            root=head.root.hex(),
+            windows=wins,
+        )
+
+    def entries(self, start: int = 0, chunk: int = 5000) -> Iterator[tuple[int, bytes]]:
+        """Yield (seq, entry bytes) in seq order."""
+        last = start - 1
+        while True:
+            rows = self._read("SELECT seq, entry FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk))
+            if not rows:
+                return
+            for seq, entry in rows:
+                yield int(seq), bytes(entry)
+            last = int(rows[-1][0])
+
+    def tree_heads(self) -> list[TreeHead]:
+        """Return every stored signed tree head, oldest first."""
+        rows = self._read("SELECT tree_size, ts, root, key_id, signature FROM tree_heads ORDER BY ts, tree_size")
+        return [TreeHead(int(a), int(b), bytes(c), d, bytes(e)) for a, b, c, d, e in rows]
+
+    def head_row(self) -> tuple[int, list[bytes], int, bytes]:
+        """Return the stored head row: (tree_size, frontier, last_ts, last_leaf)."""
+        size, frontier, ts, last = self._read("SELECT tree_size, frontier, last_ts, last_leaf FROM ledger_head WHERE id = 1")[0]
+        frontier = bytes(frontier)
+        return int(size), [frontier[i : i + 32] for i in range(0, len(frontier), 32)], int(ts), bytes(last)
+
+    def budget_rows(self) -> list[tuple[str, int, int, int, str]]:
+        """Return (name, cap, reserved, outstanding, windows json) for every budget."""
+        return [(r[0], int(r[1]), int(r[2]), int(r[3]), r[4]) for r in self._read(
+            "SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets ORDER BY name")]
+
+    def reservation_rows(self) -> list[tuple[int, str, int, int, int | None]]:
+        """Return (id, budget, ts, amount, used) for every reservation."""
+        return [(int(a), b, int(c), int(d), None if e is None else int(e)) for a, b, c, d, e in self._read(
+            "SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")]
+
+
+class SQLiteLedger(Ledger):
+    """A ledger in one SQLite file: WAL, synchronous=FULL, writes under BEGIN IMMEDIATE.
+
+    A ledger file with no write permission bits is treated as frozen, even for root: the meter
+    stops forwarding (``chmod a-w ledger.db`` is an operator's kill switch).
+    """
+
+    dialect = "sqlite"
+
+    def __init__(self, url: str, path: str, *, create: bool = True):
+        self.url = url
+        self.path = path
+        if not create and not os.path.exists(path):
+            raise ConfigError(f"no ledger at {path}")
+        d = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(d):
+            raise ConfigError(f"ledger directory {d} does not exist")
+        self._conn: sqlite3.Connection | None = None
+        self._connect()
+        if create:
+            self._check_writable()
+            self._init_schema()
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error, OSError)
+
+    def _connect(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc}") from None
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise LedgerUnavailable(f"ledger {self.path} cannot use WAL mode (got {mode})")
+        self._conn = conn
+
+    def _check_writable(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise LedgerUnavailable(f"ledger file {self.path} is gone: {exc.strerror}") from None
+        if not st.st_mode & 0o222:
+            raise LedgerUnavailable(f"ledger file {self.path} is read-only")
+
+    def _begin_write(self) -> sqlite3.Cursor:
+        if self._conn is None:
+            self._connect()
+        assert self._conn is not None
+        self._check_writable()
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        return cur
+
+    def _head_sql(self) -> str:
+        return "SELECT tree_size, frontier, last_ts, last_leaf, ? FROM ledger_head WHERE id = 1"
+
+    def _head_params(self) -> tuple[Any, ...]:
+        return (int(time.time() * 1_000_000),)
+
+    def _commit(self) -> None:
+        assert self._conn is not None
+        self._conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            self._connect()
+        assert self._conn is not None
+        return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresLedger(Ledger):
+    """A ledger in PostgreSQL; several meters on several hosts may share its budgets."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, create: bool = True, connect_timeout: float = 5.0):
+        self.url = _redact(url)
+        self._dsn = url
+        self._timeout = connect_timeout
+        self._conn: Any = None
+        self._connect()
+        if create:
+            self._init_schema()
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        import psycopg
+
+        return (psycopg.Error, OSError)
+
+    def _connect(self) -> None:
+        import psycopg
+
+        try:
+            self._conn = psycopg.connect(
+                self._dsn,
+                autocommit=False,
+                connect_timeout=max(1, int(self._timeout)),
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=2,
+            )
+        except psycopg.Error as exc:
+            self._conn = None
+            raise LedgerUnavailable(f"cannot connect to ledger {self.url}: {_one_line(exc)}") from None
+
+    def _broken(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    def _begin_write(self) -> Any:
+        if self._conn is None:
+            self._connect()
+        return self._conn.cursor()
+
+    def _head_sql(self) -> str:
+        # The database's clock, so that meters on several hosts share one time line for windows.
+        return (
+            "SELECT tree_size, frontier, last_ts, last_leaf, "
+            "(extract(epoch from clock_timestamp()) * 1000000)::bigint FROM ledger_head WHERE id = 1 FOR UPDATE"
+        )
+
+    def _lock_row(self) -> str:
+        return " FOR UPDATE"
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _ddl(self, stmt: str) -> str:
+        return stmt.replace("BLOB", "BYTEA")
+
+    def _commit(self) -> None:
+        self._conn.commit()
+
+    def _rollback(self) -> None:
+        if self._conn is not None:
+            self._conn.rollback()
+
+    def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            self._connect()
+        try:
+            with self._conn.cursor() as cur:
+                rows = cur.execute(sql, tuple(params)).fetchall()
+            self._conn.rollback()  # end the read transaction: no snapshot held open
+            return rows
+        except BaseException:
+            self._broken()
+            raise
+
+    def close(self) -> None:
+        self._broken()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def _fmt_windows(wjson: str) -> str:
+    ws = windows_from_json(wjson)
+    return ", ".join(f"{w.seconds}s={w.limit}" for w in ws) or "none"
+
+
+def open_ledger(url: str, *, create: bool = True) -> Ledger:
+    """Open (and with `create`, initialise) the ledger at `url`.
+
+    ``sqlite:///PATH`` (a relative path after the third slash, an absolute one after a fourth)
+    or ``postgresql://user@host:port/db``. Raises ConfigError for a URL it cannot use and
+    LedgerUnavailable when the database cannot be reached.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"ledger URL {url!r} is not a URL; use sqlite:///PATH or postgresql://HOST/DB")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError(f"ledger URL {url!r} has no file path; use sqlite:///relative.db or sqlite:////abs/path.db")
+        return SQLiteLedger(url, path, create=create)
+    if scheme in ("postgresql", "postgres"):
+        if not urlparse(url).hostname and "host=" not in url:
+            raise ConfigError(f"ledger URL {_redact(url)!r} names no host")
+        return PostgresLedger(url, create=create)
+    raise ConfigError(f"unknown ledger URL scheme {scheme!r} in {_redact(url)!r}; use sqlite:///PATH or postgresql://...")

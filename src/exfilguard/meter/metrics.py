@@ -1,0 +1,31 @@
+"""Prometheus metrics of one meter, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class MeterMetrics:
+    """The meter's counters and gauges; ``render()`` gives the text exposition format."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "exfilguard_meter_"
+        self.bytes_out = Counter(p + "bytes_out", "Bytes forwarded from upstream (inside) to clients, metered", registry=r)
+        self.bytes_in = Counter(p + "bytes_in", "Bytes forwarded from clients to upstream, counted not capped", registry=r)
+        self.reserved = Gauge(p + "reserved_bytes", "Bytes the ledger holds reserved against the cap (last seen)", registry=r)
+        self.remaining = Gauge(p + "remaining_bytes", "Bytes the budget can still grant (cap and windows, last seen)", registry=r)
+        self.denials = Counter(p + "denials", "Connections refused or cut", ["reason"], registry=r)
+        self.open_connections = Gauge(p + "open_connections", "Client connections open", registry=r)
+        self.commit_seconds = Histogram(
+            p + "ledger_commit_seconds", "Latency of one ledger commit (a group of reservations)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.ledger_up = Gauge(p + "ledger_up", "1 when the ledger can be written, 0 when the meter fails closed", registry=r)
+        self.ledger_failures = Counter(p + "ledger_failures", "Times the ledger became unavailable", registry=r)
+        self.state = Gauge(p + "state", "1 for the meter's current state", ["state"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
