@@ -59,35 +59,48 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey] = ()) 
     events: list[dict[str, Any] | None] = []
     prev_leaf = b""
     last_ts = 0
+    seen: dict[bytes, int] = {}  # leaf hash -> position, to tell an insertion from a change
+    chain: list[str] = []  # only the first break in the chain is reported: the rest follows from it
     for position, (seq, entry) in enumerate(ledger.entries()):
         if seq != position:
             if seq > position:
-                rep.problems.append(f"entry {position} is missing (deleted?): the log jumps from {position - 1} to {seq}")
+                chain.append(f"entry {position} is missing (deleted?): the log jumps from {position - 1} to {seq}")
             else:
-                rep.problems.append(f"entry {seq} appears out of order at position {position}")
+                chain.append(f"entry {seq} appears twice or out of order at position {position}")
             break
         lh = merkle.leaf_hash(entry)
         try:
             ev = decode_event(entry)
         except ValueError as exc:
-            rep.problems.append(f"entry {seq} is malformed (changed?): {exc}")
+            chain.append(f"entry {seq} is malformed (changed?): {exc}")
             ev = None
         if ev is not None:
-            if ev["seq"] != seq:
-                rep.problems.append(f"entry {seq} carries seq {ev['seq']} (reordered or inserted?)")
             want_prev = GENESIS_PREV if seq == 0 else prev_leaf.hex()
-            if ev["prev"] != want_prev:
-                rep.problems.append(
-                    f"entry {seq - 1} does not match the hash entry {seq} records for it (entry {seq - 1} changed, "
-                    f"or entry {seq} was inserted or moved)" if seq else "entry 0 does not start the chain"
+            if ev["seq"] != seq:
+                chain.append(
+                    f"entry at position {seq} carries seq {ev['seq']}: entries were reordered, "
+                    "or an entry was inserted or deleted before it"
                 )
+            elif ev["prev"] != want_prev:
+                back = seen.get(bytes.fromhex(ev["prev"])) if _is_hex32(ev["prev"]) else None
+                if back is not None and back < seq - 1:
+                    chain.append(f"entries {back + 1}..{seq - 1} were inserted: entry {seq} links back to entry {back}")
+                elif seq == 0:
+                    chain.append("entry 0 does not start the chain (entries before it were deleted, or it was changed)")
+                else:
+                    chain.append(
+                        f"entry {seq - 1} was changed: entry {seq} records a different hash for it "
+                        f"(or entry {seq} itself was inserted or changed)"
+                    )
             if not isinstance(ev["ts"], int) or ev["ts"] < last_ts:
-                rep.problems.append(f"entry {seq} goes back in time (ts {ev['ts']} < {last_ts})")
+                chain.append(f"entry {seq} goes back in time (ts {ev['ts']} < {last_ts})")
             else:
                 last_ts = ev["ts"]
+        seen[lh] = position
         leaves.append(lh)
         events.append(ev)
         prev_leaf = lh
+    rep.problems.extend(chain[:1])
     n = len(leaves)
     rep.tree_size = n
     root = merkle.root(leaves)
@@ -244,3 +257,7 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
             rep.problems.append(f"reservation {rid} row differs from the log (row changed)")
     for rid in stored:
         rep.problems.append(f"reservation {rid} is in the reservations table but not in the log (row inserted)")
+
+
+def _is_hex32(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
