@@ -28,7 +28,15 @@ def bench_codec(
 
     cfg = BenchConfig(corpus, weak, limit, codec or None, flush_every, encoder, encode_threads, decode_threads)
     if as_json:
-        result = run(cfg)
+        import sys
+        import time
+
+        t0 = time.perf_counter()
+
+        def log(name: str, done: int, total: int) -> None:
+            print(f"[{time.perf_counter() - t0:7.1f}s] {name} {done}/{total}", file=sys.stderr, flush=True)
+
+        result = run(cfg, log)
         typer.echo(json.dumps(result, indent=2))
         return
     from rich.console import Console

@@ -129,6 +129,8 @@ class ZstdCodec(Codec):
     def __init__(self, dictionary: bytes | None = None, ids: bool = False):
         self._dict = dictionary
         self._ids = ids
+        self._cctx: Any = None
+        self._dctx: Any = None
 
     def _params(self) -> Any:
         import zstandard
@@ -145,12 +147,16 @@ class ZstdCodec(Codec):
     def _compress(self, data: bytes) -> bytes:
         import zstandard
 
-        return zstandard.ZstdCompressor(compression_params=self._params(), dict_data=self._dict_data()).compress(data)
+        if self._cctx is None:  # building a compressor loads the dictionary: do it once
+            self._cctx = zstandard.ZstdCompressor(compression_params=self._params(), dict_data=self._dict_data())
+        return self._cctx.compress(data)
 
     def _decompressor(self) -> Any:
         import zstandard
 
-        return zstandard.ZstdDecompressor(dict_data=self._dict_data(), format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        if self._dctx is None:
+            self._dctx = zstandard.ZstdDecompressor(dict_data=self._dict_data(), format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        return self._dctx
 
     def _to_bytes(self, tokens: Sequence[int]) -> bytes:
         if self._ids:

@@ -53,8 +53,12 @@ TOTAL = Q.TOTAL
 _SCALE = TOTAL - KMAX - 2  # room for +1 per active entry and an escape >= 1
 BONUS = 1  # extra weight of the argmax of the perturbed scores (the predicted token)
 ESCAPE_MIN = TOTAL >> 11  # the escape never costs more than 11 bits
-# Record param (3 bits) -> stage-1 temperature, in units of the perturbed score.
-TAUS: tuple[float, ...] = (0.03, 0.06, 0.1, 0.16, 0.25, 0.4, 0.6, 1.0)
+# Record param (3 bits) -> stage-1 temperature, in units of the perturbed score; param
+# PLAIN (7) codes the chunk under the weak model's tempered distribution without the noise,
+# which is cheaper when the weak model is far from the strong one (agreement is rare and the
+# noise only blurs q).
+TAUS: tuple[float, ...] = (0.03, 0.06, 0.1, 0.16, 0.25, 0.4, 0.7)
+PLAIN = len(TAUS)
 
 
 @lru_cache(maxsize=None)
@@ -95,13 +99,14 @@ class Position:
     ids: np.ndarray  # int64: the argmax, then the other candidates by (d, id); d <= widest depth
     d: np.ndarray  # int64 levels below the top, non-decreasing
     scores: np.ndarray  # float64 [vocab] perturbed scores, for the stage-2 table
+    plain: np.ndarray  # float32 [vocab] weak logits / T without noise, for the PLAIN mode
 
     @property
     def vocab_size(self) -> int:
         return int(self.scores.size)
 
 
-def position_levels(scores: np.ndarray) -> Position:
+def position_levels(scores: np.ndarray, plain: np.ndarray | None = None) -> Position:
     """Snap perturbed scores to the grid; keep the candidates of the widest table."""
     s = np.asarray(scores, dtype=np.float64)
     # GRID is a power of two: the product is exact and floor() is the only rounding.
@@ -119,7 +124,7 @@ def position_levels(scores: np.ndarray) -> Position:
     if at:
         ids = np.concatenate(([best], np.delete(ids, at)))
         d = np.concatenate(([d[at]], np.delete(d, at)))
-    return Position(ids=ids, d=d, scores=s)
+    return Position(ids=ids, d=d, scores=s, plain=np.asarray(s if plain is None else plain, dtype=np.float32))
 
 
 def _round_up_bits(z: int, bits: int = ZQ_BITS) -> int:
@@ -159,7 +164,8 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
     """Exact coding cost of `token` at every tau index (bits), for choosing tau per chunk."""
     hit = np.flatnonzero(pos.ids == token)
     idx = int(hit[0]) if hit.size else -1
-    out = np.empty(len(TAUS))
+    out = np.empty(len(TAUS) + 1)
+    out[PLAIN] = Q.quantize(pos.plain, 0).cost_bits(token)
     esc2: float | None = None
     for t in range(len(TAUS)):
         k, w, escape = _stage1_weights(pos, t)
@@ -174,6 +180,8 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
 
 def coding_steps(pos: Position, tau_index: int, token: int) -> list[tuple[Q.QuantizedDist, int]]:
     """The range-coder steps for one token: its stage-1 slot, or the escape then stage 2."""
+    if tau_index == PLAIN:
+        return [(Q.quantize(pos.plain, 0), int(token))]
     hit = np.flatnonzero(pos.ids == token)
     k, _, _ = _stage1_weights(pos, tau_index)
     s1 = stage1_dist(pos, tau_index)
@@ -208,8 +216,10 @@ class _CoupledState(CodecState):
         self._pending = []
         logits = self._session.logits()
         t1 = time.perf_counter()
-        s = perturbed_scores(logits, c.temperature / c.weak_temperature_ratio if c.temperature > 0 else 0.0, c.seed, index)
-        pos = position_levels(s)
+        t = c.temperature / c.weak_temperature_ratio if c.temperature > 0 else 0.0
+        s = perturbed_scores(logits, t, c.seed, index)
+        plain = np.asarray(logits, dtype=np.float32) if t <= 0 else (np.asarray(logits, dtype=np.float32) / np.float32(t))
+        pos = position_levels(s, plain)
         c.stats.model_s += t1 - t0
         c.stats.codec_s += time.perf_counter() - t1
         return pos
@@ -232,7 +242,7 @@ class _CoupledState(CodecState):
         t0 = time.perf_counter()
         tau = self.codec.tau
         if tau is None:
-            costs = np.zeros(len(TAUS))
+            costs = np.zeros(len(TAUS) + 1)
             for pos, tok in zip(rows, tokens):
                 costs += token_cost_bits(pos, tok)
             tau = int(np.argmin(costs))
@@ -248,16 +258,19 @@ class _CoupledState(CodecState):
 
     # -- decoder
     def decode_chunk(self, param: int, payload: bytes, count: int) -> list[int] | None:
-        if not 0 <= param < len(TAUS):
+        if not 0 <= param <= PLAIN:
             raise FrameCorrupt(f"coupled chunk with tau index {param}")
         dec = StepDecoder(payload)
         out: list[int] = []
         for i in range(count):
             pos = self._position(len(self.history) + i)
             t0 = time.perf_counter()
-            s1 = stage1_dist(pos, param)
-            slot = dec.decode(s1)
-            tok = int(pos.ids[slot]) if slot < s1.order.size else dec.decode(stage2_dist(pos))
+            if param == PLAIN:
+                tok = dec.decode(Q.quantize(pos.plain, 0))
+            else:
+                s1 = stage1_dist(pos, param)
+                slot = dec.decode(s1)
+                tok = int(pos.ids[slot]) if slot < s1.order.size else dec.decode(stage2_dist(pos))
             self.codec.stats.codec_s += time.perf_counter() - t0
             out.append(tok)
             self._pending.append(tok)
@@ -302,8 +315,8 @@ class CoupledCodec(Codec):
             self.seed = validate_seed(self.seed)
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise RequestInvalid(f"temperature must be a finite number >= 0, got {self.temperature!r}", param="temperature")
-        if self.tau is not None and not 0 <= self.tau < len(TAUS):
-            raise ValueError(f"tau index must be in 0..{len(TAUS) - 1}")
+        if self.tau is not None and not 0 <= self.tau <= PLAIN:
+            raise ValueError(f"tau index must be in 0..{PLAIN}")
 
     @property
     def fingerprint(self) -> str:

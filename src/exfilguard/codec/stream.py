@@ -199,6 +199,8 @@ class Decoder:
                 rec, end = parse_record(self._buf, self._pos)
                 self._pos = end
                 n = self._expected_count(rec)
+                if len(self.tokens) + n > MAX_STREAM_TOKENS:
+                    raise FrameCorrupt(f"stream claims more than {MAX_STREAM_TOKENS} tokens")
                 try:
                     ids = self._state.decode_chunk(rec.param, rec.payload, n) if n else []
                 except FrameCorrupt:
