@@ -338,3 +338,16 @@ def test_bench_json_plumbing(tmp_path: Path) -> None:
         assert r["codecs"][name]["roundtrip_ok"] is True
         assert r["codecs"][name]["bits_per_token"] > 0
     assert abs(r["kl_bits_per_token"]) < 1e-6  # weak == strong
+
+
+def test_roundtrip_weak_model_with_exact_frequencies() -> None:
+    """An n-gram-like weak model (exact integer table): the PLAIN mode uses that table."""
+    from fakes import FakeModel
+
+    weak = FakeModel(vocab=300, exact=True)
+    strong = PairModel(300, 0.0, True)
+    for seed, t in ((1, 0.7), (2, 1.0), (3, 0.0)):
+        toks = generate(strong, 30, t, seed)
+        for tau in (None, 7):
+            codec = CoupledCodec(weak, tau=tau).for_request(seed, t)
+            assert decode_stream(codec, encode_stream(codec, toks, [1, 2, 3], flush_every=9), [1, 2, 3]) == toks

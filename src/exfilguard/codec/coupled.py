@@ -100,13 +100,18 @@ class Position:
     d: np.ndarray  # int64 levels below the top, non-decreasing
     scores: np.ndarray  # float64 [vocab] perturbed scores, for the stage-2 table
     plain: np.ndarray  # float32 [vocab] weak logits / T without noise, for the PLAIN mode
+    freqs: np.ndarray | None = None  # the weak model's exact integer table (n-gram), if any
+
+    def plain_dist(self) -> Q.QuantizedDist:
+        """PLAIN mode's table: the model codec's exact one where the model has it."""
+        return Q.from_frequencies(self.freqs) if self.freqs is not None else Q.quantize(self.plain, 0)
 
     @property
     def vocab_size(self) -> int:
         return int(self.scores.size)
 
 
-def position_levels(scores: np.ndarray, plain: np.ndarray | None = None) -> Position:
+def position_levels(scores: np.ndarray, plain: np.ndarray | None = None, freqs: np.ndarray | None = None) -> Position:
     """Snap perturbed scores to the grid; keep the candidates of the widest table."""
     s = np.asarray(scores, dtype=np.float64)
     # GRID is a power of two: the product is exact and floor() is the only rounding.
@@ -124,7 +129,7 @@ def position_levels(scores: np.ndarray, plain: np.ndarray | None = None) -> Posi
     if at:
         ids = np.concatenate(([best], np.delete(ids, at)))
         d = np.concatenate(([d[at]], np.delete(d, at)))
-    return Position(ids=ids, d=d, scores=s, plain=np.asarray(s if plain is None else plain, dtype=np.float32))
+    return Position(ids=ids, d=d, scores=s, plain=np.asarray(s if plain is None else plain, dtype=np.float32), freqs=freqs)
 
 
 def _round_up_bits(z: int, bits: int = ZQ_BITS) -> int:
@@ -165,7 +170,7 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
     hit = np.flatnonzero(pos.ids == token)
     idx = int(hit[0]) if hit.size else -1
     out = np.empty(len(TAUS) + 1)
-    out[PLAIN] = Q.quantize(pos.plain, 0).cost_bits(token)
+    out[PLAIN] = pos.plain_dist().cost_bits(token)
     esc2: float | None = None
     for t in range(len(TAUS)):
         k, w, escape = _stage1_weights(pos, t)
@@ -181,7 +186,7 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
 def coding_steps(pos: Position, tau_index: int, token: int) -> list[tuple[Q.QuantizedDist, int]]:
     """The range-coder steps for one token: its stage-1 slot, or the escape then stage 2."""
     if tau_index == PLAIN:
-        return [(Q.quantize(pos.plain, 0), int(token))]
+        return [(pos.plain_dist(), int(token))]
     hit = np.flatnonzero(pos.ids == token)
     k, _, _ = _stage1_weights(pos, tau_index)
     s1 = stage1_dist(pos, tau_index)
@@ -219,7 +224,8 @@ class _CoupledState(CodecState):
         t = c.temperature / c.weak_temperature_ratio if c.temperature > 0 else 0.0
         s = perturbed_scores(logits, t, c.seed, index)
         plain = np.asarray(logits, dtype=np.float32) if t <= 0 else (np.asarray(logits, dtype=np.float32) / np.float32(t))
-        pos = position_levels(s, plain)
+        freqs = self._session.frequencies()
+        pos = position_levels(s, plain, None if freqs is None else np.asarray(freqs))
         c.stats.model_s += t1 - t0
         c.stats.codec_s += time.perf_counter() - t1
         return pos
@@ -266,7 +272,7 @@ class _CoupledState(CodecState):
             pos = self._position(len(self.history) + i)
             t0 = time.perf_counter()
             if param == PLAIN:
-                tok = dec.decode(Q.quantize(pos.plain, 0))
+                tok = dec.decode(pos.plain_dist())
             else:
                 s1 = stage1_dist(pos, param)
                 slot = dec.decode(s1)
