@@ -21,12 +21,15 @@ def bench_codec(
     encoder: str = typer.Option("teacher-forced", "--encoder", help="Model-codec encoder: teacher-forced or incremental."),
     encode_threads: int = typer.Option(1, "--encode-threads", help="torch threads while encoding."),
     decode_threads: int = typer.Option(2, "--decode-threads", help="torch threads while decoding."),
+    decode_limit: Optional[int] = typer.Option(
+        None, "--decode-limit", help="Model codec: decode only the first N per temperature (decoding is slow)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Code every generation as its own stream, decode it, and report bits/token and speed."""
     from exfilguard.codec.bench import BenchConfig, run
 
-    cfg = BenchConfig(corpus, weak, limit, codec or None, flush_every, encoder, encode_threads, decode_threads)
+    cfg = BenchConfig(corpus, weak, limit, codec or None, flush_every, encoder, encode_threads, decode_threads, decode_limit)
     if as_json:
         import sys
         import time

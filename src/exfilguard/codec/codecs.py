@@ -222,7 +222,8 @@ class CodecStats:
 
     model_s: float = 0.0
     codec_s: float = 0.0
-    ideal_bits: float = 0.0
+    ideal_bits: float = 0.0  # accumulated only when ModelCodec.measure_ideal
+    ideal_s: float = 0.0
     tokens: int = 0
 
 
@@ -287,6 +288,10 @@ class _ModelState(CodecState):
         self.codec.stats.model_s += t2 - t
         rows = [Q.levels(r) for r in logits]
         self.codec.stats.codec_s += time.perf_counter() - t2
+        if self.codec.measure_ideal:
+            t3 = time.perf_counter()
+            self.codec.stats.ideal_bits += ideal_bits(logits, tokens)
+            self.codec.stats.ideal_s += time.perf_counter() - t3
         return rows
 
     def encode_chunk(self, tokens: Sequence[int]) -> tuple[int, bytes]:
@@ -346,6 +351,7 @@ class ModelCodec(Codec):
     model: Any
     teacher_forced: bool = False
     tau: int | None = None
+    measure_ideal: bool = False  # benchmarks: sum -log2 q(token) of the unquantized logits
     stats: CodecStats = field(default_factory=CodecStats)
 
     name: ClassVar[str] = "model"
@@ -358,6 +364,15 @@ class ModelCodec(Codec):
 
     def new_state(self, prompt_ids: Sequence[int]) -> CodecState:
         return _ModelState(self, prompt_ids)
+
+
+def ideal_bits(logits: np.ndarray, tokens: Sequence[int]) -> float:
+    """Sum over rows of -log2 softmax(logits)[token], in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
+    picked = x[np.arange(len(tokens)), np.asarray(tokens)]
+    return float((lse - picked).sum() / np.log(2))
 
 
 # ---------------------------------------------------------------- registry
