@@ -109,18 +109,23 @@ def test_twenty_concurrent_clients(stack):
 
 
 def test_cap_exhausted_mid_stream(models, tmp_path):
-    s = Stack(models[0], models[1], tmp_path, cap=90, flush_every=2)
+    s = Stack(models[0], models[1], tmp_path, cap=120, flush_every=2)
     try:
         c = s.client()
         got = []
         with pytest.raises(openai.APIError) as e:
             for ch in c.completions.create(model="smollm2", prompt="Tell me a long story about a dragon.",
-                                           max_tokens=200, seed=3, temperature=1.0, stream=True):
+                                           max_tokens=100, seed=3, temperature=1.0, stream=True):
                 if ch.choices:
                     got.append(ch.choices[0].text)
         assert "egress budget" in str(e.value.message)
         assert "".join(got)
-        if not s.real_meter:
+        if s.real_meter:  # the meter's own count: nothing beyond the cap left
+            from exfilguard.meter import budget_status
+
+            st = budget_status(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+            assert st.used_bytes <= st.cap_bytes == 120 and st.remaining_bytes == 0
+        else:
             assert s.meter.used <= s.meter.cap
         with pytest.raises(openai.RateLimitError):
             c.completions.create(model="smollm2", prompt="x", max_tokens=2)

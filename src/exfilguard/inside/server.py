@@ -129,13 +129,18 @@ class _Connection:
     async def run(self) -> None:
         srv = self.server
         hello = Hello(PROTOCOL_VERSION, srv.backend.name, srv.codecs.weak_fingerprint[:16])
-        self._write(encode_frame(Kind.HELLO, 0, hello.to_bytes()))
         frames = FrameReader("downstream")
+        greeted = False
         try:
             while True:
                 data = await self.reader.read(65536)
                 if not data:
                     break
+                if not greeted:
+                    # HELLO crosses the cap, so it waits for the outside's first frame: a
+                    # health probe that connects and leaves costs no budget.
+                    greeted = True
+                    self._write(encode_frame(Kind.HELLO, 0, hello.to_bytes()))
                 for f in frames.feed(data):
                     self._handle(f.kind, f.slot, f.payload)
                 await self.writer.drain()

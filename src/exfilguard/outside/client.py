@@ -115,6 +115,8 @@ class InsideConnection:
             except (OSError, asyncio.TimeoutError):
                 raise await self._why_down("cannot connect to the meter") from None
             frames = FrameReader("upstream")
+            # The inside says HELLO only after our first frame: a CANCEL of slot 0, a no-op.
+            writer.write(encode_frame(Kind.CANCEL, 0))
             try:
                 hello_frame = await asyncio.wait_for(self._read_hello(reader, frames), self.hello_timeout)
             except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, EOFError):

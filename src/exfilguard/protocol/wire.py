@@ -9,7 +9,8 @@ headers stay one byte for the first 16 concurrent requests. Inside -> outside (t
 direction) an answer costs, beyond the codec's own bytes, 2-3 bytes per flush: the last flush is
 an END frame, so there is no separate end-of-answer marker. A one-flush answer costs 2-3 bytes.
 
-Inside -> outside kinds: HELLO (once per connection, slot 0, JSON), DATA (codec bytes), END
+Inside -> outside kinds: HELLO (once per connection, slot 0, JSON, sent after the outside's
+first frame so that a connect-and-leave probe costs no budget), DATA (codec bytes), END
 (last codec bytes of an answer; frees the slot), FAIL (one code byte; frees the slot), RESEND
 (varint chunk index + the raw bytes of that chunk, after a Desync).
 Outside -> inside kinds: REQUEST (JSON GenerationRequest), CANCEL, RESEND_REQUEST (varint chunk).
