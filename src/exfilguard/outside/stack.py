@@ -346,8 +346,9 @@ def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int
 
     ddir = Path(data_dir)
     ddir.mkdir(parents=True, exist_ok=True)
+    asked = weak_spec
     weak_spec = resolve_weak_spec(weak_spec, strong_spec)
-    if weak_spec == strong_spec:
+    if asked is None and weak_spec == strong_spec:
         print(f"warning: no distilled weak model found; using the strong model {strong_spec} as the weak model", flush=True)
     if cap is None:
         size = weight_file_bytes(strong_spec)
