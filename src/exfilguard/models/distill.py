@@ -318,10 +318,11 @@ def ideal_bits(model: Any, rows: Sequence[Row], progress: bool = False) -> tuple
                 bits += math.log2(int(f.sum())) - math.log2(int(f[t]))
                 s.feed(t)
         else:
-            lg = model.score_fast(r.prompt_ids, r.token_ids).astype(np.float64)
-            m = lg.max(-1, keepdims=True)
-            lse = (m[:, 0] + np.log(np.exp(lg - m).sum(-1))) / math.log(2)
-            bits += float((lse - lg[np.arange(len(r.token_ids)), list(r.token_ids)] / math.log(2)).sum())
+            import torch
+
+            lg = torch.from_numpy(model.score_fast(r.prompt_ids, r.token_ids)).double()
+            logp = torch.log_softmax(lg, dim=-1)[torch.arange(len(r.token_ids)), torch.tensor(r.token_ids)]
+            bits -= float(logp.sum()) / math.log(2)
         n += len(r.token_ids)
     return bits, n
 
