@@ -44,7 +44,9 @@ class Session(ABC):
         """Exact integer next-token frequencies (uint32 [vocab], every entry >= 1), or None.
 
         Models computed in integer arithmetic (the n-gram) return them so the codec can skip the
-        float-to-integer quantization and is bit-exact on every machine."""
+        float-to-integer quantization and is bit-exact on every machine. Contract: the sum is
+        exactly 2**24 (`exfilguard.models.ngram.FREQ_TOTAL`), so the codec may use the table as-is
+        with a 24-bit total; the same context gives the same bytes in any process or machine."""
         return None
 
     def feed_many(self, token_ids: Sequence[int]) -> None:
