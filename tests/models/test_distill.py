@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from exfilguard.models.distill import Row, TrainConfig, evaluate, read_corpus, train_student, write_corpus
