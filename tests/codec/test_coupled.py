@@ -318,15 +318,9 @@ def test_corrupted_stream_detected(data: st.DataObject) -> None:
 def test_bench_json_plumbing(tmp_path: Path) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt_ids": [1, 9690, 198]}) + "\n" + json.dumps({"prompt_ids": [1, 4093, 198]}) + "\n")
-    script = (
-        "import sys, typer\n"
-        "from typer.main import get_command\n"
-        "from exfilguard.cli.bench_coupled import add_commands\n"
-        "b = typer.Typer()\nadd_commands(b)\n@b.callback()\ndef cb(): pass\n"
-        "get_command(b)(sys.argv[1:])\n"
-    )
+    exe = Path(sys.executable).with_name("exfilguard")
     out = subprocess.run(
-        [sys.executable, "-c", script, "coupled", "--strong", "tiny-random", "--weak", "tiny-random", "--prompts", str(prompts),
+        [str(exe), "bench", "coupled", "--strong", "tiny-random", "--weak", "tiny-random", "--prompts", str(prompts),
          "--limit", "2", "--max-tokens", "6", "--temperature", "1.0", "--json"],
         capture_output=True, text=True, timeout=120,
     )

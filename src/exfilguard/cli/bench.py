@@ -1,4 +1,4 @@
-"""CLI commands: bench (codec; `bench coupled` is added by the coupled codec)."""
+"""CLI commands: bench codec, bench coupled (defined in cli/bench_coupled.py)."""
 
 from __future__ import annotations
 
@@ -80,4 +80,7 @@ def _print_table(console: "object", result: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    from exfilguard.cli.bench_coupled import add_commands
+
+    add_commands(bench)
     app.add_typer(bench, name="bench")

@@ -95,17 +95,41 @@ def _ideal(strong_logits: np.ndarray, weak_logits: np.ndarray, toks: Sequence[in
     return kl, ce
 
 
-def run(cfg: CoupledBenchConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Generate, code with `model` and `coupled`, decode, and report (the --json object)."""
+def generate_all(strong: Any, prompts: Sequence[Sequence[int]], cfg: CoupledBenchConfig) -> list[tuple[list[int], np.ndarray, int]]:
+    """(tokens, strong logits, seed) of each prompt's seeded generation."""
+    base_seed = validate_seed(cfg.seed)
+    out = []
+    for i, prompt in enumerate(prompts):
+        seed = (base_seed + i) % (1 << 64)
+        toks, logits = generate(strong, prompt, cfg, seed)
+        out.append((toks, logits, seed))
+    return out
+
+
+def run(
+    cfg: CoupledBenchConfig,
+    progress: Callable[[str, int, int], None] | None = None,
+    *,
+    strong: Any = None,
+    weak: Any = None,
+    generations: list[tuple[list[int], np.ndarray, int]] | None = None,
+) -> dict[str, Any]:
+    """Generate, code with `model` and `coupled`, decode, and report (the --json object).
+
+    `strong`, `weak` and `generations` (from generate_all on the same prompts and cfg) may be
+    passed in so that one process compares several weak models on the same generations
+    (bench/coupled_matrix.py)."""
     from exfilguard.models.specs import load_model
 
     base_seed = validate_seed(cfg.seed)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     if not prompts:
         raise ConfigError(f"{cfg.prompts} holds no prompts")
-    strong = load_model(cfg.strong)
-    weak = strong if cfg.weak == cfg.strong else load_model(cfg.weak)
-    if weak.vocab_size != strong.vocab_size:
+    if generations is None and strong is None:
+        strong = load_model(cfg.strong)
+    if weak is None:
+        weak = strong if cfg.weak == cfg.strong and strong is not None else load_model(cfg.weak)
+    if strong is not None and weak.vocab_size != strong.vocab_size:
         raise ConfigError("the weak model must share the strong model's tokenizer (vocab sizes differ)")
     model_codec = ModelCodec(weak)
     coupled = CoupledCodec(weak)
@@ -115,10 +139,13 @@ def run(cfg: CoupledBenchConfig, progress: Callable[[str, int, int], None] | Non
     tokens = 0
     kl = ce = 0.0
     for i, prompt in enumerate(prompts):
-        seed = (base_seed + i) % (1 << 64)
-        t0 = time.perf_counter()
-        toks, strong_logits = generate(strong, prompt, cfg, seed)
-        secs["generate"] += time.perf_counter() - t0
+        if generations is not None:
+            toks, strong_logits, seed = generations[i]
+        else:
+            seed = (base_seed + i) % (1 << 64)
+            t0 = time.perf_counter()
+            toks, strong_logits = generate(strong, prompt, cfg, seed)
+            secs["generate"] += time.perf_counter() - t0
         tokens += len(toks)
         k, c = _ideal(strong_logits, weak.score_fast(prompt, toks), toks, cfg.temperature, cfg.top_p)
         kl, ce = kl + k, ce + c

@@ -1,0 +1,79 @@
+"""`bench coupled` over several weak models and temperatures, on shared generations.
+
+The strong model generates once per temperature (seeded, the same sampler the inside uses);
+every weak model then codes those same generations with `model` and `coupled`. Prints one
+table and, with --json, one JSON object {"T": {"weak": <bench coupled --json object>}}.
+
+    .venv/bin/python bench/coupled_matrix.py --strong smollm2 \\
+        --weak ngram:/tmp/ngram4.npz --weak default --weak smollm2 \\
+        --prompts ../shared/data/smollm2_corpus_dev.jsonl --limit 8 --max-tokens 96 \\
+        --temperature 0 --temperature 0.7 --temperature 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from exfilguard.codec.coupled_bench import CoupledBenchConfig, generate_all, load_prompts, run
+from exfilguard.models.specs import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--strong", default="smollm2")
+    ap.add_argument("--weak", action="append", required=True, help="weak-model spec (repeat)")
+    ap.add_argument("--prompts", type=Path, required=True)
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, action="append", required=True, help="repeat")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    strong = load_model(args.strong)
+    weaks = {spec: (strong if spec == args.strong else load_model(spec)) for spec in args.weak}
+    log(f"loaded {args.strong} and {len(weaks)} weak models")
+    results: dict[str, dict[str, dict]] = {}
+    for t in args.temperature:
+        cfg = CoupledBenchConfig(args.strong, args.weak[0], args.prompts, args.limit, args.max_tokens, t, 1.0, args.seed)
+        prompts = load_prompts(args.prompts, args.limit)
+        gens = generate_all(strong, prompts, cfg)
+        log(f"T={t}: generated {sum(len(g[0]) for g in gens)} tokens")
+        results[str(t)] = {}
+        for spec, weak in weaks.items():
+            cfg.weak = spec
+            r = run(cfg, strong=strong, weak=weak, generations=gens)
+            results[str(t)][spec] = r
+            c = r["codecs"]
+            log(
+                f"T={t} weak={spec}: model {c['model']['bits_per_token']:.3f} coupled {c['coupled']['bits_per_token']:.3f} "
+                f"KL {r['kl_bits_per_token']:.3f} CE {r['cross_entropy_bits_per_token']:.3f} agree {r['agreement']:.3f} "
+                f"ok {c['model']['roundtrip_ok']}/{c['coupled']['roundtrip_ok']}"
+            )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print("| T | weak | tokens | model bits/tok | coupled bits/tok | coupled/model | KL bits/tok | CE bits/tok | agreement | roundtrip |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for t, row in results.items():
+        for spec, r in row.items():
+            m, c = r["codecs"]["model"], r["codecs"]["coupled"]
+            ratio = c["bits_per_token"] / m["bits_per_token"] if m["bits_per_token"] else float("nan")
+            print(
+                f"| {t} | {spec} | {r['tokens']} | {m['bits_per_token']:.3f} | {c['bits_per_token']:.3f} | {ratio:.2f} | "
+                f"{r['kl_bits_per_token']:.3f} | {r['cross_entropy_bits_per_token']:.3f} | {r['agreement']:.3f} | "
+                f"{'ok' if m['roundtrip_ok'] and c['roundtrip_ok'] else 'FAILED'} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
