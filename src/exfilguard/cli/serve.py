@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         api_keys: str = typer.Option(..., "--api-keys", help="file with one API key a line"),
         meter_status: Optional[str] = typer.Option(None, help="meter status URL (tells 429 from 503)"),
         codec: str = typer.Option("auto", help="codec the inside encodes with (auto: coupled if available, else model)"),
-        flush_every: int = typer.Option(16, help="flush a chunk every N tokens (0: only at the end)"),
-        flush_ms: float = typer.Option(0.0, help="also flush after T ms (0: off)"),
+        flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
+        flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
         model_name: str = typer.Option("smollm2", help="model id shown by /v1/models"),
     ) -> None:
         """Outside API: OpenAI-compatible, decodes what crosses the meter."""
@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, help="port of the API on 127.0.0.1"),
         data_dir: str = typer.Option(".exfilguard", help="ledger and API keys live here"),
         codec: str = typer.Option("auto", help="codec the inside encodes with (auto: coupled if available, else model)"),
-        flush_every: int = typer.Option(16, help="flush a chunk every N tokens (0: only at the end)"),
-        flush_ms: float = typer.Option(0.0, help="also flush after T ms (0: off)"),
+        flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
+        flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
     ) -> None:
         """Start meter, inside and outside on localhost; print the base URL and an API key."""
         from exfilguard.outside.app import OutsideConfig

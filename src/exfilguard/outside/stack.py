@@ -281,6 +281,7 @@ class MeterProcess:
     cap: int
     port: int = 0
     status_port: int = 0
+    signing_key: Any = None  # Path of an Ed25519 key: the meter signs tree heads with it
     proc: Any = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -295,6 +296,8 @@ class MeterProcess:
                "--listen", f"127.0.0.1:{self.port}", "--upstream", f"127.0.0.1:{self.upstream_port}",
                "--ledger", self.ledger_url, "--cap", str(self.cap),
                "--metrics", f"127.0.0.1:{self.status_port}"]
+        if self.signing_key is not None:
+            cmd += ["--signing-key", str(self.signing_key)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -334,6 +337,16 @@ def new_api_key(data_dir: Any) -> str:
     return key
 
 
+def meter_signing_key(ddir: "Any") -> "Any":
+    """DATA_DIR/meter-key (made on first use, kept across restarts): the meter signs tree heads."""
+    from exfilguard.ledger.keys import generate_keypair
+
+    path = ddir / "meter-key"
+    if not path.is_file():
+        generate_keypair(path)
+    return path
+
+
 def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int, data_dir: str,
              config: OutsideConfig, device: str = "cpu") -> None:
     """`exfilguard up`: meter + inside + outside on localhost, until Ctrl-C or SIGTERM."""
@@ -361,11 +374,13 @@ def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int
     vocab = None if isinstance(strong, str) else strong.info.vocab_size
     key = new_api_key(ddir)
     keys = read_api_keys(ddir / "api-keys")
+    signing_key = meter_signing_key(ddir)
     config.model_name = strong_spec if not strong_spec.startswith("openai:") else "exfilguard"
 
     async def main() -> None:
         inside = await start_inside(make_backend(strong), codecs, tok, vocab)
-        meter = MeterProcess(inside.port, f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", cap)
+        meter = MeterProcess(inside.port, f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", cap,
+                             signing_key=signing_key)
         await asyncio.to_thread(meter.start)
         outside = None
         try:
@@ -373,7 +388,9 @@ def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int
                                                  http_status_probe(meter.status_url), "127.0.0.1", port, config)
             print(f"exfilguard is up: base URL http://127.0.0.1:{bound}/v1", flush=True)
             print(f"API key: {key}", flush=True)
-            print(f"strong {strong_spec}, weak {weak_spec}, cap {cap} bytes, ledger {ddir / 'ledger.sqlite'}; Ctrl-C stops", flush=True)
+            print(f"strong {strong_spec}, weak {weak_spec}, cap {cap} bytes, ledger {ddir / 'ledger.sqlite'} "
+                  f"(tree heads signed with {signing_key}; audit: exfilguard ledger verify --ledger "
+                  f"sqlite:///{(ddir / 'ledger.sqlite').resolve()} --public-key {signing_key}.pub); Ctrl-C stops", flush=True)
             await _wait_for_signal()
         finally:
             print("stopping: outside, meter, inside", flush=True)
