@@ -52,13 +52,19 @@ PRECISION = Q.PRECISION
 TOTAL = Q.TOTAL
 _SCALE = TOTAL - KMAX - 2  # room for +1 per active entry and an escape >= 1
 BONUS = 1  # extra weight of the argmax of the perturbed scores (the predicted token)
-ESCAPE_MIN = TOTAL >> 11  # the escape never costs more than 11 bits
-# Record param (3 bits) -> stage-1 temperature, in units of the perturbed score; param
-# PLAIN (7) codes the chunk under the weak model's tempered distribution without the noise,
-# which is cheaper when the weak model is far from the strong one (agreement is rare and the
-# noise only blurs q).
-TAUS: tuple[float, ...] = (0.03, 0.06, 0.1, 0.16, 0.25, 0.4, 0.7)
+ESCAPE_MIN = TOTAL >> 11  # stage 1 alone: its escape never costs more than 11 bits
+# Record param (3 bits) -> a mode. Modes 0..6 code each token under the mixture
+#     LAMBDAS[m]/256 * stage1(tau = TAUS[m]) + (1 - LAMBDAS[m]/256) * plain
+# where stage 1 is the sharp table over the perturbed scores (in logit units: logits + T*G, so
+# tau is the scale of the strong/weak logit disagreement, the same at every temperature) and
+# plain is the weak model's own tempered table. Agreement costs about -log2(lambda); a token
+# the noise does not predict still costs about its plain price plus -log2(1 - lambda). Mode
+# PLAIN (7) is the plain table alone, for a weak model too far off for the noise to help. The
+# encoder picks the cheapest mode per chunk: that calibrates the codec to the model pair.
+TAUS: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 1.8)
+LAMBDAS: tuple[int, ...] = (248, 243, 230, 230, 230, 230, 218)  # out of 256
 PLAIN = len(TAUS)
+_MIX_SLACK = 1024  # frequency units kept for the escape beyond +1 per table entry
 
 
 @lru_cache(maxsize=None)
@@ -90,6 +96,21 @@ def perturbed_scores(logits: np.ndarray, temperature: float, seed: int, position
     if temperature <= 0.0:
         return row.astype(np.float64)
     return row.astype(np.float64) / float(temperature) + gumbel_noise(seed, position, row.size)
+
+
+def coupled_scores(logits: np.ndarray, temperature: float, seed: int, position: int) -> np.ndarray:
+    """logits + T * G(seed, position) in float64 (T <= 0: the logits, no noise).
+
+    T times perturbed_scores, so the same argmax (the weak model's guess); in logit units, so
+    one stage-1 tau fits every temperature (it is the scale of the strong/weak disagreement)."""
+    row = np.asarray(logits, dtype=np.float32)
+    if row.ndim != 1 or row.size < 2:
+        raise ValueError("logits must be a 1-D array with at least 2 entries")
+    if not np.isfinite(row).all():
+        raise ValueError("logits must be finite")
+    if temperature <= 0.0:
+        return row.astype(np.float64)
+    return row.astype(np.float64) + float(temperature) * gumbel_noise(seed, position, row.size)
 
 
 @dataclass(frozen=True)
@@ -154,45 +175,46 @@ def _stage1_weights(pos: Position, tau_index: int) -> tuple[int, np.ndarray, int
     return k, w, escape
 
 
-def stage1_dist(pos: Position, tau_index: int) -> Q.QuantizedDist:
-    """Stage 1 as a QuantizedDist over *positions* 0..k-1 plus the escape (coded as k)."""
-    k, w, escape = _stage1_weights(pos, tau_index)
-    return Q.QuantizedDist(order=np.arange(k, dtype=np.int64), weights=w, escape=escape, vocab_size=k + 1)
+def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
+    """Mode `mode`'s exact integer table over token ids: lambda * stage 1 + (1 - lambda) * plain.
 
-
-def stage2_dist(pos: Position) -> Q.QuantizedDist:
-    """The escape's table: the quantizer's robust softmax of the perturbed scores."""
-    return Q.quantize(pos.scores.astype(np.float32), 0)
+    Coding order: the stage-1 candidates (the weak guess first, then by level), then the plain
+    table's other entries in its own order, then one escape to a uniform code over the rest.
+    Every frequency is integer arithmetic on the two integer tables, so both sides get the same
+    table whenever they got the same grid cells; the total is exactly 2**PRECISION."""
+    if not 0 <= mode < PLAIN:
+        raise ValueError(f"mixture mode must be in 0..{PLAIN - 1}")
+    k, w1, _ = _stage1_weights(pos, mode)
+    plain = pos.plain_dist()
+    vocab = pos.vocab_size
+    dense = np.zeros(vocab, dtype=np.int64)
+    dense[plain.order] = plain.weights + 1  # plain frequency per token id (0: in its tail)
+    ids1 = pos.ids[:k]
+    a = LAMBDAS[mode]
+    b = 256 - a
+    in1 = np.zeros(vocab, dtype=bool)
+    in1[ids1] = True
+    rest = ~in1[plain.order]
+    order = np.concatenate((ids1, plain.order[rest]))
+    f = np.concatenate((a * (w1 + 1) + b * dense[ids1], b * (plain.weights[rest] + 1)))  # < 2**33
+    room = TOTAL - (order.size + 1) - _MIX_SLACK  # +1 per entry and the escape come on top
+    w = (f * room) // (TOTAL << 8)  # < 2**57: no int64 overflow
+    escape = TOTAL - (order.size + 1) - int(w.sum())
+    return Q.QuantizedDist(order=order, weights=w, escape=escape, vocab_size=vocab)
 
 
 def token_cost_bits(pos: Position, token: int) -> np.ndarray:
-    """Exact coding cost of `token` at every tau index (bits), for choosing tau per chunk."""
-    hit = np.flatnonzero(pos.ids == token)
-    idx = int(hit[0]) if hit.size else -1
+    """Exact coding cost of `token` in every mode (bits), for choosing the mode per chunk."""
     out = np.empty(len(TAUS) + 1)
     out[PLAIN] = pos.plain_dist().cost_bits(token)
-    esc2: float | None = None
-    for t in range(len(TAUS)):
-        k, w, escape = _stage1_weights(pos, t)
-        if 0 <= idx < k:
-            out[t] = PRECISION - math.log2(int(w[idx]) + 1)
-        else:
-            if esc2 is None:
-                esc2 = stage2_dist(pos).cost_bits(token)
-            out[t] = PRECISION - math.log2(escape + 1) + esc2
+    for m in range(len(TAUS)):
+        out[m] = mix_dist(pos, m).cost_bits(token)
     return out
 
 
-def coding_steps(pos: Position, tau_index: int, token: int) -> list[tuple[Q.QuantizedDist, int]]:
-    """The range-coder steps for one token: its stage-1 slot, or the escape then stage 2."""
-    if tau_index == PLAIN:
-        return [(pos.plain_dist(), int(token))]
-    hit = np.flatnonzero(pos.ids == token)
-    k, _, _ = _stage1_weights(pos, tau_index)
-    s1 = stage1_dist(pos, tau_index)
-    if hit.size and int(hit[0]) < k:
-        return [(s1, int(hit[0]))]
-    return [(s1, k), (stage2_dist(pos), int(token))]
+def mode_dist(pos: Position, mode: int) -> Q.QuantizedDist:
+    """The table a token is coded under in this mode."""
+    return pos.plain_dist() if mode == PLAIN else mix_dist(pos, mode)
 
 
 class _CoupledState(CodecState):
@@ -222,7 +244,7 @@ class _CoupledState(CodecState):
         logits = self._session.logits()
         t1 = time.perf_counter()
         t = c.temperature / c.weak_temperature_ratio if c.temperature > 0 else 0.0
-        s = perturbed_scores(logits, t, c.seed, index)
+        s = coupled_scores(logits, t, c.seed, index)
         plain = np.asarray(logits, dtype=np.float32) if t <= 0 else (np.asarray(logits, dtype=np.float32) / np.float32(t))
         freqs = self._session.frequencies()
         pos = position_levels(s, plain, None if freqs is None else np.asarray(freqs))
@@ -254,7 +276,7 @@ class _CoupledState(CodecState):
             tau = int(np.argmin(costs))
         steps: list[tuple[Q.QuantizedDist, int]] = []
         for pos, tok in zip(rows, tokens):
-            steps += coding_steps(pos, tau, tok)
+            steps.append((mode_dist(pos, tau), tok))
             self.codec.stats.agreements += int(pos.ids[0] == tok)
         payload = encode_steps(steps)
         self.codec.stats.codec_s += time.perf_counter() - t0
@@ -271,12 +293,7 @@ class _CoupledState(CodecState):
         for i in range(count):
             pos = self._position(len(self.history) + i)
             t0 = time.perf_counter()
-            if param == PLAIN:
-                tok = dec.decode(pos.plain_dist())
-            else:
-                s1 = stage1_dist(pos, param)
-                slot = dec.decode(s1)
-                tok = int(pos.ids[slot]) if slot < s1.order.size else dec.decode(stage2_dist(pos))
+            tok = dec.decode(mode_dist(pos, param))
             self.codec.stats.codec_s += time.perf_counter() - t0
             out.append(tok)
             self._pending.append(tok)
