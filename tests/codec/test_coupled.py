@@ -345,3 +345,42 @@ def test_roundtrip_weak_model_with_exact_frequencies() -> None:
         for tau in (None, 7):
             codec = CoupledCodec(weak, tau=tau).for_request(seed, t)
             assert decode_stream(codec, encode_stream(codec, toks, [1, 2, 3], flush_every=9), [1, 2, 3]) == toks
+
+
+# ------------------------------------------------------------------ mixture tables
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    vocab=st.integers(2, 3000),
+    sharp=st.floats(0.1, 8.0),
+    temperature=st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.5]),
+    exact=st.booleans(),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_mix_tables_are_exact_distributions(vocab: int, sharp: float, temperature: float, exact: bool, seed: int) -> None:
+    """Every mode's table totals exactly 2**24, gives every listed token >= 1, lists no token
+    twice, and prices every token at most a hair above each of its two mixture components."""
+    from exfilguard.codec import quantizer as Q
+    from exfilguard.codec.coupled import LAMBDAS, PLAIN, _stage1_weights, coupled_scores, mode_dist
+
+    rng = np.random.default_rng(seed % 2**32)
+    logits = (rng.standard_normal(vocab) * sharp).astype(np.float32)
+    plain = logits if temperature <= 0 else logits / np.float32(temperature)
+    freqs = (rng.integers(1, 5000, vocab)).astype(np.int64) if exact else None
+    pos = position_levels(coupled_scores(logits, temperature, seed, 3), plain, freqs)
+    for mode in range(PLAIN + 1):
+        d = mode_dist(pos, mode)
+        assert d.order.size == np.unique(d.order).size
+        assert (d.weights >= 0).all() and d.escape >= 0
+        assert int(d.weights.sum()) + d.order.size + d.escape + 1 == Q.TOTAL
+        if mode < PLAIN:
+            assert d.position(int(pos.ids[0])) == 0  # the weak model's guess is coded first
+            lam = LAMBDAS[mode] / 256
+            k, w1, _ = _stage1_weights(pos, mode)
+            pd = pos.plain_dist()
+            for slot in range(min(k, 5)):
+                tok = int(pos.ids[slot])
+                r1 = (int(w1[slot]) + 1) / Q.TOTAL
+                bound = min(-np.log2(lam * r1), -np.log2(1 - lam) + pd.cost_bits(tok))
+                assert d.cost_bits(tok) <= bound + 0.01

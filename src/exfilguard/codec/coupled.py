@@ -187,8 +187,11 @@ def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
     k, w1, _ = _stage1_weights(pos, mode)
     plain = pos.plain_dist()
     vocab = pos.vocab_size
-    dense = np.zeros(vocab, dtype=np.int64)
-    dense[plain.order] = plain.weights + 1  # plain frequency per token id (0: in its tail)
+    # Plain frequency per token id; a token in the plain table's tail gets its share of the
+    # plain escape (what the plain table would charge it), so listing it in stage 1 never
+    # prices it above what plain alone would.
+    dense = np.full(vocab, (plain.escape + 1) // max(plain.tail_size, 1), dtype=np.int64)
+    dense[plain.order] = plain.weights + 1
     ids1 = pos.ids[:k]
     a = LAMBDAS[mode]
     b = 256 - a
