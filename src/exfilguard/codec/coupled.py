@@ -2,24 +2,26 @@
 
 The inside samples token x_t = argmax(log p_T(x) + G_t(x)) with G_t = gumbel_noise(seed, t)
 (exfilguard.codec.gumbel). The outside knows the seed, so it can form the weak model's
-perturbed scores
+perturbed scores in logit units
 
-    s_t(x) = logits_weak(x) / T + G_t(x)        (T = 0: s_t = logits_weak, no noise)
+    u_t(x) = logits_weak(x) + T * G_t(x)        (T = 0: u_t = logits_weak, no noise)
 
-whose argmax is the weak model's guess of x_t. Each token is range-coded under a distribution
-the outside computes from s_t alone, concentrated near the top of s_t:
+whose argmax is the weak model's guess of x_t. Each token is range-coded under an exact
+integer table the outside computes from u_t and the weak logits alone (mode m, 3-bit record
+param, chosen per chunk by the encoder):
 
-  stage 1  r(x) ~ exp(-d(x) / (GRID * tau)) over the active set, where d(x) = top - floor(GRID * s(x))
-           is x's level below the best perturbed score on an absolute grid (step 1/GRID), plus an
-           escape symbol. tau is chosen per chunk by the encoder (3-bit record param), which
-           calibrates the sharpness to the model pair and temperature; tau -> 0 is greedy.
-  stage 2  after an escape: the token under the quantizer's softmax(s) table (codec.quantizer).
+  stage 1  r(x) ~ exp(-d(x) / (GRID * tau_m)) over the candidates, where d(x) = top - floor(GRID * u(x))
+           is x's level below the best perturbed score on an absolute grid (step 1/GRID)
+  plain    the weak model's own tempered table (the `model` codec's quantizer, or the exact
+           integer table of an n-gram)
+  mode m   lambda_m * stage 1 + (1 - lambda_m) * plain; mode PLAIN: plain alone
 
-When the weak model agrees with the strong one (same argmax) the token costs -log2 r(top),
-a fraction of a bit. Why it is safe across machines: d and the active order depend only on
-which grid cell each score falls in, so weak-model float noise (~1e-4) changes the coded
-interval only when a score near the top straddles a grid line; the chunk checks catch that
-rare case and a raw resend resynchronises (the codec's chunks depend only on true history).
+Agreement (same argmax) costs about -log2(lambda * r(top)), a fraction of a bit; a miss costs
+about its plain price plus -log2(1 - lambda). Why it is safe across machines: d and the
+candidate order depend only on which grid cell each score falls in, so weak-model float noise
+(~1e-4) changes the coded interval only when a score near the top straddles a grid line; the
+chunk checks catch that rare case and a raw resend resynchronises (the codec's chunks depend
+only on true history).
 
 The output stays a deterministic function of (prompt, seed, strong weights): the codec only
 describes tokens the sampler chose; nothing here feeds back into sampling.
