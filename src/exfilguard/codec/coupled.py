@@ -88,16 +88,21 @@ def exp_table(tau_index: int) -> np.ndarray:
     return np.array(vals, dtype=np.int64)
 
 
-def perturbed_scores(logits: np.ndarray, temperature: float, seed: int, position: int) -> np.ndarray:
-    """s = logits / T + G(seed, position) in float64 (T <= 0: the logits, no noise)."""
+def _logit_row(logits: np.ndarray) -> np.ndarray:
     row = np.asarray(logits, dtype=np.float32)
     if row.ndim != 1 or row.size < 2:
         raise ValueError("logits must be a 1-D array with at least 2 entries")
     if not np.isfinite(row).all():
         raise ValueError("logits must be finite")
+    return row.astype(np.float64)
+
+
+def perturbed_scores(logits: np.ndarray, temperature: float, seed: int, position: int) -> np.ndarray:
+    """s = logits / T + G(seed, position) in float64 (T <= 0: the logits, no noise)."""
+    row = _logit_row(logits)
     if temperature <= 0.0:
-        return row.astype(np.float64)
-    return row.astype(np.float64) / float(temperature) + gumbel_noise(seed, position, row.size)
+        return row
+    return row / float(temperature) + gumbel_noise(seed, position, row.size)
 
 
 def coupled_scores(logits: np.ndarray, temperature: float, seed: int, position: int) -> np.ndarray:
@@ -105,14 +110,10 @@ def coupled_scores(logits: np.ndarray, temperature: float, seed: int, position: 
 
     T times perturbed_scores, so the same argmax (the weak model's guess); in logit units, so
     one stage-1 tau fits every temperature (it is the scale of the strong/weak disagreement)."""
-    row = np.asarray(logits, dtype=np.float32)
-    if row.ndim != 1 or row.size < 2:
-        raise ValueError("logits must be a 1-D array with at least 2 entries")
-    if not np.isfinite(row).all():
-        raise ValueError("logits must be finite")
+    row = _logit_row(logits)
     if temperature <= 0.0:
-        return row.astype(np.float64)
-    return row.astype(np.float64) + float(temperature) * gumbel_noise(seed, position, row.size)
+        return row
+    return row + float(temperature) * gumbel_noise(seed, position, row.size)
 
 
 @dataclass(frozen=True)
