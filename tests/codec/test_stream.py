@@ -79,6 +79,16 @@ def test_teacher_forced_encoder_roundtrips():
     assert decode_stream(codec("model", m), data, PROMPT) == tokens
 
 
+def test_teacher_forced_encoder_with_exact_table_model_uses_the_table():
+    """An n-gram-like weak model: teacher forcing would code under its float logits while the
+    decoder codes under its exact table; the encoder must fall back to the table."""
+    m = FakeModel(vocab=500, exact=True)
+    tokens = sample(m, 40)
+    data = encode_stream(codec("model", m, teacher_forced=True), tokens, PROMPT, flush_every=8)
+    assert decode_stream(codec("model", m), data, PROMPT) == tokens
+    assert data == encode_stream(codec("model", m), tokens, PROMPT, flush_every=8)
+
+
 @pytest.mark.parametrize("name", ["zstd", "zstd-dict"])
 def test_zstd_text_roundtrip_or_desync(name):
     """Text codecs: every corpus row decodes to the same ids or is reported, never wrong."""

@@ -241,6 +241,7 @@ class _ModelState(CodecState):
         self._session_len = 0  # tokens of history the session has read
         self._pending: list[int] = []  # tokens fed lazily, right before the next logits
         self._levels: list[Q.Levels | np.ndarray] = []  # encoder: per pushed token, not yet coded
+        self._exact: bool | None = None  # does the weak model give an exact integer table?
 
     # -- the weak model, always through the incremental path unless told otherwise
     def _ensure_session(self, upto: list[int]) -> Any:
@@ -267,15 +268,24 @@ class _ModelState(CodecState):
         return out
 
     # -- encoder
+    def _use_teacher_forced(self) -> bool:
+        """teacher_forced, unless the weak model has an exact integer table (n-gram): only the
+        incremental session gives that table, and the decoder codes with it."""
+        if not self.codec.teacher_forced:
+            return False
+        if self._exact is None:
+            self._exact = self.model.session(self.prompt[:1]).frequencies() is not None
+        return not self._exact
+
     def observe(self, token: int) -> None:
-        if self.codec.teacher_forced:
+        if self._use_teacher_forced():
             return
         sess = self._ensure_session(self.history)
         self._levels.append(self._dist_row(sess))
         self._pending.append(int(token))
 
     def _chunk_levels(self, tokens: Sequence[int]) -> list[Q.Levels | np.ndarray]:
-        if not self.codec.teacher_forced:
+        if not self._use_teacher_forced():
             if len(self._levels) != len(tokens):  # tokens pushed without observe()
                 self._levels = []
                 for tok in tokens:

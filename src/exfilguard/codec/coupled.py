@@ -236,9 +236,10 @@ class _CoupledState(CodecState):
         self._session: Any = None
         self._pending: list[int] = []  # tokens to feed before the next logits
         self._rows: list[Position] = []  # encoder: one per pushed, not yet coded token
+        self._exact: bool | None = None  # does the weak model give an exact integer table?
 
     def _position(self, index: int) -> Position:
-        """Perturbed-score levels before generated token number `index`."""
+        """Perturbed-score levels before generated token number `index` (incremental path)."""
         c = self.codec
         t0 = time.perf_counter()
         if self._session is None:
@@ -248,18 +249,38 @@ class _CoupledState(CodecState):
             self._session.feed(tok)
         self._pending = []
         logits = self._session.logits()
+        freqs = self._session.frequencies()
+        c.stats.model_s += time.perf_counter() - t0
+        return self._levels(logits, index, freqs)
+
+    def _levels(self, logits: np.ndarray, index: int, freqs: Any = None) -> Position:
+        c = self.codec
         t1 = time.perf_counter()
         t = c.temperature / c.weak_temperature_ratio if c.temperature > 0 else 0.0
         s = coupled_scores(logits, t, c.seed, index)
         plain = np.asarray(logits, dtype=np.float32) if t <= 0 else (np.asarray(logits, dtype=np.float32) / np.float32(t))
-        freqs = self._session.frequencies()
         pos = position_levels(s, plain, None if freqs is None else np.asarray(freqs))
-        c.stats.model_s += t1 - t0
         c.stats.codec_s += time.perf_counter() - t1
         return pos
 
+    def _teacher_forced_rows(self, tokens: list[int]) -> list[Position] | None:
+        """One batched pass over a chunk (encoder only); None for exact-table models, whose
+        integer table only the incremental session gives."""
+        if not self.codec.teacher_forced:
+            return None
+        if self._exact is None:
+            self._exact = self.model.session(self.prompt[:1]).frequencies() is not None
+        if self._exact:
+            return None
+        t0 = time.perf_counter()
+        logits = self.model.score_fast(self.prompt + self.history, tokens)
+        self.codec.stats.model_s += time.perf_counter() - t0
+        return [self._levels(row, len(self.history) + i) for i, row in enumerate(logits)]
+
     # -- encoder
     def observe(self, token: int) -> None:
+        if self.codec.teacher_forced:
+            return
         self._rows.append(self._position(len(self.history) + len(self._rows)))
         self._pending.append(int(token))
 
@@ -268,11 +289,14 @@ class _CoupledState(CodecState):
         for tok in tokens:
             if not 0 <= tok < self.model.vocab_size:
                 raise ValueError(f"token id {tok} is outside the weak model's vocabulary")
-        if len(self._rows) != len(tokens):  # tokens pushed without observe()
-            self._rows = []
-            for tok in tokens:
-                self.observe(tok)
-        rows, self._rows = self._rows, []
+        rows = self._teacher_forced_rows(tokens)
+        if rows is None:
+            if len(self._rows) != len(tokens):  # tokens pushed without observe(), or exact table
+                self._rows = []
+                for tok in tokens:
+                    self._rows.append(self._position(len(self.history) + len(self._rows)))
+                    self._pending.append(tok)
+            rows, self._rows = self._rows, []
         t0 = time.perf_counter()
         tau = self.codec.tau
         if tau is None:
@@ -323,8 +347,10 @@ class CoupledCodec(Codec):
     """Range coding of the strong model's seeded samples given the shared Gumbel noise.
 
     Unbound (seed None) it is a template: `for_request(seed, temperature, top_p)` gives the
-    per-request codec that streams are made with. tau: force a stage-1 table (None: the
-    encoder picks the cheapest per chunk). weak_temperature_ratio: the weak scores use
+    per-request codec that streams are made with. tau: force a mode (None: the encoder picks
+    the cheapest per chunk). teacher_forced: the encoder scores each chunk in one batched
+    `score_fast` pass instead of token by token (the decoder is always incremental; the grid
+    absorbs the small float differences and the chunk checks catch the rest). weak_temperature_ratio: the weak scores use
     temperature T / ratio (1.0: the strong model's T)."""
 
     model: Any
@@ -333,6 +359,7 @@ class CoupledCodec(Codec):
     top_p: float = 1.0
     tau: int | None = None
     weak_temperature_ratio: float = 1.0
+    teacher_forced: bool = False
     stats: CoupledStats = field(default_factory=CoupledStats)
 
     name: ClassVar[str] = "coupled"

@@ -72,6 +72,9 @@ class RealCodecFactory:
         self.weak = weak
         self.weak_fingerprint = str(weak.info.fingerprint)
         self.names = tuple(codec_names())
+        # Encoders stay incremental (as the decoder is) by default: a batched teacher-forced
+        # encoder is faster but its last-bit float differences desynced 2-10% of 16-token chunks
+        # with the default student (docs/coupled.md), and every raw resend crosses the meter.
         self._options = options or {}
         self._codecs: dict[str, Any] = {}
 
