@@ -1,7 +1,6 @@
 """The model codec with the real SmolLM2 as the weak model, on a few corpus generations."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,6 @@ from exfilguard.errors import Desync, ModelMismatch
 
 pytestmark = pytest.mark.integration
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "smollm2_corpus_dev.jsonl"
 N_TOKENS = 40  # incremental decoding runs at ~15 tokens/s on CPU
 
 
@@ -22,11 +20,9 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def rows():
-    if not CORPUS.is_file():
-        pytest.skip("corpus not available")
+def rows(dev_corpus):
     out = {}
-    for line in CORPUS.open():
+    for line in dev_corpus.open():
         r = json.loads(line)
         out.setdefault(r["temperature"], r)
     return list(out.values())  # one generation per temperature

@@ -1,7 +1,6 @@
 """Encoder/Decoder roundtrips for every codec, bad input, corruption, fuzzing, raw resend."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from hypothesis import strategies as st
 from exfilguard.codec import Decoder, Encoder, decode_stream, encode_stream, get_codec
 from exfilguard.errors import ConfigError, Desync, FrameCorrupt, ModelMismatch
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "smollm2_corpus_dev.jsonl"
 PROMPT = [1, 9690, 198]
 VOCAB = 300
 MODEL = FakeModel(vocab=VOCAB)
@@ -90,11 +88,9 @@ def test_teacher_forced_encoder_with_exact_table_model_uses_the_table():
 
 
 @pytest.mark.parametrize("name", ["zstd", "zstd-dict"])
-def test_zstd_text_roundtrip_or_desync(name):
+def test_zstd_text_roundtrip_or_desync(name, dev_corpus):
     """Text codecs: every corpus row decodes to the same ids or is reported, never wrong."""
-    if not CORPUS.is_file():
-        pytest.skip("corpus not available")
-    rows = [json.loads(line) for line in CORPUS.open()][:40]
+    rows = [json.loads(line) for line in dev_corpus.open()][:40]
     c = codec(name)
     ok = 0
     for r in rows:

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from exfilguard.errors import ConfigError
 from exfilguard.models import load_model
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "smollm2_corpus_dev.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +24,11 @@ def test_tiny_random_fingerprint_is_stable_across_processes(tiny):
     assert len(tiny.fingerprint) == 64
 
 
-def test_tokenizer_reproduces_corpus_prompt_ids():
-    if not CORPUS.is_file():
-        pytest.skip("corpus not available")
+def test_tokenizer_reproduces_corpus_prompt_ids(dev_corpus):
     from exfilguard.models.hf import load_tokenizer
 
     tok = load_tokenizer()
-    rows = [json.loads(line) for _, line in zip(range(30), CORPUS.open())]
+    rows = [json.loads(line) for _, line in zip(range(30), dev_corpus.open())]
     for r in rows:
         ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
