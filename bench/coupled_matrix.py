@@ -42,10 +42,10 @@ def main() -> None:
     strong = load_model(args.strong)
     weaks = {spec: (strong if spec == args.strong else load_model(spec)) for spec in args.weak}
     log(f"loaded {args.strong} and {len(weaks)} weak models")
+    prompts = load_prompts(args.prompts, args.limit)
     results: dict[str, dict[str, dict]] = {}
     for t in args.temperature:
         cfg = CoupledBenchConfig(args.strong, args.weak[0], args.prompts, args.limit, args.max_tokens, t, 1.0, args.seed)
-        prompts = load_prompts(args.prompts, args.limit)
         gens = generate_all(strong, prompts, cfg)
         log(f"T={t}: generated {sum(len(g[0]) for g in gens)} tokens")
         results[str(t)] = {}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_gumbel import chi2_pvalue
 
 from exfilguard.codec import codec_ids, get_codec
-from exfilguard.codec.coupled import COUPLED_CODEC_ID, CoupledCodec, perturbed_scores, position_levels
+from exfilguard.codec.coupled import COUPLED_CODEC_ID, CoupledCodec, coupled_scores, position_levels
 from exfilguard.codec.gumbel import sample_token, tempered_logprobs
 from exfilguard.codec.stream import Decoder, Encoder, decode_stream, encode_stream
 from exfilguard.errors import ConfigError, Desync, FrameCorrupt, ModelMismatch, RequestInvalid
@@ -219,15 +219,15 @@ def test_same_seed_same_tokens_different_seed_differs() -> None:
     assert generate(strong, 30, 1.0, 3) != generate(strong, 30, 1.0, 4)
 
 
-def test_perturbed_scores_levels_stable_under_float_noise() -> None:
+def test_coupled_scores_levels_stable_under_float_noise() -> None:
     """Noise of 1e-5 in the weak logits changes a position's coded levels only rarely."""
     rng = np.random.default_rng(0)
     changed = 0
     for pos in range(200):
         row = (rng.standard_normal(5000) * 3).astype(np.float32)
         noisy = row + (rng.standard_normal(5000) * 1e-5).astype(np.float32)
-        a = position_levels(perturbed_scores(row, 0.7, 11, pos))
-        b = position_levels(perturbed_scores(noisy, 0.7, 11, pos))
+        a = position_levels(coupled_scores(row, 0.7, 11, pos))
+        b = position_levels(coupled_scores(noisy, 0.7, 11, pos))
         changed += not (np.array_equal(a.ids[:16], b.ids[:16]) and np.array_equal(a.d[:16], b.d[:16]))
     assert changed <= 4
 
@@ -377,8 +377,8 @@ def test_mix_tables_are_exact_distributions(vocab: int, sharp: float, temperatur
         if mode < PLAIN:
             assert d.position(int(pos.ids[0])) == 0  # the weak model's guess is coded first
             lam = LAMBDAS[mode] / 256
-            k, w1, _ = _stage1_weights(pos, mode)
-            pd = pos.plain_dist()
+            k, w1 = _stage1_weights(pos, mode)
+            pd = pos.plain_dist
             for slot in range(min(k, 5)):
                 tok = int(pos.ids[slot])
                 r1 = (int(w1[slot]) + 1) / Q.TOTAL

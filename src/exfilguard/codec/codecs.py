@@ -227,7 +227,23 @@ class CodecStats:
     tokens: int = 0
 
 
-class _ModelState(CodecState):
+class WeakModelState(CodecState):
+    """Per-stream state of a codec that runs the weak model (`model`, `coupled`)."""
+
+    codec: Any  # with a `teacher_forced` flag
+    model: Any
+    prompt: list[int]
+    _teacher_forced: bool | None = None  # decided on first use
+
+    def _use_teacher_forced(self) -> bool:
+        """The codec's teacher_forced flag, unless the weak model has an exact integer table
+        (n-gram): only the incremental session gives that table, and the decoder codes with it."""
+        if self._teacher_forced is None:
+            self._teacher_forced = bool(self.codec.teacher_forced) and self.model.session(self.prompt[:1]).frequencies() is None
+        return self._teacher_forced
+
+
+class _ModelState(WeakModelState):
     """Range coding under the weak model; history = prompt + every true token so far."""
 
     def __init__(self, codec: "ModelCodec", prompt_ids: Sequence[int]):
@@ -241,7 +257,6 @@ class _ModelState(CodecState):
         self._session_len = 0  # tokens of history the session has read
         self._pending: list[int] = []  # tokens fed lazily, right before the next logits
         self._levels: list[Q.Levels | np.ndarray] = []  # encoder: per pushed token, not yet coded
-        self._exact: bool | None = None  # does the weak model give an exact integer table?
 
     # -- the weak model, always through the incremental path unless told otherwise
     def _ensure_session(self, upto: list[int]) -> Any:
@@ -268,15 +283,6 @@ class _ModelState(CodecState):
         return out
 
     # -- encoder
-    def _use_teacher_forced(self) -> bool:
-        """teacher_forced, unless the weak model has an exact integer table (n-gram): only the
-        incremental session gives that table, and the decoder codes with it."""
-        if not self.codec.teacher_forced:
-            return False
-        if self._exact is None:
-            self._exact = self.model.session(self.prompt[:1]).frequencies() is not None
-        return not self._exact
-
     def observe(self, token: int) -> None:
         if self._use_teacher_forced():
             return

@@ -34,13 +34,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
 
 from exfilguard.codec import quantizer as Q
-from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, register_codec
+from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState, register_codec
 from exfilguard.codec.gumbel import gumbel_noise, validate_seed
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.errors import ConfigError, FrameCorrupt, RequestInvalid
@@ -54,7 +54,7 @@ PRECISION = Q.PRECISION
 TOTAL = Q.TOTAL
 _SCALE = TOTAL - KMAX - 2  # room for +1 per active entry and an escape >= 1
 BONUS = 1  # extra weight of the argmax of the perturbed scores (the predicted token)
-ESCAPE_MIN = TOTAL >> 11  # stage 1 alone: its escape never costs more than 11 bits
+ESCAPE_MIN = TOTAL >> 11  # stage-1 mass held back (from the first, escape-based design; changing it changes the coded bits)
 # Record param (3 bits) -> a mode. Modes 0..6 code each token under the mixture
 #     LAMBDAS[m]/256 * stage1(tau = TAUS[m]) + (1 - LAMBDAS[m]/256) * plain
 # where stage 1 is the sharp table over the perturbed scores (in logit units: logits + T*G, so
@@ -97,19 +97,12 @@ def _logit_row(logits: np.ndarray) -> np.ndarray:
     return row.astype(np.float64)
 
 
-def perturbed_scores(logits: np.ndarray, temperature: float, seed: int, position: int) -> np.ndarray:
-    """s = logits / T + G(seed, position) in float64 (T <= 0: the logits, no noise)."""
-    row = _logit_row(logits)
-    if temperature <= 0.0:
-        return row
-    return row / float(temperature) + gumbel_noise(seed, position, row.size)
-
-
 def coupled_scores(logits: np.ndarray, temperature: float, seed: int, position: int) -> np.ndarray:
     """logits + T * G(seed, position) in float64 (T <= 0: the logits, no noise).
 
-    T times perturbed_scores, so the same argmax (the weak model's guess); in logit units, so
-    one stage-1 tau fits every temperature (it is the scale of the strong/weak disagreement)."""
+    T times logits / T + G, so the same argmax as the sampler's (the weak model's guess); in
+    logit units, so one stage-1 tau fits every temperature (it is the scale of the strong/weak
+    disagreement)."""
     row = _logit_row(logits)
     if temperature <= 0.0:
         return row
@@ -122,17 +115,18 @@ class Position:
 
     ids: np.ndarray  # int64: the argmax, then the other candidates by (d, id); d <= widest depth
     d: np.ndarray  # int64 levels below the top, non-decreasing
-    scores: np.ndarray  # float64 [vocab] perturbed scores, for the stage-2 table
-    plain: np.ndarray  # float32 [vocab] weak logits / T without noise, for the PLAIN mode
+    plain: np.ndarray  # float32 [vocab] weak logits / T without noise, for the plain table
     freqs: np.ndarray | None = None  # the weak model's exact integer table (n-gram), if any
 
+    @cached_property
     def plain_dist(self) -> Q.QuantizedDist:
-        """PLAIN mode's table: the model codec's exact one where the model has it."""
+        """The plain table: the model codec's (exact for an n-gram). Built once per position:
+        every mode's table mixes it in, and the encoder prices every mode."""
         return Q.from_frequencies(self.freqs) if self.freqs is not None else Q.quantize(self.plain, 0)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.scores.size)
+        return int(self.plain.size)
 
 
 def position_levels(scores: np.ndarray, plain: np.ndarray | None = None, freqs: np.ndarray | None = None) -> Position:
@@ -153,7 +147,7 @@ def position_levels(scores: np.ndarray, plain: np.ndarray | None = None, freqs: 
     if at:
         ids = np.concatenate(([best], np.delete(ids, at)))
         d = np.concatenate(([d[at]], np.delete(d, at)))
-    return Position(ids=ids, d=d, scores=s, plain=np.asarray(s if plain is None else plain, dtype=np.float32), freqs=freqs)
+    return Position(ids=ids, d=d, plain=np.asarray(s if plain is None else plain, dtype=np.float32), freqs=freqs)
 
 
 def _round_up_bits(z: int, bits: int = ZQ_BITS) -> int:
@@ -164,8 +158,8 @@ def _round_up_bits(z: int, bits: int = ZQ_BITS) -> int:
     return ((z >> shift) + 1) << shift
 
 
-def _stage1_weights(pos: Position, tau_index: int) -> tuple[int, np.ndarray, int]:
-    """(active count k, frequency - 1 per active entry, escape frequency - 1)."""
+def _stage1_weights(pos: Position, tau_index: int) -> tuple[int, np.ndarray]:
+    """(active count k, frequency - 1 per active entry) of the stage-1 table out of 2**24."""
     table = exp_table(tau_index)
     k = int(np.searchsorted(pos.d, depth_levels(tau_index), side="right"))
     e = table[pos.d[:k]]
@@ -174,8 +168,7 @@ def _stage1_weights(pos: Position, tau_index: int) -> tuple[int, np.ndarray, int
     # by less than a rounding step, so the other entries keep their frequencies.
     zq = _round_up_bits(int(e.sum()))
     w = (e * (_SCALE - ESCAPE_MIN)) // zq
-    escape = TOTAL - (k + 1) - int(w.sum())
-    return k, w, escape
+    return k, w
 
 
 def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
@@ -187,8 +180,8 @@ def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
     table whenever they got the same grid cells; the total is exactly 2**PRECISION."""
     if not 0 <= mode < PLAIN:
         raise ValueError(f"mixture mode must be in 0..{PLAIN - 1}")
-    k, w1, _ = _stage1_weights(pos, mode)
-    plain = pos.plain_dist()
+    k, w1 = _stage1_weights(pos, mode)
+    plain = pos.plain_dist
     vocab = pos.vocab_size
     # Plain frequency per token id; a token in the plain table's tail gets its share of the
     # plain escape (what the plain table would charge it), so listing it in stage 1 never
@@ -212,7 +205,7 @@ def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
 def token_cost_bits(pos: Position, token: int) -> np.ndarray:
     """Exact coding cost of `token` in every mode (bits), for choosing the mode per chunk."""
     out = np.empty(len(TAUS) + 1)
-    out[PLAIN] = pos.plain_dist().cost_bits(token)
+    out[PLAIN] = pos.plain_dist.cost_bits(token)
     for m in range(len(TAUS)):
         out[m] = mix_dist(pos, m).cost_bits(token)
     return out
@@ -220,10 +213,10 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
 
 def mode_dist(pos: Position, mode: int) -> Q.QuantizedDist:
     """The table a token is coded under in this mode."""
-    return pos.plain_dist() if mode == PLAIN else mix_dist(pos, mode)
+    return pos.plain_dist if mode == PLAIN else mix_dist(pos, mode)
 
 
-class _CoupledState(CodecState):
+class _CoupledState(WeakModelState):
     """Per-stream state: the weak model's session over prompt + true history, and positions."""
 
     def __init__(self, codec: "CoupledCodec", prompt_ids: Sequence[int]):
@@ -236,7 +229,6 @@ class _CoupledState(CodecState):
         self._session: Any = None
         self._pending: list[int] = []  # tokens to feed before the next logits
         self._rows: list[Position] = []  # encoder: one per pushed, not yet coded token
-        self._exact: bool | None = None  # does the weak model give an exact integer table?
 
     def _position(self, index: int) -> Position:
         """Perturbed-score levels before generated token number `index` (incremental path)."""
@@ -263,15 +255,8 @@ class _CoupledState(CodecState):
         c.stats.codec_s += time.perf_counter() - t1
         return pos
 
-    def _teacher_forced_rows(self, tokens: list[int]) -> list[Position] | None:
-        """One batched pass over a chunk (encoder only); None for exact-table models, whose
-        integer table only the incremental session gives."""
-        if not self.codec.teacher_forced:
-            return None
-        if self._exact is None:
-            self._exact = self.model.session(self.prompt[:1]).frequencies() is not None
-        if self._exact:
-            return None
+    def _teacher_forced_rows(self, tokens: list[int]) -> list[Position]:
+        """One batched pass over a chunk (encoder only)."""
         t0 = time.perf_counter()
         logits = self.model.score_fast(self.prompt + self.history, tokens)
         self.codec.stats.model_s += time.perf_counter() - t0
@@ -279,7 +264,7 @@ class _CoupledState(CodecState):
 
     # -- encoder
     def observe(self, token: int) -> None:
-        if self.codec.teacher_forced:
+        if self._use_teacher_forced():
             return
         self._rows.append(self._position(len(self.history) + len(self._rows)))
         self._pending.append(int(token))
@@ -289,13 +274,13 @@ class _CoupledState(CodecState):
         for tok in tokens:
             if not 0 <= tok < self.model.vocab_size:
                 raise ValueError(f"token id {tok} is outside the weak model's vocabulary")
-        rows = self._teacher_forced_rows(tokens)
-        if rows is None:
-            if len(self._rows) != len(tokens):  # tokens pushed without observe(), or exact table
+        if self._use_teacher_forced():
+            rows = self._teacher_forced_rows(tokens)
+        else:
+            if len(self._rows) != len(tokens):  # tokens pushed without observe()
                 self._rows = []
                 for tok in tokens:
-                    self._rows.append(self._position(len(self.history) + len(self._rows)))
-                    self._pending.append(tok)
+                    self.observe(tok)
             rows, self._rows = self._rows, []
         t0 = time.perf_counter()
         tau = self.codec.tau
