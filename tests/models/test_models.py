@@ -50,3 +50,18 @@ def test_unknown_spec_is_a_config_error():
         load_model("no-such-model")
     with pytest.raises(ConfigError):
         load_model("hf:/no/such/path")
+
+
+@pytest.mark.parametrize("spec, kind", [("ngram", "n-gram"), ("student", "student")])
+def test_bad_weak_model_files_name_the_file_and_kind(tmp_path, spec, kind):
+    """Not an .npz, or an .npz of another format: a ConfigError naming the file and the kind."""
+    from exfilguard.models.specs import load_model
+
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(ConfigError, match=f"{junk}: not an exfilguard {kind} file"):
+        load_model(f"{spec}:{junk}")
+    other = tmp_path / "other.npz"
+    np.savez(other, meta=np.frombuffer(json.dumps({"format": "something-else"}).encode(), dtype=np.uint8))
+    with pytest.raises(ConfigError, match=f"unknown {kind} format 'something-else'"):
+        load_model(f"{spec}:{other}")

@@ -32,6 +32,7 @@ import numpy as np
 from exfilguard.errors import ConfigError
 from exfilguard.models.base import LanguageModel, ModelInfo, Session
 from exfilguard.models.fingerprint import fingerprint
+from exfilguard.models.npzfile import read_model_npz
 
 FORMAT = "exfilguard-ngram-v1"
 SCALE_BITS = 30
@@ -248,26 +249,19 @@ def train_ngram(
 
 def load_ngram(path: str | Path, spec: str | None = None) -> NGramModel:
     """Load a model written by NGramModel.save (exfilguard distill --kind ngram)."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not an exfilguard n-gram file ({exc})") from exc
-    with z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        if meta.get("format") != FORMAT:
-            raise ConfigError(f"{path}: unknown n-gram format {meta.get('format')!r}")
-        order = int(meta["order"])
-        levels = []
-        for k in range(order):
-            keys, offsets = z[f"{k}.keys"], z[f"{k}.offsets"]
-            next_ids = z[f"{k}.next_ids"].astype(np.int32)
-            counts = z[f"{k}.counts"].astype(np.int64)
-            disc = z[f"{k}.discounts"].astype(np.int64)
-            starts = offsets[:-1]
-            totals = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0, np.int64)
-            per = disc[np.minimum(counts, 3) - 1]
-            backoff = np.add.reduceat(per, starts) if len(starts) else np.zeros(0, np.int64)
-            levels.append(_Level(keys.astype(np.uint64), offsets.astype(np.int64), next_ids, counts, totals, backoff, disc))
+    meta, z = read_model_npz(path, "n-gram", FORMAT)
+    order = int(meta["order"])
+    levels = []
+    for k in range(order):
+        keys, offsets = z[f"{k}.keys"], z[f"{k}.offsets"]
+        next_ids = z[f"{k}.next_ids"].astype(np.int32)
+        counts = z[f"{k}.counts"].astype(np.int64)
+        disc = z[f"{k}.discounts"].astype(np.int64)
+        starts = offsets[:-1]
+        totals = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0, np.int64)
+        per = disc[np.minimum(counts, 3) - 1]
+        backoff = np.add.reduceat(per, starts) if len(starts) else np.zeros(0, np.int64)
+        levels.append(_Level(keys.astype(np.uint64), offsets.astype(np.int64), next_ids, counts, totals, backoff, disc))
     return NGramModel(spec or f"ngram:{path}", order, levels, int(meta["vocab_size"]))
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from exfilguard.errors import ConfigError
 from exfilguard.models.base import LanguageModel, ModelInfo, Session
 from exfilguard.models.fingerprint import fingerprint
+from exfilguard.models.npzfile import read_model_npz
 
 FORMAT = "exfilguard-student-v1"
 # Bumped when the incremental inference code changes in a way that can change bits.
@@ -230,15 +231,7 @@ class StudentModel(LanguageModel):
 
 def load_student(path: str | Path, spec: str | None = None, device: str = "cpu") -> StudentModel:
     """Load a student written by save_student (exfilguard distill --kind student)."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not an exfilguard student file ({exc})") from exc
-    with z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        if meta.get("format") != FORMAT:
-            raise ConfigError(f"{path}: unknown student format {meta.get('format')!r}")
-        arrays = {k: z[k] for k in z.files if k != "meta"}
+    meta, arrays = read_model_npz(path, "student", FORMAT)
     net = Student(StudentConfig(**meta["config"]))
     state = {k: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items()}
     missing = set(net.state_dict()) ^ set(state)
