@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -30,29 +34,37 @@ def bench_codec(
     from exfilguard.codec.bench import BenchConfig, run
 
     cfg = BenchConfig(corpus, weak, limit, codec or None, flush_every, encoder, encode_threads, decode_threads, decode_limit)
+    with progress_reporter(as_json) as progress:
+        result = run(cfg, progress)
     if as_json:
-        import sys
-        import time
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
 
+    _print_table(Console(), result)
+
+
+@contextmanager
+def progress_reporter(plain: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress(name, done, total) callback for long benchmarks: timestamped lines on stderr
+    when stdout carries JSON (`plain`), else a transient rich progress bar."""
+    if plain:
         t0 = time.perf_counter()
 
         def log(name: str, done: int, total: int) -> None:
             print(f"[{time.perf_counter() - t0:7.1f}s] {name} {done}/{total}", file=sys.stderr, flush=True)
 
-        result = run(cfg, log)
-        typer.echo(json.dumps(result, indent=2))
+        yield log
         return
-    from rich.console import Console
     from rich.progress import Progress
 
     with Progress(transient=True) as prog:
-        task = prog.add_task("coding", total=None)
+        task = prog.add_task("working", total=None)
 
-        def progress(name: str, done: int, total: int) -> None:
+        def update(name: str, done: int, total: int) -> None:
             prog.update(task, description=f"{name} {done}/{total}", completed=done, total=total)
 
-        result = run(cfg, progress)
-    _print_table(Console(), result)
+        yield update
 
 
 def _print_table(console: "object", result: dict) -> None:

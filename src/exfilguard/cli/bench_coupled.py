@@ -28,7 +28,10 @@ def add_commands(bench: typer.Typer) -> None:
         from exfilguard.codec.coupled_bench import CoupledBenchConfig, run
 
         cfg = CoupledBenchConfig(strong, weak, prompts, limit, max_tokens, temperature, top_p, seed)
-        result = run(cfg)
+        from exfilguard.cli.bench import progress_reporter
+
+        with progress_reporter(as_json) as progress:
+            result = run(cfg, progress)
         if as_json:
             keys = ("tokens", "codecs", "kl_bits_per_token", "cross_entropy_bits_per_token", "agreement")
             typer.echo(json.dumps({k: result[k] for k in keys}))

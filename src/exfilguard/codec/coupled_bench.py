@@ -95,14 +95,18 @@ def _ideal(strong_logits: np.ndarray, weak_logits: np.ndarray, toks: Sequence[in
     return kl, ce
 
 
-def generate_all(strong: Any, prompts: Sequence[Sequence[int]], cfg: CoupledBenchConfig) -> list[tuple[list[int], np.ndarray, int]]:
-    """(tokens, strong logits, seed) of each prompt's seeded generation."""
+def generate_all(
+    strong: Any, prompts: Sequence[Sequence[int]], cfg: CoupledBenchConfig, progress: Callable[[str, int, int], None] | None = None
+) -> list[tuple[list[int], np.ndarray, int]]:
+    """(tokens, strong logits, seed) of each prompt's seeded generation (seed = cfg.seed + i)."""
     base_seed = validate_seed(cfg.seed)
     out = []
     for i, prompt in enumerate(prompts):
         seed = (base_seed + i) % (1 << 64)
         toks, logits = generate(strong, prompt, cfg, seed)
         out.append((toks, logits, seed))
+        if progress is not None:
+            progress("generating", i + 1, len(prompts))
     return out
 
 
@@ -121,7 +125,7 @@ def run(
     (bench/coupled_matrix.py)."""
     from exfilguard.models.specs import load_model
 
-    base_seed = validate_seed(cfg.seed)
+    validate_seed(cfg.seed)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     if not prompts:
         raise ConfigError(f"{cfg.prompts} holds no prompts")
@@ -138,14 +142,11 @@ def run(
     secs = {"generate": 0.0, "model": 0.0, "coupled": 0.0}
     tokens = 0
     kl = ce = 0.0
-    for i, prompt in enumerate(prompts):
-        if generations is not None:
-            toks, strong_logits, seed = generations[i]
-        else:
-            seed = (base_seed + i) % (1 << 64)
-            t0 = time.perf_counter()
-            toks, strong_logits = generate(strong, prompt, cfg, seed)
-            secs["generate"] += time.perf_counter() - t0
+    if generations is None:
+        t0 = time.perf_counter()
+        generations = generate_all(strong, prompts, cfg, progress)
+        secs["generate"] = time.perf_counter() - t0
+    for i, (prompt, (toks, strong_logits, seed)) in enumerate(zip(prompts, generations)):
         tokens += len(toks)
         k, c = _ideal(strong_logits, weak.score_fast(prompt, toks), toks, cfg.temperature, cfg.top_p)
         kl, ce = kl + k, ce + c
@@ -160,7 +161,7 @@ def run(
                 ok[name] = False
             secs[name] += time.perf_counter() - t0
         if progress is not None:
-            progress("generations", i + 1, len(prompts))
+            progress("coding", i + 1, len(prompts))
     n = max(tokens, 1)
     return {
         "tokens": tokens,

@@ -375,12 +375,12 @@ def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int
     key = new_api_key(ddir)
     keys = read_api_keys(ddir / "api-keys")
     signing_key = meter_signing_key(ddir)
+    ledger_url = f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}"
     config.model_name = strong_spec if not strong_spec.startswith("openai:") else "exfilguard"
 
     async def main() -> None:
         inside = await start_inside(make_backend(strong), codecs, tok, vocab)
-        meter = MeterProcess(inside.port, f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", cap,
-                             signing_key=signing_key)
+        meter = MeterProcess(inside.port, ledger_url, cap, signing_key=signing_key)
         await asyncio.to_thread(meter.start)
         outside = None
         try:
@@ -390,7 +390,7 @@ def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int
             print(f"API key: {key}", flush=True)
             print(f"strong {strong_spec}, weak {weak_spec}, cap {cap} bytes, ledger {ddir / 'ledger.sqlite'} "
                   f"(tree heads signed with {signing_key}; audit: exfilguard ledger verify --ledger "
-                  f"sqlite:///{(ddir / 'ledger.sqlite').resolve()} --public-key {signing_key}.pub); Ctrl-C stops", flush=True)
+                  f"{ledger_url} --public-key {signing_key}.pub); Ctrl-C stops", flush=True)
             await _wait_for_signal()
         finally:
             print("stopping: outside, meter, inside", flush=True)
