@@ -4,6 +4,7 @@
     hf:PATH[?gguf=FILE]    a Hugging Face causal LM on disk
     tiny-random            a deterministic random-init tiny Llama with SmolLM2's tokenizer (tests)
     ngram:PATH, student:PATH, default   weak models made by `exfilguard distill`
+    match:SPEC             SPEC mixed with the match model (models/match.py), e.g. match:default
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> Lan
     if spec == "tiny-random":
         return hf.tiny_random(options)
     kind, sep, rest = spec.partition(":")
+    if sep and kind == "match":
+        from exfilguard.models.match import MatchModel
+
+        if not rest or rest.startswith("match:"):
+            raise ConfigError(f"model spec {spec!r}: expected match:SPEC with SPEC a model that is not itself match:")
+        return MatchModel(load_model(rest, device=device, dtype=dtype), spec=spec)
     if sep and kind == "hf":
         path, _, query = rest.partition("?")
         gguf = parse_qs(query).get("gguf", [None])[0]
@@ -76,7 +83,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> Lan
         if not Path(rest).exists():
             raise ConfigError(f"model spec {spec!r}: no such file {rest}")
         return _EXTRA_KINDS[kind](rest, options)
-    known = ["smollm2", "hf:PATH[?gguf=FILE]", "tiny-random"] + [f"{k}:PATH" for k in sorted(_EXTRA_KINDS) if k != "default"]
+    known = ["smollm2", "hf:PATH[?gguf=FILE]", "tiny-random"] + [f"{k}:PATH" for k in sorted(_EXTRA_KINDS) if k != "default"] + ["match:SPEC"]
     if "default" in _EXTRA_KINDS:
         known.append("default")
     raise ConfigError(f"unknown model spec {spec!r}; expected one of: {', '.join(known)}")
