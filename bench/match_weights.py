@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from exfilguard.models import load_model
 from exfilguard.models import match as M
-from exfilguard.models.distill import read_corpus
+from exfilguard.models.distill import first_per_temperature, read_corpus
 
 LN2 = math.log(2)
 
@@ -46,17 +46,6 @@ def bits(rec, weights):
     w = np.where(b >= 0, np.asarray(weights, dtype=float)[np.maximum(b, 0)] / 256, 0.0)
     p = (1 - w) * np.exp(lq) + w * hit
     return float(-np.log(p).sum() / LN2 / len(rec))
-
-
-def first_per_temperature(rows, n):
-    """The first n rows of each temperature (all of them when n is 0)."""
-    seen: dict[float, int] = {}
-    out = []
-    for r in rows:
-        seen[r.temperature] = seen.get(r.temperature, 0) + 1
-        if not n or seen[r.temperature] <= n:
-            out.append(r)
-    return out
 
 
 def hit_rates(rows):

@@ -11,7 +11,7 @@ import argparse
 import time
 
 from exfilguard.models import load_model
-from exfilguard.models.distill import evaluate, format_table, read_corpus
+from exfilguard.models.distill import evaluate, first_per_temperature, format_table, read_corpus
 
 
 def main() -> None:
@@ -21,10 +21,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device for transformer models (the n-gram is CPU)")
     ap.add_argument("--limit", type=int, default=0, help="first N dev rows per temperature (0: all)")
     args = ap.parse_args()
-    rows = read_corpus([args.dev])
-    if args.limit:
-        kept: dict[float, int] = {}
-        rows = [r for r in rows if kept.setdefault(r.temperature, 0) < args.limit and not kept.__setitem__(r.temperature, kept[r.temperature] + 1)]
+    rows = first_per_temperature(read_corpus([args.dev]), args.limit)
     table = {}
     for spec in args.model:
         t0 = time.time()

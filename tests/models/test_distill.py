@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from exfilguard.models.distill import Row, TrainConfig, evaluate, read_corpus, train_student, write_corpus
+from exfilguard.models.distill import Row, TrainConfig, evaluate, first_per_temperature, read_corpus, train_student, write_corpus
 from exfilguard.models.student import load_student
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,3 +112,10 @@ def test_cli_end_to_end_student(tmp_path, slice20):
     assert load_student(out).info.vocab_size == 49152
     rows = [json.loads(x) for x in open(slice20)]
     assert len(rows) == 20
+
+
+def test_first_per_temperature_keeps_order_and_counts_each_temperature():
+    rows = [Row((1,), (i,), t) for i, t in enumerate([0.0, 0.7, 0.0, 1.0, 0.0, 0.7, 0.7])]
+    kept = first_per_temperature(rows, 2)
+    assert [r.token_ids[0] for r in kept] == [0, 1, 2, 3, 5]
+    assert first_per_temperature(rows, 0) == rows

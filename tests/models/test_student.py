@@ -58,10 +58,18 @@ def test_unknown_file_is_a_config_error(tmp_path):
 
 
 @pytest.mark.skipif(not DEFAULT_STUDENT.is_file(), reason="the shipped student is missing")
-def test_default_spec_loads_the_shipped_student():
+def test_default_spec_is_the_shipped_student_with_the_match_model():
+    from exfilguard.models.match import MatchModel
+
     m = load_model("default")
-    assert m.info.spec == "default"
-    s = m.session([1, 9690, 198])
-    lg = s.logits()
+    bare = load_model(f"student:{DEFAULT_STUDENT}")
+    assert m.info.spec == "default" and isinstance(m, MatchModel)
+    assert m.fingerprint == MatchModel(bare).fingerprint != bare.fingerprint
+    assert m.inner.net.num_params() > 5_000_000
+    # "a b c a b" predicts "c": the mixture lifts it above what the bare student gives it
+    prompt = [1, 9690, 198, 4000, 4001, 4002, 4000, 4001]
+    lg, lb = m.session(prompt).logits(), bare.session(prompt).logits()
     assert lg.shape == (49152,) and np.isfinite(lg).all()
-    assert m.net.num_params() > 5_000_000
+    p = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
+    pb = np.exp(lb - lb.max()) / np.exp(lb - lb.max()).sum()
+    assert p[4002] > pb[4002] and p[4002] >= 0.18

@@ -59,6 +59,17 @@ def read_corpus(paths: Sequence[str | Path], limit: int | None = None) -> list[R
     return rows
 
 
+def first_per_temperature(rows: Sequence[Row], n: int) -> list[Row]:
+    """The first n rows of each temperature, in order (all rows when n is 0)."""
+    seen: dict[float, int] = {}
+    out = []
+    for r in rows:
+        seen[r.temperature] = seen.get(r.temperature, 0) + 1
+        if not n or seen[r.temperature] <= n:
+            out.append(r)
+    return out
+
+
 def write_corpus(rows: Iterable[Row], path: str | Path) -> None:
     opener: Callable[..., Any] = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as fh:

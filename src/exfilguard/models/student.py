@@ -256,7 +256,12 @@ def _default_loader(path: str, options: Any) -> LanguageModel:
         raise ConfigError(
             f"the default student is missing ({DEFAULT_STUDENT}); remake it with the command in docs/distill.md"
         )
-    return load_student(DEFAULT_STUDENT, "default", getattr(options, "device", "cpu"))
+    from exfilguard.models.match import MatchModel
+
+    # `default` is the shipped student mixed with the match model (docs/distill.md has the
+    # figures); the bare student stays reachable as student:PATH.
+    inner = load_student(DEFAULT_STUDENT, f"student:{DEFAULT_STUDENT}", getattr(options, "device", "cpu"))
+    return MatchModel(inner, spec="default")
 
 
 def _register() -> None:
