@@ -3,7 +3,8 @@
 Answers repeat themselves and their prompt: names, code identifiers, list scaffolding, and in
 greedy output whole sentences. A small student sees a topic it was never trained on and does
 not copy well; a match model does nothing else. Spec `match:SPEC` wraps any model spec
-(`match:default`, `match:ngram:PATH`, ...).
+(`match:ngram:PATH`, `match:student:PATH`, ...; the spec `default` is `match:` over the
+shipped student).
 
 At each position the predictor looks up the most recent earlier occurrence of the last
 MIN_MATCH tokens of the history (prompt + generated so far) and predicts the token that followed

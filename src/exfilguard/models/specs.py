@@ -67,9 +67,13 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> Lan
     if sep and kind == "match":
         from exfilguard.models.match import MatchModel
 
-        if not rest or rest.startswith("match:"):
-            raise ConfigError(f"model spec {spec!r}: expected match:SPEC with SPEC a model that is not itself match:")
-        return MatchModel(load_model(rest, device=device, dtype=dtype), spec=spec)
+        inner = load_model(rest, device=device, dtype=dtype) if rest else None
+        if inner is None or isinstance(inner, MatchModel):
+            raise ConfigError(
+                f"model spec {spec!r}: expected match:SPEC with SPEC a model without the match model "
+                "(`default` already has it: use match:student:PATH or plain `default`)"
+            )
+        return MatchModel(inner, spec=spec)
     if sep and kind == "hf":
         path, _, query = rest.partition("?")
         gguf = parse_qs(query).get("gguf", [None])[0]
