@@ -1,7 +1,7 @@
 """The match model's per-length weights from a corpus, and what the mixture buys.
 
     python bench/match_weights.py --fit data/smollm2_train.jsonl.gz \
-        --eval ../shared/data/smollm2_corpus_dev.jsonl --model student:src/exfilguard/data/default_student/student.npz
+        --eval ../shared/data/smollm2_corpus_dev.jsonl [--speed 2000] [--model SPEC]
 
 Prints the hit rate h_L of the match prediction per length bucket on the --fit corpus (no model
 needed: it is a property of the text), the weights round(256 h_L^2) (copy them into
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import numpy as np
 import torch
@@ -48,6 +49,23 @@ def bits(rec, weights):
     return float(-np.log(p).sum() / LN2 / len(rec))
 
 
+def speed(model, rows, n):
+    """Incremental (the codec's path) tokens/s of `model` alone and mixed, over n dev tokens."""
+    out = []
+    for m in (model, M.MatchModel(model)):
+        done, t0 = 0, time.perf_counter()
+        for r in rows:
+            s = m.session(r.prompt_ids)
+            for t in r.token_ids[: n - done]:
+                s.logits()
+                s.feed(t)
+                done += 1
+            if done >= n:
+                break
+        out.append(done / (time.perf_counter() - t0))
+    return out
+
+
 def hit_rates(rows):
     """Per length bucket, how often the match prediction is the next generated token."""
     hits, total = np.zeros(len(M.EDGES)), np.zeros(len(M.EDGES))
@@ -68,6 +86,7 @@ def main() -> None:
     ap.add_argument("--eval", required=True, help="corpus to measure on (the dev file)")
     ap.add_argument("--eval-limit", type=int, default=0, help="first N rows per temperature (0: all)")
     ap.add_argument("--model", default="student:src/exfilguard/data/default_student/student.npz")
+    ap.add_argument("--speed", type=int, default=0, help="also time N incremental steps alone and mixed")
     args = ap.parse_args()
     rates, total = hit_rates(read_corpus([args.fit]))
     print("length buckets from", M.EDGES)
@@ -76,7 +95,12 @@ def main() -> None:
     print("weights round(256 h^2) =", tuple(int(round(256 * h * h)) for h in rates))
     print("shipped WEIGHTS        =", M.WEIGHTS)
     model = load_model(args.model)
-    rec = collect(model, first_per_temperature(read_corpus([args.eval]), args.eval_limit), "eval")
+    rows = first_per_temperature(read_corpus([args.eval]), args.eval_limit)
+    if args.speed:
+        alone, mixed = speed(model, rows, args.speed)
+        print(f"incremental: {alone:.1f} tok/s alone, {mixed:.1f} tok/s with the match model "
+              f"(+{1000 / mixed - 1000 / alone:.2f} ms/token)")
+    rec = collect(model, rows, "eval")
     print(f"| T | tokens | {args.model} | with the match model |\n| --- | --- | --- | --- |")
     for temp in sorted(set(rec[:, 3])):
         r = rec[rec[:, 3] == temp]
