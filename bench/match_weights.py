@@ -33,12 +33,9 @@ def collect(model, rows, desc):
         if not r.token_ids:
             continue
         lg = torch.log_softmax(torch.from_numpy(model.score_fast(r.prompt_ids, r.token_ids)).double(), -1).numpy()
-        pred = M.MatchPredictor(r.prompt_ids)
-        for i, t in enumerate(r.token_ids):
-            tok, length = pred.predict()
+        for i, (t, (tok, length)) in enumerate(zip(r.token_ids, M.predictions(r.prompt_ids, r.token_ids))):
             b = M.bucket(length) if tok >= 0 else -1
             out.append((lg[i, t], b, float(tok == t), r.temperature))
-            pred.feed(t)
     return np.array(out)
 
 
@@ -70,13 +67,10 @@ def hit_rates(rows):
     """Per length bucket, how often the match prediction is the next generated token."""
     hits, total = np.zeros(len(M.EDGES)), np.zeros(len(M.EDGES))
     for r in rows:
-        pred = M.MatchPredictor(r.prompt_ids)
-        for t in r.token_ids:
-            tok, length = pred.predict()
+        for t, (tok, length) in zip(r.token_ids, M.predictions(r.prompt_ids, r.token_ids)):
             if tok >= 0:
                 total[M.bucket(length)] += 1
                 hits[M.bucket(length)] += tok == t
-            pred.feed(t)
     return hits / np.maximum(total, 1), total
 
 

@@ -29,12 +29,14 @@ was chosen by comparing a few forms on the dev file; the per-length rates were n
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from exfilguard.models.base import LanguageModel, ModelInfo, Session
+from exfilguard.models.ngram import FREQ_TOTAL  # the exact tables' sum (models/base.py)
 
 MIN_MATCH = 2
 MAX_MATCH = 32
@@ -42,16 +44,12 @@ MAX_MATCH = 32
 EDGES: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 # round(256 * h_L**2) per bucket, h_L the hit rate on the training corpus (bench/match_weights.py).
 WEIGHTS: tuple[int, ...] = (47, 74, 112, 152, 182, 208, 219, 227, 252)
-FREQ_TOTAL = 1 << 24
 VERSION = b"xfg-match-v1"
 
 
 def bucket(length: int) -> int:
     """The weight bucket of a match length (>= MIN_MATCH)."""
-    i = 0
-    while i + 1 < len(EDGES) and length >= EDGES[i + 1]:
-        i += 1
-    return i
+    return bisect.bisect_right(EDGES, length) - 1
 
 
 class MatchPredictor:
@@ -84,6 +82,14 @@ class MatchPredictor:
         while length < MAX_MATCH and j - 1 - length >= 0 and h[j - 1 - length] == h[n - 1 - length]:
             length += 1
         return h[j], length
+
+
+def predictions(prefix_ids: Sequence[int], token_ids: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """MatchPredictor.predict() before each of token_ids, the history starting as prefix_ids."""
+    pred = MatchPredictor(prefix_ids)
+    for t in token_ids:
+        yield pred.predict()
+        pred.feed(int(t))
 
 
 def mix_logits(logits: np.ndarray, token: int, weight256: int) -> np.ndarray:
@@ -156,10 +162,7 @@ class MatchModel(LanguageModel):
     def score_fast(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """The inner model's batched pass, mixed per position (for measurement, like the inner's)."""
         out = np.array(self.inner.score_fast(prefix_ids, token_ids), dtype=np.float32)
-        pred = MatchPredictor(prefix_ids)
-        for i, t in enumerate(token_ids):
-            tok, length = pred.predict()
+        for i, (tok, length) in enumerate(predictions(prefix_ids, token_ids)):
             if tok >= 0:
                 out[i] = mix_logits(out[i], tok, WEIGHTS[bucket(length)])
-            pred.feed(int(t))
         return out

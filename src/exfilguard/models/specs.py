@@ -4,7 +4,8 @@
     hf:PATH[?gguf=FILE]    a Hugging Face causal LM on disk
     tiny-random            a deterministic random-init tiny Llama with SmolLM2's tokenizer (tests)
     ngram:PATH, student:PATH, default   weak models made by `exfilguard distill`
-    match:SPEC             SPEC mixed with the match model (models/match.py), e.g. match:default
+    match:SPEC             SPEC mixed with the match model (models/match.py), e.g. match:ngram:PATH
+                           (`default` already is the shipped student mixed with it)
 """
 
 from __future__ import annotations
