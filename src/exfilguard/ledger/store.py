@@ -1,4 +1,5 @@
-"""Ledger storage: SQLite (one host) and PostgreSQL (several meters share one budget).
+"""Ledger storage: the backend-independent ledger; SQLite (ledger/sqlite.py, one host) and
+PostgreSQL (ledger/postgres.py, several meters share one budget) supply the connection.
 
 Every write is one transaction that first locks the single ``ledger_head`` row, so the event
 log gets gap-free sequence numbers and a debit is decided and recorded atomically: never
@@ -9,9 +10,7 @@ check-then-write. The debit itself is also a conditional UPDATE guarded by a CHE
 from __future__ import annotations
 
 import json
-import os
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -512,176 +511,6 @@ class Ledger:
             "SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")]
 
 
-class SQLiteLedger(Ledger):
-    """A ledger in one SQLite file: WAL, synchronous=FULL, writes under BEGIN IMMEDIATE.
-
-    A ledger file with no write permission bits is treated as frozen, even for root: the meter
-    stops forwarding (``chmod a-w ledger.db`` is an operator's kill switch).
-    """
-
-    dialect = "sqlite"
-
-    def __init__(self, url: str, path: str, *, create: bool = True):
-        self.url = url
-        self.path = path
-        if not create and not os.path.exists(path):
-            raise ConfigError(f"no ledger at {path}")
-        d = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(d):
-            raise ConfigError(f"ledger directory {d} does not exist")
-        self._conn: sqlite3.Connection | None = None
-        self._connect()
-        if create:
-            self._check_writable()
-            self._init_schema()
-
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        return (sqlite3.Error, OSError)
-
-    def _connect(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.execute("PRAGMA busy_timeout = 30000")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            conn.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc}") from None
-        if str(mode).lower() != "wal":
-            conn.close()
-            raise LedgerUnavailable(f"ledger {self.path} cannot use WAL mode (got {mode})")
-        self._conn = conn
-
-    def _check_writable(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            raise LedgerUnavailable(f"ledger file {self.path} is gone: {exc.strerror}") from None
-        if not st.st_mode & 0o222:
-            raise LedgerUnavailable(f"ledger file {self.path} is read-only")
-
-    def _begin_write(self) -> sqlite3.Cursor:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        self._check_writable()
-        cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        return cur
-
-    def _head_sql(self) -> str:
-        return "SELECT tree_size, frontier, last_ts, last_leaf, ? FROM ledger_head WHERE id = 1"
-
-    def _head_params(self) -> tuple[Any, ...]:
-        return (int(time.time() * 1_000_000),)
-
-    def _commit(self) -> None:
-        assert self._conn is not None
-        self._conn.execute("COMMIT")
-
-    def _rollback(self) -> None:
-        if self._conn is not None and self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
-
-    def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        return self._conn.execute(sql, tuple(params)).fetchall()
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-class PostgresLedger(Ledger):
-    """A ledger in PostgreSQL; several meters on several hosts may share its budgets."""
-
-    dialect = "postgresql"
-
-    def __init__(self, url: str, *, create: bool = True, connect_timeout: float = 5.0):
-        self.url = _redact(url)
-        self._dsn = url
-        self._timeout = connect_timeout
-        self._conn: Any = None
-        self._connect()
-        if create:
-            self._init_schema()
-
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        import psycopg
-
-        return (psycopg.Error, OSError)
-
-    def _connect(self) -> None:
-        import psycopg
-
-        try:
-            self._conn = psycopg.connect(
-                self._dsn,
-                autocommit=False,
-                connect_timeout=max(1, int(self._timeout)),
-                keepalives=1,
-                keepalives_idle=5,
-                keepalives_interval=2,
-                keepalives_count=2,
-            )
-        except psycopg.Error as exc:
-            self._conn = None
-            raise LedgerUnavailable(f"cannot connect to ledger {self.url}: {_one_line(exc)}") from None
-
-    def _broken(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
-
-    def _begin_write(self) -> Any:
-        if self._conn is None:
-            self._connect()
-        return self._conn.cursor()
-
-    def _head_sql(self) -> str:
-        # The database's clock, so that meters on several hosts share one time line for windows.
-        return (
-            "SELECT tree_size, frontier, last_ts, last_leaf, "
-            "(extract(epoch from clock_timestamp()) * 1000000)::bigint FROM ledger_head WHERE id = 1 FOR UPDATE"
-        )
-
-    def _lock_row(self) -> str:
-        return " FOR UPDATE"
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s")
-
-    def _ddl(self, stmt: str) -> str:
-        return stmt.replace("BLOB", "BYTEA")
-
-    def _commit(self) -> None:
-        self._conn.commit()
-
-    def _rollback(self) -> None:
-        if self._conn is not None:
-            self._conn.rollback()
-
-    def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        if self._conn is None:
-            self._connect()
-        try:
-            with self._conn.cursor() as cur:
-                rows = cur.execute(sql, tuple(params)).fetchall()
-            self._conn.rollback()  # end the read transaction: no snapshot held open
-            return rows
-        except BaseException:
-            self._broken()
-            raise
-
-    def close(self) -> None:
-        self._broken()
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -709,9 +538,13 @@ def open_ledger(url: str, *, create: bool = True) -> Ledger:
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise ConfigError(f"ledger URL {url!r} has no file path; use sqlite:///relative.db or sqlite:////abs/path.db")
+        from exfilguard.ledger.sqlite import SQLiteLedger
+
         return SQLiteLedger(url, path, create=create)
     if scheme in ("postgresql", "postgres"):
         if not urlparse(url).hostname and "host=" not in url:
             raise ConfigError(f"ledger URL {_redact(url)!r} names no host")
+        from exfilguard.ledger.postgres import PostgresLedger
+
         return PostgresLedger(url, create=create)
     raise ConfigError(f"unknown ledger URL scheme {scheme!r} in {_redact(url)!r}; use sqlite:///PATH or postgresql://...")
