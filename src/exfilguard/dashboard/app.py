@@ -87,13 +87,27 @@ def app_from_config(cfg: DashboardConfig) -> Any:
 
 
 def serve_dashboard(cfg: DashboardConfig) -> None:
-    """Serve the dashboard on cfg.listen until interrupted."""
+    """Serve the dashboard on cfg.listen until interrupted (ConfigError when the address is taken)."""
+    import socket
+
     import uvicorn
 
+    from exfilguard.errors import ConfigError
     from exfilguard.meter.config import parse_hostport
 
     cfg.validate()
     host, port = parse_hostport(cfg.listen, "--listen")
-    app = app_from_config(cfg)
-    print(f"exfilguard dashboard on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = app_from_config(cfg)  # opens the ledger: a wrong URL fails before we listen
+    # Bind here, not in uvicorn, so a taken port is one clear line with our exit code.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        app.state.collector.close()
+        raise ConfigError(f"dashboard cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+    print(f"exfilguard dashboard on http://{host}:{sock.getsockname()[1]}/", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])

@@ -20,7 +20,7 @@ PAGE = r"""<!doctype html>
   .good { color: #17702f; font-weight: 600; }
   .warn { color: #9a6700; font-weight: 600; }
   #banner { padding: .5em 1em; border-radius: 4px; margin-top: .5em; display: none; background: #fde7ea; color: #b00020; }
-  svg { width: 100%; height: 180px; background: #fbfcfd; border: 1px solid #eef0f3; }
+  svg { width: 100%; height: auto; background: #fbfcfd; border: 1px solid #eef0f3; }
   code { font-size: .9em; word-break: break-all; }
   .bar { height: 10px; background: #e8ebef; border-radius: 5px; overflow: hidden; margin: .4em 0; }
   .bar > div { height: 100%; background: #3d6fd8; }
@@ -36,7 +36,7 @@ PAGE = r"""<!doctype html>
   <div class="card" id="bpt-card">
     <h2>Bits per token over time</h2>
     <div id="bpt-note" class="muted"></div>
-    <svg id="bpt-chart" viewBox="0 0 600 180" preserveAspectRatio="none"></svg>
+    <svg id="bpt-chart" viewBox="0 0 600 180"></svg>
     <table><tr><td>latest interval</td><td class="num" id="bpt-latest">–</td></tr>
       <tr><td>since the dashboard started</td><td class="num" id="bpt-overall">–</td></tr>
       <tr><td>tokens counted</td><td class="num" id="bpt-tokens">–</td></tr>
@@ -92,7 +92,6 @@ function chart(svg, series, opts) {
   for (const s of series) {
     const p = document.createElementNS(NS, "polyline");
     p.setAttribute("fill", "none"); p.setAttribute("stroke", s.color); p.setAttribute("stroke-width", "1.5");
-    p.setAttribute("vector-effect", "non-scaling-stroke");
     if (s.dash) p.setAttribute("stroke-dasharray", "4 3");
     p.setAttribute("points", s.points.map((q) => sx(q[0]).toFixed(1) + "," + sy(q[1]).toFixed(1)).join(" "));
     if (s.name) p.setAttribute("data-series", s.name);
@@ -125,7 +124,7 @@ function budgetCard(b, now) {
   row("ledger entries", "tree_size", b.tree_size.toLocaleString("en-US"), "");
   card.append(t);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", "0 0 600 180"); svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("viewBox", "0 0 600 180");
   svg.setAttribute("class", "used-chart");
   card.append(el("div", {class: "muted"}, "used bytes over time (red: cap)"), svg);
   const pts = b.used_series.concat([[now, b.used_bytes]]);
