@@ -212,3 +212,22 @@ def test_cli_refuses_a_taken_port(tmp_path: Path) -> None:
                             f"127.0.0.1:{s.getsockname()[1]}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == ConfigError.exit_code
     assert "cannot listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_signed_heads_without_a_public_key_are_unchecked_not_ok(tmp_path: Path) -> None:
+    url = _ledger(tmp_path)
+    key, _pub = generate_keypair(tmp_path / "k")
+    led = open_ledger(url, create=False)
+    try:
+        head = led.tree_head()
+        led.add_tree_head(sign_tree_head(load_private_key(key), head.tree_size, head.ts, head.root))
+    finally:
+        led.close()
+    c = Collector(DashboardConfig(ledger_url=url))
+    try:
+        snap = c.poll()
+    finally:
+        c.close()
+    v = snap["verify"]
+    assert v["state"] == "signatures unchecked" and v["problems"]
+    assert any("--public-key" in n for n in v["notes"])

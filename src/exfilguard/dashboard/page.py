@@ -177,7 +177,7 @@ function render(s) {
 
   const v = s.verify || {state: "pending"};
   const vs = $("verify-state");
-  vs.textContent = v.state; vs.className = v.state === "ok" ? "good" : (v.state === "pending" ? "muted" : "bad");
+  vs.textContent = v.state; vs.className = v.state === "ok" ? "good" : (v.state === "pending" ? "muted" : (v.state === "signatures unchecked" ? "warn" : "bad"));
   $("verify-when").textContent = v.checked_at ? "(checked " + when(v.checked_at) + ")" : "";
   const vd = $("verify-detail"); vd.replaceChildren();
   if (v.tree_size != null) vd.append(el("div", {}, v.tree_size.toLocaleString("en-US") + " entries, " + v.signed_heads + " signed heads verified, " + v.unsigned_tail + " entries after the last signed head"));
