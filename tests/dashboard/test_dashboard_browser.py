@@ -74,25 +74,26 @@ def test_page_follows_real_traffic_through_the_whole_stack(browser: Any, tmp_pat
     (tmp_path / "keys").write_text(KEY + "\n")
     procs: list[Any] = []
     try:
-        iport = free_port()
+        iport, mport, mmport, oport = free_port(), free_port(), free_port(), free_port()
+        # inside and outside load their models at the same time; the meter joins them once the inside listens.
         inside = Proc(tmp_path, "inside", "inside", "--strong", "tiny-random", "--weak", "tiny-random",
                       "--listen", f"127.0.0.1:{iport}")
         procs.append(inside)
+        outside = Proc(tmp_path, "outside", "outside", "--inside", f"127.0.0.1:{mport}", "--weak", "tiny-random",
+                       "--listen", f"127.0.0.1:{oport}", "--api-keys", str(tmp_path / "keys"),
+                       "--meter-status", f"http://127.0.0.1:{mmport}/status", "--model-name", "tiny-random")
+        procs.append(outside)
         inside.wait_port(iport, 240)
         # Small reservation blocks, so that a few short answers move the ledger's used bytes.
-        meter = MeterProcess(tmp_path, ledger, f"127.0.0.1:{iport}", 10**7, "--signing-key", str(key),
-                             "--sth-interval", "0.5", block=256)
+        meter = Proc(tmp_path, "meter", "meter", "--listen", f"127.0.0.1:{mport}", "--upstream", f"127.0.0.1:{iport}",
+                     "--ledger", ledger, "--cap", str(10**7), "--reserve-block", "256", "--metrics", f"127.0.0.1:{mmport}",
+                     "--signing-key", str(key), "--sth-interval", "0.5")
         procs.append(meter)
-        meter.wait_ready()
-        oport = free_port()
-        outside = Proc(tmp_path, "outside", "outside", "--inside", f"127.0.0.1:{meter.port}", "--weak", "tiny-random",
-                       "--listen", f"127.0.0.1:{oport}", "--api-keys", str(tmp_path / "keys"),
-                       "--meter-status", f"http://127.0.0.1:{meter.metrics_port}/status", "--model-name", "tiny-random")
-        procs.append(outside)
+        meter.wait_http(f"http://127.0.0.1:{mmport}/status", 60)
         outside.wait_http(f"http://127.0.0.1:{oport}/health", 240)
         dport = free_port()
         dash = Proc(tmp_path, "dashboard", "dashboard", "--ledger", ledger,
-                    "--meter-metrics", f"http://127.0.0.1:{meter.metrics_port}/metrics",
+                    "--meter-metrics", f"http://127.0.0.1:{mmport}/metrics",
                     "--tokens-metrics", f"http://127.0.0.1:{oport}/metrics",
                     "--public-key", str(pub), "--listen", f"127.0.0.1:{dport}", "--refresh", "0.5", "--verify-every", "1")
         procs.append(dash)
@@ -129,7 +130,7 @@ def test_page_follows_real_traffic_through_the_whole_stack(browser: Any, tmp_pat
 
         # Bits per token since the dashboard started (it started before any traffic, at 0 bytes and
         # 0 tokens) is 8 x the meter's forwarded bytes over the tokens the outside decoded.
-        m = prom(f"http://127.0.0.1:{meter.metrics_port}/metrics")
+        m = prom(f"http://127.0.0.1:{mmport}/metrics")
         o = prom(f"http://127.0.0.1:{oport}/metrics")
         tokens = o["exfilguard_outside_tokens_total"]
         assert tokens >= served
