@@ -231,3 +231,26 @@ def test_signed_heads_without_a_public_key_are_unchecked_not_ok(tmp_path: Path) 
     v = snap["verify"]
     assert v["state"] == "signatures unchecked" and v["problems"]
     assert any("--public-key" in n for n in v["notes"])
+
+
+@pytest.mark.postgres
+def test_collector_on_postgresql(pg_url: str) -> None:
+    led = open_ledger(pg_url)
+    try:
+        led.ensure_budget("shared", 5000)
+        g = led.reserve("shared", 3000, "m1", 1)
+        led.release(g.res, 1200, "m1")
+        led.reserve("shared", 4000, "m2", 2)  # only 3800 fit
+        want = led.status("shared").as_dict()
+    finally:
+        led.close()
+    c = Collector(DashboardConfig(ledger_url=pg_url))
+    try:
+        snap = c.poll()
+    finally:
+        c.close()
+    (b,) = snap["budgets"]
+    for k, v in want.items():
+        assert b[k] == v, k
+    assert b["used_bytes"] == 5000 and b["remaining_bytes"] == 0
+    assert snap["verify"]["state"] == "ok"
