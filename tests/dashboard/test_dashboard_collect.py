@@ -254,3 +254,25 @@ def test_collector_on_postgresql(pg_url: str) -> None:
         assert b[k] == v, k
     assert b["used_bytes"] == 5000 and b["remaining_bytes"] == 0
     assert snap["verify"]["state"] == "ok"
+
+
+def test_exhaustion_projection_respects_the_windows(tmp_path: Path) -> None:
+    from exfilguard.ledger import Window
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    led = open_ledger(url)
+    try:
+        led.ensure_budget("w", 1_000_000, [Window(3600, 36_000)])  # at most 10 B/s on average
+        led.reserve("w", 36_000, "m", 1)  # a burst that spends the hour's window at once
+    finally:
+        led.close()
+    c = Collector(DashboardConfig(ledger_url=url))
+    try:
+        snap = c.poll()
+    finally:
+        c.close()
+    (b,) = snap["budgets"]
+    assert b["burn_bytes_per_second"] > 10  # the burst, over the budget's short life
+    assert b["window_ceiling_bytes_per_second"] == 10
+    # 964,000 B left at no more than 10 B/s: at least 96,400 s, not the burst's few seconds.
+    assert b["exhaustion_ts"] - snap["now"] == pytest.approx(96_400, rel=1e-6)

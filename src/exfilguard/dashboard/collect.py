@@ -164,12 +164,15 @@ class Collector:
             st = self._ledger.status(name).as_dict()
             s = self._series.setdefault(name, _BudgetSeries())
             rate, span = burn_rate(s, st["used_bytes"], now_us, self.config.burn_window_seconds)
-            ex = exhaustion(st["remaining_bytes"], rate, now_s)
+            # The windows bound how fast the cap can go, whatever the recent burst did.
+            ceiling = min((w["limit_bytes"] / w["seconds"] for w in st["windows"]), default=math.inf)
+            ex = exhaustion(st["remaining_bytes"], min(rate, ceiling), now_s)
             pts = s.points[-300:]
             out.append({
                 **st,
                 "burn_bytes_per_second": rate,
                 "burn_window_seconds": span,
+                "window_ceiling_bytes_per_second": None if math.isinf(ceiling) else ceiling,
                 "exhaustion_ts": ex,
                 "created_ts": None if s.created_us is None else s.created_us / 1e6,
                 "ledger_denials": dict(s.denials),

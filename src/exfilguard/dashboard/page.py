@@ -20,7 +20,7 @@ PAGE = r"""<!doctype html>
   .good { color: #17702f; font-weight: 600; }
   .warn { color: #9a6700; font-weight: 600; }
   #banner { padding: .5em 1em; border-radius: 4px; margin-top: .5em; display: none; background: #fde7ea; color: #b00020; }
-  svg { width: 100%; height: auto; background: #fbfcfd; border: 1px solid #eef0f3; }
+  svg { width: 100%; height: auto; max-height: 240px; background: #fbfcfd; border: 1px solid #eef0f3; }
   code { font-size: .9em; word-break: break-all; }
   .bar { height: 10px; background: #e8ebef; border-radius: 5px; overflow: hidden; margin: .4em 0; }
   .bar > div { height: 100%; background: #3d6fd8; }
@@ -116,8 +116,9 @@ function budgetCard(b, now) {
   row("in unsettled reservations", "outstanding_bytes", bytes(b.outstanding_bytes), "");
   row("burn rate", "burn_rate", rateText(b.burn_bytes_per_second), "over the last " + Math.round(b.burn_window_seconds) + " s");
   let ex = b.remaining_bytes <= 0 ? "exhausted" : (b.exhaustion_ts == null ? "never at this rate" : when(b.exhaustion_ts));
+  const capped = b.window_ceiling_bytes_per_second != null && b.window_ceiling_bytes_per_second < b.burn_bytes_per_second;
   row("projected exhaustion", "exhaustion", ex, b.exhaustion_ts && b.remaining_bytes > 0 ?
-      "in " + ((b.exhaustion_ts - now) / 86400).toPrecision(3) + " days" : "");
+      "in " + ((b.exhaustion_ts - now) / 86400).toPrecision(3) + " days" + (capped ? " (at the windows' limit)" : "") : "");
   for (const w of b.windows) row("window " + w.seconds + " s", "window_" + w.seconds, bytes(w.used_bytes) + " of " + bytes(w.limit_bytes), human(w.remaining_bytes) + " left");
   const den = Object.entries(b.ledger_denials).map(([k, v]) => k + ": " + v).join(", ") || "none";
   row("denials in the ledger", "ledger_denials", den, "");
