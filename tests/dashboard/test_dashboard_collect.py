@@ -21,6 +21,13 @@ from exfilguard.meter.metrics import MeterMetrics
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
 
 
+def poll_verified(c: Collector) -> dict:
+    """Poll, let the verification it started finish, poll again: the snapshot then carries its result."""
+    c.poll()
+    c.join_verify(60)
+    return c.poll()
+
+
 def test_burn_rate_and_exhaustion_by_hand() -> None:
     s = _BudgetSeries(created_us=0)
     s.add(0, 0)
@@ -77,7 +84,7 @@ def test_collector_matches_ledger_status(tmp_path: Path) -> None:
     url = _ledger(tmp_path)
     c = Collector(DashboardConfig(ledger_url=url))
     try:
-        snap = c.poll()
+        snap = poll_verified(c)
     finally:
         c.close()
     assert snap["ok"] and snap["error"] is None
@@ -104,7 +111,8 @@ def test_collector_reads_new_events_and_signed_heads(tmp_path: Path) -> None:
     key, pub = generate_keypair(tmp_path / "k")
     c = Collector(DashboardConfig(ledger_url=url, public_keys=[pub], verify_every=0.001))
     try:
-        first = c.poll()
+        first = poll_verified(c)
+        c.join_verify(60)  # the second poll may have started another run; it must not straddle the change
         led = open_ledger(url, create=False)
         try:
             led.reserve("alpha", 1000, "m1", 4)
@@ -113,7 +121,7 @@ def test_collector_reads_new_events_and_signed_heads(tmp_path: Path) -> None:
         finally:
             led.close()
         time.sleep(0.01)
-        second = c.poll()
+        second = poll_verified(c)
     finally:
         c.close()
     a1 = next(b for b in first["budgets"] if b["budget"] == "alpha")
@@ -131,7 +139,7 @@ def test_collector_reports_a_tampered_ledger(tmp_path: Path) -> None:
     con.close()
     c = Collector(DashboardConfig(ledger_url=url))
     try:
-        snap = c.poll()
+        snap = poll_verified(c)
     finally:
         c.close()
     assert snap["verify"]["state"] == "failed"
@@ -225,7 +233,7 @@ def test_signed_heads_without_a_public_key_are_unchecked_not_ok(tmp_path: Path) 
         led.close()
     c = Collector(DashboardConfig(ledger_url=url))
     try:
-        snap = c.poll()
+        snap = poll_verified(c)
     finally:
         c.close()
     v = snap["verify"]
@@ -246,7 +254,7 @@ def test_collector_on_postgresql(pg_url: str) -> None:
         led.close()
     c = Collector(DashboardConfig(ledger_url=pg_url))
     try:
-        snap = c.poll()
+        snap = poll_verified(c)
     finally:
         c.close()
     (b,) = snap["budgets"]

@@ -6,6 +6,7 @@ a JSON-ready dict. Nothing here writes to the ledger.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from exfilguard.errors import ConfigError, ExfilguardError
+
+log = logging.getLogger(__name__)
 
 # Counter of tokens that crossed the meter, as the outside API exposes it (its /metrics).
 TOKENS_METRIC = "exfilguard_outside_tokens_total"
@@ -131,6 +134,7 @@ class Collector:
         self._samples: deque[dict[str, Any]] = deque(maxlen=config.history_points)
         self._verify: dict[str, Any] = {"state": "pending", "checked_at": None}
         self._last_verify = -math.inf
+        self._verifier: threading.Thread | None = None
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"ok": False, "error": "not polled yet"}
 
@@ -189,12 +193,26 @@ class Collector:
                 "signature": h.signature.hex(), "count": len(heads)}
 
     def _run_verify(self, now_s: float) -> None:
-        """Full audit with verify_ledger, on a connection of its own, every verify_every seconds."""
+        """Start a full audit (verify_ledger) every verify_every seconds, on a thread and connection of its own.
+
+        It rereads the whole log (seconds on a large ledger), so the figures keep refreshing meanwhile.
+        """
+        if self._verifier is not None and self._verifier.is_alive():
+            return
         if now_s - self._last_verify < self.config.verify_every:
             return
+        self._last_verify = now_s
+        self._verifier = threading.Thread(target=self._verify_once, args=(now_s,), name="dashboard-verify", daemon=True)
+        self._verifier.start()
+
+    def join_verify(self, timeout: float | None = None) -> None:
+        """Wait for a running verification to finish (its result shows in the next poll)."""
+        if self._verifier is not None:
+            self._verifier.join(timeout)
+
+    def _verify_once(self, now_s: float) -> None:
         from exfilguard.ledger import open_ledger, verify_ledger
 
-        self._last_verify = now_s
         try:
             led = open_ledger(self.config.ledger_url, create=False)
             try:
@@ -203,6 +221,10 @@ class Collector:
                 led.close()
         except ExfilguardError as exc:
             self._verify = {"state": "unavailable", "checked_at": now_s, "problems": [str(exc)], "notes": []}
+            return
+        except Exception as exc:  # a bug must show on the page, not leave an old "ok" standing
+            log.exception("ledger verification failed to run")
+            self._verify = {"state": "error", "checked_at": now_s, "problems": [f"{type(exc).__name__}: {exc}"], "notes": []}
             return
         notes = list(rep.notes)
         if not self._keys:
@@ -310,4 +332,5 @@ class Collector:
             return self._snapshot
 
     def close(self) -> None:
+        self.join_verify(60)
         self._ledger.close()
