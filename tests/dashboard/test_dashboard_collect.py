@@ -284,3 +284,19 @@ def test_exhaustion_projection_respects_the_windows(tmp_path: Path) -> None:
     assert b["window_ceiling_bytes_per_second"] == 10
     # 964,000 B left at no more than 10 B/s: at least 96,400 s, not the burst's few seconds.
     assert b["exhaustion_ts"] - snap["now"] == pytest.approx(96_400, rel=1e-6)
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b"[1, 2]", b'{"budget": "alpha", "kind": "reserve", "ts": "later"}'])
+def test_a_malformed_entry_keeps_the_page_up_and_fails_verification(tmp_path: Path, garbage: bytes) -> None:
+    url = _ledger(tmp_path)
+    con = sqlite3.connect(tmp_path / "l.db")
+    con.execute("UPDATE events SET entry = ? WHERE seq = 2", (garbage,))
+    con.commit()
+    con.close()
+    c = Collector(DashboardConfig(ledger_url=url))
+    try:
+        snap = poll_verified(c)
+    finally:
+        c.close()
+    assert snap["ok"] and {b["budget"] for b in snap["budgets"]} == {"alpha", "beta"}
+    assert snap["verify"]["state"] == "failed" and "malformed" in " ".join(snap["verify"]["problems"])
