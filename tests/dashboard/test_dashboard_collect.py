@@ -300,3 +300,18 @@ def test_a_malformed_entry_keeps_the_page_up_and_fails_verification(tmp_path: Pa
         c.close()
     assert snap["ok"] and {b["budget"] for b in snap["budgets"]} == {"alpha", "beta"}
     assert snap["verify"]["state"] == "failed" and "malformed" in " ".join(snap["verify"]["problems"])
+
+
+def test_app_mounted_under_a_path_polls_and_points_the_page_at_its_api(tmp_path: Path) -> None:
+    """`exfilguard up` may mount the app (a mount runs no lifespan): requests start the polling."""
+    from fastapi import FastAPI
+
+    parent = FastAPI()
+    parent.mount("/dashboard", create_dashboard_app(_ledger(tmp_path), refresh_seconds=0.2))
+    with TestClient(parent) as client:
+        page = client.get("/dashboard/")
+        assert page.status_code == 200 and 'const API_URL = "/dashboard/api/state";' in page.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not client.get("/dashboard/api/state").json().get("ok"):
+            time.sleep(0.05)
+        assert {b["budget"] for b in client.get("/dashboard/api/state").json()["budgets"]} == {"alpha", "beta"}

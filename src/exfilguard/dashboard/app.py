@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
 from exfilguard.dashboard.collect import Collector, DashboardConfig
 from exfilguard.dashboard.page import render_page
 
@@ -22,9 +25,13 @@ class _Poller:
         self.collector = collector
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dashboard-poller", daemon=True)
+        self._started = threading.Lock()
 
     def start(self) -> None:
-        self._thread.start()
+        """Start polling (idempotent: a mounted app has no lifespan of its own, so requests start it too)."""
+        with self._started:
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -57,12 +64,9 @@ def create_dashboard_app(ledger_url: str, meter_metrics_url: str | None = None, 
 
 def app_from_config(cfg: DashboardConfig) -> Any:
     """The dashboard app for a full DashboardConfig."""
-    from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse
 
     collector = Collector(cfg)
     poller = _Poller(collector)
-    page = render_page(cfg.refresh_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,11 +80,15 @@ def app_from_config(cfg: DashboardConfig) -> Any:
     app.state.collector = collector
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+    async def index(request: Request) -> HTMLResponse:
+        poller.start()
+        # Under a mount (e.g. /dashboard in `up`) the API lives under the mount's root path.
+        api = request.scope.get("root_path", "").rstrip("/") + "/api/state"
+        return HTMLResponse(render_page(cfg.refresh_seconds, api), headers={"Cache-Control": "no-store"})
 
     @app.get("/api/state")
     async def state() -> JSONResponse:
+        poller.start()
         return JSONResponse(collector.snapshot(), headers={"Cache-Control": "no-store"})
 
     return app

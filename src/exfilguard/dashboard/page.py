@@ -59,6 +59,7 @@ PAGE = r"""<!doctype html>
 <script>
 "use strict";
 const REFRESH_MS = __REFRESH_MS__;
+const API_URL = __API_URL__;
 const $ = (id) => document.getElementById(id);
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -200,7 +201,7 @@ function render(s) {
 
 async function tick() {
   try {
-    const r = await fetch("api/state", {cache: "no-store"});
+    const r = await fetch(API_URL, {cache: "no-store"});
     if (!r.ok) throw new Error("HTTP " + r.status);
     render(await r.json());
   } catch (e) {
@@ -216,6 +217,10 @@ tick();
 """
 
 
-def render_page(refresh_seconds: float) -> str:
-    """The page with its refresh interval filled in."""
-    return PAGE.replace("__REFRESH_MS__", str(max(250, int(refresh_seconds * 1000))))
+def render_page(refresh_seconds: float, api_url: str = "/api/state") -> str:
+    """The page with its refresh interval and the URL of its JSON filled in."""
+    import json
+
+    # json.dumps makes a JS string literal; "</" is escaped so it cannot close the script element.
+    api = json.dumps(api_url).replace("</", "<\\/")
+    return PAGE.replace("__REFRESH_MS__", str(max(250, int(refresh_seconds * 1000)))).replace("__API_URL__", api)
