@@ -134,6 +134,21 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
     async def health() -> dict[str, Any]:
         return {"status": "ok", "inside_connected": conn.hello is not None and conn._dead is None}
 
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        """Prometheus counters of what crossed the meter, as the outside decoded it (the dashboard's bits per token)."""
+        from fastapi.responses import PlainTextResponse
+
+        text = (
+            "# HELP exfilguard_outside_tokens Tokens decoded from the inside's streams\n"
+            "# TYPE exfilguard_outside_tokens counter\n"
+            f"exfilguard_outside_tokens_total {conn.tokens_in}\n"
+            "# HELP exfilguard_outside_bytes_in Bytes received from the meter\n"
+            "# TYPE exfilguard_outside_bytes_in counter\n"
+            f"exfilguard_outside_bytes_in_total {conn.bytes_in}\n"
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_key(request)

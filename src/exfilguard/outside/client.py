@@ -103,6 +103,7 @@ class InsideConnection:
         self._lock = asyncio.Lock()
         self._dead: ExfilguardError | None = None
         self.bytes_in = 0
+        self.tokens_in = 0  # tokens decoded from what crossed the meter: the denominator of bits per token
 
     # -- connection ---------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -237,9 +238,11 @@ class InsideConnection:
                     finished = True
                     toks = toks + await asyncio.to_thread(decoder.finish)
                     if toks:
+                        self.tokens_in += len(toks)
                         yield toks
                     return
                 if toks:
+                    self.tokens_in += len(toks)
                     yield toks
         finally:
             if finished:
