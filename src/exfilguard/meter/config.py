@@ -72,6 +72,7 @@ class MeterConfig:
     upstream_wait: float = 5.0  # at start, how long to wait for the upstream; 0 skips the check
     health_interval: float = 1.0  # how often a ledger that failed is probed again
     upstream_connect_timeout: float = 5.0
+    publish_heads: str | None = None  # DIR, http(s)://URL or "-": where every signed head also goes
 
     def validate(self) -> None:
         """Raise ConfigError when a value cannot work."""
