@@ -280,17 +280,34 @@ class Meter:
                 c.upstream.transport.abort()
 
     async def _health_loop(self) -> None:
+        """Probe the ledger with a write every health_interval, up or down.
+
+        A connection may hold a large reservation and forward for a long time without a
+        ledger write; this probe is what makes `chmod a-w` (or a dead database) stop it within
+        one interval. A probe that does not answer within probe_timeout counts as a failure.
+        """
+        cfg = self.config
+        last_status = 0.0
         while True:
-            await asyncio.sleep(self.config.health_interval)
+            await asyncio.sleep(cfg.health_interval)
             try:
+                probe = asyncio.ensure_future(self._worker.call(lambda led: led.ping()))
+                try:
+                    await asyncio.wait_for(asyncio.shield(probe), cfg.probe_timeout)
+                except asyncio.TimeoutError:
+                    probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    raise LedgerUnavailable(
+                        f"ledger {cfg.ledger.split('@')[-1]} did not complete a write probe within {cfg.probe_timeout:g}s"
+                    ) from None
                 if self.state == "ledger_down":
-                    await self._worker.call(lambda led: led.ping())
                     self.down_reason = ""
                     self.metrics.ledger_up.set(1)
                     self._set_state("ok")
                     log.warning("ledger writable again; forwarding resumes")
-                st = await self._worker.call(lambda led: led.status(self.config.budget))
-                self._note_status(st)
+                if time.monotonic() - last_status >= 1.0:
+                    st = await self._worker.call(lambda led: led.status(cfg.budget))
+                    self._note_status(st)
+                    last_status = time.monotonic()
             except LEDGER_FAILURES as exc:
                 self._ledger_failed(exc)
             except Exception as exc:  # noqa: BLE001 - keep probing
