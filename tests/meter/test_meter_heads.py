@@ -91,3 +91,35 @@ def test_publish_needs_a_signing_key(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2 and "--publish-heads needs --signing-key" in out.stderr
+
+
+def test_heads_posted_to_a_url(tmp_path):
+    import http.server
+    import threading
+
+    got: list[bytes] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(201)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    priv, pub = generate_keypair(tmp_path / "meter.key")
+    echo = Upstream("echo")
+    try:
+        m = MeterProcess(tmp_path, f"sqlite:///{tmp_path}/l.db", echo.addr, 10_000, "--signing-key", str(priv),
+                         "--publish-heads", f"http://127.0.0.1:{srv.server_address[1]}/heads")
+        m.wait_ready()
+        assert m.stop() == 0
+    finally:
+        echo.close()
+        srv.shutdown()
+    assert got, m.log()
+    key = load_public_key(pub)
+    assert all(verify_tree_head(key, head_from_json(json.loads(b))) for b in got)

@@ -50,8 +50,13 @@ def test_meter_refuses_lowered_reserved_bytes(url):
         cmd = [*EXFILGUARD, "meter", "--listen", f"127.0.0.1:{port}", "--upstream", flood.addr,
                "--ledger", url, "--cap", "400", "--upstream-wait", "2"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        got = asyncio.run(pull("127.0.0.1", port, 10))  # try to pull while it starts
-        out, err = proc.communicate(timeout=60)
+        try:
+            got = asyncio.run(pull("127.0.0.1", port, 10))  # try to pull while it starts
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     finally:
         flood.close()
     assert proc.returncode == 5, err
