@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "meter"))
 
-from meterkit import MeterProcess, Upstream  # noqa: E402
+from meterkit import MeterProcess, Upstream
 
 
 async def one(port: int, path: Path) -> tuple[float, int]:

@@ -105,7 +105,7 @@ def meter_signing_key(ddir: Path) -> Path:
 class Child:
     """One supervised process; its output lines go to ours, prefixed with its name."""
 
-    def __init__(self, name: str, argv: list[str], ready: Callable[["Child"], bool]):
+    def __init__(self, name: str, argv: list[str], ready: Callable[[Child], bool]):
         self.name, self.argv, self.ready = name, argv, ready
         self.proc: subprocess.Popen[str] | None = None
         self.deaths: collections.deque[float] = collections.deque()
@@ -166,7 +166,7 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: children outlive a killed supervisor
+    except Exception:
         pass
 
 
@@ -360,4 +360,4 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
     )
 
 
-__all__ = ["ChildFailed", "Supervisor", "UpConfig", "serve_up", "up_config", "new_api_key", "meter_signing_key"]
+__all__ = ["ChildFailed", "Supervisor", "UpConfig", "meter_signing_key", "new_api_key", "serve_up", "up_config"]

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import openai
-import pytest
 
 EXE = [sys.executable, "-m", "exfilguard.cli.main"]
 CHILDREN = ("meter", "inside", "outside")
@@ -40,7 +39,7 @@ class Up:
         self.proc = subprocess.Popen([*EXE, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.out: list[str] = []
-        self.q: "queue.Queue[str]" = queue.Queue()
+        self.q: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:

@@ -10,8 +10,20 @@ import sys
 import pytest
 
 from exfilguard.errors import ConfigError, LedgerTampered
-from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, open_ledger, verify_ledger
-from exfilguard.ledger.checkpoint import head_to_json, load_checkpoint, make_checkpoint, write_checkpoint
+from exfilguard.ledger import (
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    merkle,
+    open_ledger,
+    verify_ledger,
+)
+from exfilguard.ledger.checkpoint import (
+    head_to_json,
+    load_checkpoint,
+    make_checkpoint,
+    write_checkpoint,
+)
 from exfilguard.ledger.keys import sign_tree_head
 
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
@@ -129,7 +141,7 @@ def test_rewritten_prefix_is_inconsistent_with_trusted_head(url, keyfile):
     k, last = build(url, keyfile)
     # A different ledger of the same length: the trusted head's root does not match.
     other = f"{url}x" if url.startswith("sqlite") else None
-    if other is None:
+    if other is None:  # PostgreSQL: a head for the same size with another root
         q(url, "DELETE FROM tree_heads")
         fake = sign_tree_head(load_private_key(keyfile), last.tree_size, last.ts, bytes(32))
         rep = verify_ledger(open_ledger(url, create=False), (), [fake])

@@ -100,7 +100,7 @@ def test_heads_posted_to_a_url(tmp_path):
     got: list[bytes] = []
 
     class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             got.append(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(201)
             self.end_headers()

@@ -29,7 +29,7 @@ async def _echo_until_cut(port: int, rounds_before: int, during, bound: float) -
             w.write(msg)
             await w.drain()
             data = await asyncio.wait_for(r.read(len(msg)), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
         except (ConnectionError, OSError):
             cut = True

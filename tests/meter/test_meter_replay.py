@@ -52,7 +52,7 @@ def test_meter_refuses_lowered_reserved_bytes(url):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             got = asyncio.run(pull("127.0.0.1", port, 10))  # try to pull while it starts
-            out, err = proc.communicate(timeout=60)
+            _out, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()

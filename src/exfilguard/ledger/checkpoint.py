@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from exfilguard.errors import ConfigError, LedgerTampered
 from exfilguard.ledger.keys import TreeHead, key_id, sign_tree_head, verify_tree_head

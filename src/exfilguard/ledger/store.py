@@ -139,8 +139,8 @@ class Ledger:
     # summary rows against. None for readers (CLI, audit) that do not debit.
     _state: LedgerState | None = None
     _state_stale: bool = False
-    _frontier: list[bytes] = []
-    _trusted: dict[int, bytes] = {}
+    _frontier: list[bytes]  # set by follow_log
+    _trusted: dict[int, bytes]  # set by follow_log
     _last_leaf: bytes = b""
 
     # -- plumbing the dialects fill in -------------------------------------------------

@@ -20,7 +20,7 @@ async def _meter_status(url: str) -> tuple[dict[str, Any] | None, str]:
         async with httpx.AsyncClient(timeout=2.0) as c:
             r = await c.get(url)
         d = r.json()
-    except Exception as exc:  # noqa: BLE001 - any failure means the meter is not answering
+    except Exception as exc:
         return None, f"meter status {url} unreachable ({type(exc).__name__})"
     if not isinstance(d, dict):
         return None, f"meter status {url} answered no JSON object"
@@ -54,7 +54,7 @@ async def health_report(conn: InsideConnection, meter_status_url: str | None) ->
         try:
             await asyncio.wait_for(conn._connect(), 5.0)
             body["inside_connected"] = conn.hello is not None and conn._dead is None
-        except (ExfilguardError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, ExfilguardError, OSError) as exc:
             reasons.append(f"inside unreachable through the meter: {exc or type(exc).__name__}")
         if not reasons and not body["inside_connected"]:
             reasons.append("inside unreachable through the meter")
