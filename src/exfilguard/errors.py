@@ -100,3 +100,16 @@ class Desync(FrameCorrupt):
     def __init__(self, message: str, chunk_index: int):
         super().__init__(message)
         self.chunk_index = chunk_index
+
+
+class ChildFailed(ExfilguardError):
+    """A process that `exfilguard up` supervises died and cannot be brought back."""
+
+    http_status = 503
+    error_type = "child_failed"
+    exit_code = 9
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code  # the child's own code (2 configuration, 5 tampered ledger, ...)

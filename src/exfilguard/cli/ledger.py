@@ -40,23 +40,33 @@ def ledger_status(
 @ledger.command("verify")
 def ledger_verify(
     url: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://..."),
-    public_key: list[Path] = typer.Option(..., "--public-key", help="Public key (FILE.pub) of a meter (repeatable)."),
+    public_key: Optional[list[Path]] = typer.Option(
+        None, "--public-key",
+        help="Public key (FILE.pub) of a meter (repeatable). With one, every head must verify and the last entry must be covered by a signed head.",
+    ),
+    trusted_head: Optional[list[Path]] = typer.Option(
+        None, "--trusted-head",
+        help="A signed head or checkpoint saved outside the ledger (`ledger checkpoint`, `meter --publish-heads DIR`), "
+        "or a directory of them (repeatable): the ledger must not be shorter than or inconsistent with it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Recompute the Merkle tree, check every signed tree head and the accounting; exit 0 if all hold."""
     from exfilguard.errors import LedgerTampered
     from exfilguard.ledger import load_public_key, open_ledger, verify_ledger
+    from exfilguard.ledger.checkpoint import load_trusted_heads
 
-    keys = [load_public_key(p) for p in public_key]
+    keys = [load_public_key(p) for p in public_key or ()]
+    trusted = [cp.head for cp in load_trusted_heads(trusted_head or (), keys or None)]
     led = open_ledger(url, create=False)
     try:
-        rep = verify_ledger(led, keys)
+        rep = verify_ledger(led, keys, trusted)
     finally:
         led.close()
     if as_json:
         typer.echo(json.dumps({
             "ok": rep.ok, "tree_size": rep.tree_size, "root": rep.root, "signed_heads": rep.signed_heads,
-            "unsigned_tail": rep.unsigned_tail, "problems": rep.problems, "notes": rep.notes,
+            "unsigned_tail": rep.unsigned_tail, "trusted_heads": rep.trusted_heads, "problems": rep.problems, "notes": rep.notes,
         }))
     else:
         for p in rep.problems:
@@ -67,7 +77,28 @@ def ledger_verify(
         more = f" (and {len(rep.problems) - 1} more problems)" if len(rep.problems) > 1 else ""
         raise LedgerTampered(f"ledger does not verify: {rep.problems[0]}{more}")
     if not as_json:
-        typer.echo(f"ok: {rep.tree_size} entries, root {rep.root}, {rep.signed_heads} signed tree heads verified")
+        trusted_note = f", consistent with {rep.trusted_heads} trusted heads" if trusted else ""
+        typer.echo(f"ok: {rep.tree_size} entries, root {rep.root}, {rep.signed_heads} signed tree heads verified{trusted_note}")
+
+
+@ledger.command("checkpoint")
+def ledger_checkpoint(
+    url: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://..."),
+    signing_key: Path = typer.Option(..., "--signing-key", help="Ed25519 key (from `exfilguard keys new`) that signs the checkpoint."),
+    out: Path = typer.Option(..., "--out", help="File to write (never overwritten); keep it outside the ledger's host."),
+) -> None:
+    """Audit the ledger and write a signed checkpoint of its head and budgets, for `verify --trusted-head`."""
+    from exfilguard.ledger import load_private_key, open_ledger
+    from exfilguard.ledger.checkpoint import make_checkpoint, write_checkpoint
+
+    key = load_private_key(signing_key)
+    led = open_ledger(url, create=False)
+    try:
+        cp = make_checkpoint(led, key)
+    finally:
+        led.close()
+    write_checkpoint(out, cp)
+    typer.echo(f"checkpoint {out}: {cp.head.tree_size} entries, root {cp.head.root.hex()}, key {cp.head.key_id}")
 
 
 def register(app: typer.Typer) -> None:

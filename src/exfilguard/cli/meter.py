@@ -24,6 +24,10 @@ def register(app: typer.Typer) -> None:
         metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT for Prometheus /metrics and JSON /status."),
         sth_interval: float = typer.Option(30.0, "--sth-interval", help="Seconds between signed tree heads."),
         upstream_wait: float = typer.Option(5.0, "--upstream-wait", help="Seconds to wait for the upstream at start (0: don't check)."),
+        publish_heads: Optional[str] = typer.Option(
+            None, "--publish-heads",
+            help="Also publish every signed tree head outside the ledger: a DIR (one JSON file each), an http(s) URL (POST) or - (stdout).",
+        ),
         log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
     ) -> None:
         """Run the metered proxy: every byte from upstream to client is reserved in the ledger first."""
@@ -49,6 +53,7 @@ def register(app: typer.Typer) -> None:
             metrics=metrics,
             sth_interval=sth_interval,
             upstream_wait=upstream_wait,
+            publish_heads=publish_heads,
         )
 
         async def main() -> None:

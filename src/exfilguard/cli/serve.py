@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -46,16 +47,26 @@ def register(app: typer.Typer) -> None:
     def up(
         strong: str = typer.Option("smollm2", help="strong model spec"),
         weak: Optional[str] = typer.Option(None, help="weak model spec (default: the shipped student)"),
-        cap: Optional[int] = typer.Option(None, help="egress cap in bytes (default: 10% of the strong weights)"),
+        cap: Optional[str] = typer.Option(None, help="egress cap in bytes, e.g. 5000, 50MB (default: 10% of the strong weights)"),
         port: int = typer.Option(8000, help="port of the API on 127.0.0.1"),
-        data_dir: str = typer.Option(".exfilguard", help="ledger and API keys live here"),
+        data_dir: str = typer.Option(".exfilguard", help="ledger, meter key and API keys live here"),
+        ledger: Optional[str] = typer.Option(None, "--ledger", help="Ledger URL (default: sqlite:///DATA_DIR/ledger.sqlite)."),
+        reserve_block: Optional[str] = typer.Option(None, "--reserve-block", help="Bytes the meter reserves per ledger commit (default 64KiB); at most this much is lost to a crash."),
+        window: Optional[list[str]] = typer.Option(None, "--window", help="Rolling window DURATION=BYTES, e.g. 1h=50MB (repeatable)."),
+        signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 key that signs tree heads (default: DATA_DIR/meter-key, made on first use)."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT of the meter's /metrics and /status (default: a free port, printed)."),
+        publish_heads: Optional[str] = typer.Option(None, "--publish-heads", help="Where the meter also publishes every signed head: DIR, http(s) URL or -."),
         codec: str = typer.Option("auto", help="codec the inside encodes with (auto: coupled if available, else model)"),
         flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
         flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
+        device: str = typer.Option("cpu", help="torch device for a local strong model"),
     ) -> None:
-        """Start meter, inside and outside on localhost; print the base URL and an API key."""
-        from exfilguard.outside.app import OutsideConfig
-        from exfilguard.outside.stack import serve_up
+        """Start meter, inside and outside as three supervised processes; print the base URL, an API key and the meter's status URL."""
+        from exfilguard.supervise import new_api_key, serve_up, up_config
 
-        cfg = OutsideConfig(codec=codec, flush_every=flush_every, flush_ms=flush_ms)
-        serve_up(strong, weak, cap, port, data_dir, cfg)
+        cfg = up_config(
+            strong, weak, cap, port, data_dir, ledger=ledger, reserve_block=reserve_block, windows=window,
+            signing_key=signing_key, metrics=metrics, publish_heads=publish_heads, codec=codec,
+            flush_every=flush_every, flush_ms=flush_ms, device=device,
+        )
+        serve_up(cfg, new_api_key(cfg.data_dir))

@@ -87,11 +87,22 @@ class PostgresLedger(Ledger):
         try:
             with self._conn.cursor() as cur:
                 rows = cur.execute(sql, tuple(params)).fetchall()
-            self._conn.rollback()  # end the read transaction: no snapshot held open
+            if not self._snapshot_depth:
+                self._conn.rollback()  # end the read transaction: no snapshot held open
             return rows
         except BaseException:
             self._broken()
             raise
+
+    def _begin_snapshot(self) -> None:
+        if self._conn is None:
+            self._connect()
+        self._conn.rollback()
+        self._conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+    def _end_snapshot(self) -> None:
+        if self._conn is not None:
+            self._conn.rollback()
 
     def close(self) -> None:
         self._broken()

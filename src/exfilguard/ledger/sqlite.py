@@ -82,6 +82,16 @@ class SQLiteLedger(Ledger):
         if self._conn is not None and self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
 
+    def _begin_snapshot(self) -> None:
+        if self._conn is None:
+            self._connect()
+        assert self._conn is not None
+        self._conn.execute("BEGIN")  # deferred: WAL gives this transaction one snapshot from its first read
+
+    def _end_snapshot(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+
     def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         if self._conn is None:
             self._connect()

@@ -9,6 +9,7 @@ check-then-write. The debit itself is also a conditional UPDATE guarded by a CHE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from exfilguard.errors import ConfigError, LedgerUnavailable
+from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import merkle
-from exfilguard.ledger.events import GENESIS_PREV, encode_event
+from exfilguard.ledger.events import GENESIS_PREV, decode_event, encode_event
+from exfilguard.ledger.replay import LedgerState, budget_row_problems, reservation_row_problems
 from exfilguard.ledger.keys import TreeHead
 
 SCHEMA_VERSION = "1"
@@ -133,6 +135,13 @@ class Ledger:
 
     url: str
     dialect: str = ""
+    # Set by follow_log(): the accounting replayed from the log, which every debit checks the
+    # summary rows against. None for readers (CLI, audit) that do not debit.
+    _state: LedgerState | None = None
+    _state_stale: bool = False
+    _frontier: list[bytes]  # set by follow_log
+    _trusted: dict[int, bytes]  # set by follow_log
+    _last_leaf: bytes = b""
 
     # -- plumbing the dialects fill in -------------------------------------------------
     def _connect(self) -> None:
@@ -180,6 +189,8 @@ class Ledger:
                     bytes(last_leaf),
                     max(int(now), int(last_ts)),
                 )
+                if self._state is not None:
+                    self._catch_up(cur, head)
                 start_size = head.tree_size
                 result = body(cur, head)
                 if head.tree_size != start_size:
@@ -190,6 +201,8 @@ class Ledger:
                 self._commit()
                 return result
             except BaseException:
+                # The replayed state may hold events this transaction appended: replay again.
+                self._state_stale = True
                 try:
                     self._rollback()
                 except Exception:
@@ -213,7 +226,103 @@ class Ledger:
         head.tree_size = seq + 1
         head.last_leaf = lh
         head.last_ts = head.now
+        if self._state is not None:
+            self._state.apply(event)
+            self._frontier, self._last_leaf = head.frontier, lh
+            if self._state.problems:  # our own event does not add up: a tampered row slipped past
+                raise LedgerTampered(f"ledger {self.url}: {self._state.problems[0]}")
         return seq
+
+    # -- the log is the ledger: replay it, and follow it ---------------------------------
+    def follow_log(self, trusted: Sequence[TreeHead] = ()) -> LedgerState:
+        """Replay the whole log now and keep following it; raise LedgerTampered when it does not add up.
+
+        Checks the hash chain, that the head row's root is the root of the entries, and that the
+        ``budgets`` and ``reservations`` rows are what the log implies. Afterwards every write
+        first replays the events other meters appended (checking chain and root again), and
+        every debit and settlement is checked against the replayed totals, not the rows.
+        `trusted` heads (kept outside the ledger) must be prefixes of the log: a rolled-back or
+        rewritten ledger is refused.
+        """
+        self._trusted = {h.tree_size: h.root for h in trusted}
+        self._state = LedgerState()
+        self._state_stale = True
+        self._write(lambda cur, head: None)
+        return self._state
+
+    def _tampered(self, msg: str) -> LedgerTampered:
+        return LedgerTampered(
+            f"ledger {self.url} does not add up, refusing to use it: {msg}; "
+            "`exfilguard ledger verify` shows every problem"
+        )
+
+    def _catch_up(self, cur: Any, head: _Head) -> None:
+        """Replay the entries appended since we last looked (all of them when stale); check the head."""
+        full = self._state_stale
+        if full:
+            self._state, self._frontier, self._last_leaf = LedgerState(), [], b""
+        st = self._state
+        assert st is not None
+        if head.tree_size < st.size:
+            raise self._tampered(
+                f"it holds {head.tree_size} entries but {st.size} were seen before: entries were deleted (rolled back)"
+            )
+        seq = st.size
+        while seq < head.tree_size:
+            rows = cur.execute(
+                self._sql("SELECT seq, entry FROM events WHERE seq >= ? ORDER BY seq LIMIT 5000"), (seq,)
+            ).fetchall()
+            if not rows:
+                break
+            for s, entry in rows:
+                entry = bytes(entry)
+                if int(s) != seq:
+                    raise self._tampered(f"entry {seq} is missing (deleted?)")
+                if seq >= head.tree_size:
+                    break
+                try:
+                    ev = decode_event(entry)
+                except ValueError as exc:
+                    raise self._tampered(f"entry {seq} is malformed: {exc}") from None
+                want_prev = GENESIS_PREV if seq == 0 else self._last_leaf.hex()
+                if ev["seq"] != seq or ev["prev"] != want_prev:
+                    raise self._tampered(f"entry {seq} does not link to entry {seq - 1} (an entry was changed, inserted or deleted)")
+                lh = merkle.leaf_hash(entry)
+                self._frontier = merkle.frontier_append(self._frontier, seq, lh)
+                self._last_leaf = lh
+                st.apply(ev)
+                if st.problems:
+                    raise self._tampered(st.problems[0])
+                seq += 1
+                if seq in self._trusted and merkle.frontier_root(self._frontier) != self._trusted[seq]:
+                    raise self._tampered(f"its first {seq} entries do not have the root of the published head of that size (rewritten)")
+        if seq != head.tree_size:
+            raise self._tampered(f"the head row says {head.tree_size} entries but only {seq} are stored (entries deleted)")
+        longest = max(self._trusted, default=0)
+        if longest > seq:
+            raise self._tampered(f"it holds {seq} entries but a published head covers {longest}: entries were deleted (rolled back)")
+        if self._frontier != head.frontier:
+            raise self._tampered("the head row's root is not the root of the entries (an entry or the head row was changed)")
+        if full:
+            extra = cur.execute(self._sql("SELECT COUNT(*) FROM events WHERE seq >= ?"), (seq,)).fetchone()[0]
+            if int(extra):
+                raise self._tampered(f"{int(extra)} entries lie beyond the head row's {seq} (inserted, or the head row was rolled back)")
+            brows = [(r[0], int(r[1]), int(r[2]), int(r[3]), r[4]) for r in cur.execute(self._sql(
+                "SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets ORDER BY name")).fetchall()]
+            rrows = [(int(a), b, int(c), int(d), None if e is None else int(e)) for a, b, c, d, e in cur.execute(
+                self._sql("SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")).fetchall()]
+            probs = budget_row_problems(st, brows) + reservation_row_problems(st, rrows)
+            if probs:
+                raise self._tampered(probs[0] + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ""))
+        self._state_stale = False
+
+    def _check_budget_row(self, name: str, row: tuple[str, int, int, int, str]) -> None:
+        """With a replayed log, refuse a budgets row that is not what the log adds up to."""
+        if self._state is None:
+            return
+        probs = budget_row_problems(self._state, [row], [name])
+        if probs:
+            raise self._tampered(probs[0])
 
     # -- schema ------------------------------------------------------------------------
     def _init_schema(self) -> None:
@@ -266,7 +375,13 @@ class Ledger:
         wjson = windows_to_json(windows)
 
         def body(cur: Any, head: _Head) -> None:
-            row = cur.execute(self._sql("SELECT cap_bytes, windows FROM budgets WHERE name = ?"), (name,)).fetchone()
+            row = cur.execute(
+                self._sql("SELECT cap_bytes, windows, reserved_bytes, outstanding_bytes FROM budgets WHERE name = ?"), (name,)
+            ).fetchone()
+            if self._state is not None and (row is not None or name in self._state.budgets):
+                if row is None:
+                    raise self._tampered(f"budget {name!r} is in the log but not in the budgets table (row deleted)")
+                self._check_budget_row(name, (name, int(row[0]), int(row[2]), int(row[3]), row[1]))
             if row is None:
                 cur.execute(
                     self._sql(
@@ -299,14 +414,23 @@ class Ledger:
         if want <= 0:
             raise ValueError("a reservation is for a positive number of bytes")
         row = cur.execute(
-            self._sql("SELECT cap_bytes, reserved_bytes, windows FROM budgets WHERE name = ?" + self._lock_row()), (budget,)
+            self._sql("SELECT cap_bytes, reserved_bytes, windows, outstanding_bytes FROM budgets WHERE name = ?" + self._lock_row()),
+            (budget,),
         ).fetchone()
         if row is None:
+            if self._state is not None and budget in self._state.budgets:
+                raise self._tampered(f"budget {budget!r} is in the log but not in the budgets table (row deleted)")
             raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
         cap, reserved, wjson = int(row[0]), int(row[1]), row[2]
+        # With a replayed log the row must be what the log adds up to: a lowered reserved_bytes
+        # would otherwise lend bytes that already left.
+        self._check_budget_row(budget, (budget, cap, reserved, int(row[3]), wjson))
         grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
-        for w in windows_from_json(wjson):
-            used = self._window_usage(cur, budget, head.now - w.seconds * 1_000_000)
+        if self._state is not None:
+            usage = self._state.window_used(budget, head.now)
+        else:
+            usage = [self._window_usage(cur, budget, head.now - w.seconds * 1_000_000) for w in windows_from_json(wjson)]
+        for w, used in zip(windows_from_json(wjson), usage):
             room = max(0, w.limit - used)
             if room < grant:
                 grant, reason = room, f"window:{w.label()}"
@@ -347,8 +471,14 @@ class Ledger:
     def _release(self, cur: Any, head: _Head, res: int, used: int, meter: str) -> int:
         row = cur.execute(self._sql("SELECT budget, amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
         if row is None:
+            if self._state is not None and res in self._state.reservations:
+                raise self._tampered(f"reservation {res} is in the log but not in the reservations table (row deleted)")
             raise ValueError(f"no reservation {res}")
         budget, amount, prior = row[0], int(row[1]), row[2]
+        if self._state is not None:
+            r = self._state.reservations.get(res)
+            if r is None or (r.budget, r.amount, r.used) != (budget, amount, None if prior is None else int(prior)):
+                raise self._tampered(f"reservation {res} row differs from the log (row changed)")
         if prior is not None:
             raise ValueError(f"reservation {res} is already settled")
         if not 0 <= used <= amount:
@@ -415,6 +545,33 @@ class Ledger:
         self._write(lambda cur, head: None)
 
     # -- reads -------------------------------------------------------------------------
+    _snapshot_depth: int = 0
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Make the reads inside see one consistent state, while meters keep appending meanwhile."""
+        if self._snapshot_depth:
+            yield
+            return
+        try:
+            self._begin_snapshot()
+        except self._errors() as exc:
+            self._broken()
+            raise LedgerUnavailable(f"ledger {self.url} cannot be read: {_one_line(exc)}") from None
+        self._snapshot_depth = 1
+        try:
+            yield
+        finally:
+            self._snapshot_depth = 0
+            with contextlib.suppress(Exception):
+                self._end_snapshot()
+
+    def _begin_snapshot(self) -> None:
+        raise NotImplementedError
+
+    def _end_snapshot(self) -> None:
+        raise NotImplementedError
+
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
             rows = self._read_rows(self._sql(sql), params)

@@ -3,8 +3,6 @@ and replay the accounting. Reads only; trusts nothing the ledger says about itse
 
 from __future__ import annotations
 
-import json
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from exfilguard.ledger import merkle
 from exfilguard.ledger.events import GENESIS_PREV, decode_event
-from exfilguard.ledger.keys import key_id, verify_tree_head
-from exfilguard.ledger.store import Ledger, windows_from_json
+from exfilguard.ledger.keys import TreeHead, key_id, verify_tree_head
+from exfilguard.ledger.replay import LedgerState, budget_row_problems, reservation_row_problems
+from exfilguard.ledger.store import Ledger
 
 
 @dataclass
@@ -27,33 +26,36 @@ class VerifyReport:
     unsigned_tail: int = 0  # entries after the last signed head
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    state: LedgerState | None = None  # the accounting the log adds up to
+    last_ts: int = 0  # the last entry's timestamp
+    trusted_heads: int = 0  # heads kept outside the ledger that it was checked against
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-@dataclass
-class _Res:
-    budget: str
-    ts: int
-    amount: int
-    used: int | None = None
+def verify_ledger(
+    ledger: Ledger,
+    public_keys: Sequence[Ed25519PublicKey] = (),
+    trusted: Sequence[TreeHead] = (),
+    *,
+    check_heads: bool = True,
+) -> VerifyReport:
+    """Check the ledger's hash chain, Merkle tree, signed tree heads and accounting invariants.
+
+    `trusted` are heads saved outside the ledger (``ledger checkpoint``, ``meter
+    --publish-heads``), their signatures already checked: the ledger must hold at least their
+    entries, with their root. With `public_keys`, the last entry must be covered by a signed
+    head (a log truncated to before its last heads, or stripped of them, fails).
+    """
+    with ledger.snapshot():
+        return _verify(ledger, public_keys, trusted, check_heads)
 
 
-@dataclass
-class _Budget:
-    cap: int
-    windows: list[tuple[int, int]]
-    reserved: int = 0
-    outstanding: int = 0
-    # per window: deque of reservation ids inside it, and their running net sum
-    inside: list[deque[int]] = field(default_factory=list)
-    sums: list[int] = field(default_factory=list)
-
-
-def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey] = ()) -> VerifyReport:
-    """Check the ledger's hash chain, Merkle tree, signed tree heads and accounting invariants."""
+def _verify(
+    ledger: Ledger, public_keys: Sequence[Ed25519PublicKey], trusted: Sequence[TreeHead], check_heads: bool
+) -> VerifyReport:
     rep = VerifyReport()
     leaves: list[bytes] = []
     events: list[dict[str, Any] | None] = []
@@ -116,9 +118,30 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey] = ()) 
     elif merkle.frontier_root(frontier) != root:
         rep.problems.append("the ledger head's root does not match the tree recomputed from the entries (an entry changed)")
 
-    _check_heads(ledger, public_keys, leaves, events, rep)
+    rep.last_ts = last_ts
+    _check_trusted(trusted, leaves, rep)
+    if check_heads:
+        _check_heads(ledger, public_keys, leaves, events, rep)
     _check_accounting(ledger, events, rep)
     return rep
+
+
+def _check_trusted(trusted: Sequence[TreeHead], leaves: list[bytes], rep: VerifyReport) -> None:
+    """The ledger must extend every head saved outside it: not shorter, same root at that size."""
+    n = len(leaves)
+    for h in trusted:
+        if h.tree_size > n:
+            rep.problems.append(
+                f"the trusted head of {h.tree_size} entries (saved outside the ledger) covers more than the "
+                f"{n} the ledger holds: entries {n}..{h.tree_size - 1} were deleted (rolled back)"
+            )
+        elif merkle.root(leaves[: h.tree_size]) != h.root:
+            rep.problems.append(
+                f"the ledger's first {h.tree_size} entries do not have the root of the trusted head of that size "
+                "(saved outside the ledger): the log was rewritten"
+            )
+        else:
+            rep.trusted_heads += 1
 
 
 def _check_heads(
@@ -127,6 +150,13 @@ def _check_heads(
     keys = {key_id(k): k for k in public_keys}
     heads = ledger.tree_heads()
     n = len(leaves)
+    if not public_keys:
+        if heads:
+            rep.notes.append(f"{len(heads)} signed tree heads not checked: no public key given")
+        else:
+            rep.notes.append("no signed tree heads: the log is self-consistent but nobody vouches for it")
+        rep.unsigned_tail = n
+        return
     roots: dict[int, bytes] = {}
     last_size = 0
     for i, h in enumerate(heads):
@@ -156,107 +186,29 @@ def _check_heads(
         last_size = max(last_size, h.tree_size)
         rep.signed_heads += 1
     rep.unsigned_tail = n - last_size
-    if not heads:
-        rep.notes.append("no signed tree heads: the log is self-consistent but nobody vouches for it")
+    if not heads and n:
+        # With a key, an unsigned ledger is what deleting every head leaves behind.
+        rep.problems.append(
+            f"no signed tree heads, but a public key was given: nothing vouches for the {n} entries "
+            "(heads deleted, or the meter ran without --signing-key)"
+        )
     elif rep.unsigned_tail:
-        rep.notes.append(f"{rep.unsigned_tail} entries after the last signed head are not covered by a signature")
+        rep.problems.append(
+            f"the last {rep.unsigned_tail} entries are not covered by a signed tree head (the log may have been "
+            "truncated and its later heads deleted; a running meter signs every --sth-interval and at stop: verify again then)"
+        )
 
 
 def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> None:
-    budgets: dict[str, _Budget] = {}
-    res: dict[int, _Res] = {}
-    order: dict[str, list[int]] = {}
-
-    def bad(seq: int, msg: str) -> None:
-        rep.problems.append(f"entry {seq}: {msg}")
-
+    """Replay the log (ledger/replay.py) and compare the tables the meter reads with it."""
+    st = LedgerState()
     for ev in events:
-        if ev is None:
-            continue
-        seq, kind, name = ev["seq"], ev["kind"], ev.get("budget")
-        if kind == "budget_created":
-            if name in budgets:
-                bad(seq, f"budget {name!r} created twice")
-                continue
-            ws = [(int(s), int(lim)) for s, lim in ev["windows"]]
-            budgets[name] = _Budget(int(ev["cap"]), ws, inside=[deque() for _ in ws], sums=[0] * len(ws))
-            order[name] = []
-            continue
-        b = budgets.get(name)
-        if b is None:
-            bad(seq, f"{kind} for budget {name!r} before it was created")
-            continue
-        if kind == "reserve":
-            amount = ev["amount"]
-            if not isinstance(amount, int) or amount <= 0:
-                bad(seq, f"reservation of {amount!r} bytes")
-                continue
-            b.reserved += amount
-            b.outstanding += amount
-            if ev["reserved"] != b.reserved:
-                bad(seq, f"records {ev['reserved']} bytes reserved, the log adds up to {b.reserved}")
-                b.reserved = ev["reserved"] if isinstance(ev["reserved"], int) else b.reserved
-            if b.reserved > b.cap:
-                bad(seq, f"reserves past the cap: {b.reserved} > {b.cap}")
-            res[seq] = _Res(name, ev["ts"], amount)
-            for i, (secs, limit) in enumerate(b.windows):
-                q = b.inside[i]
-                while q and res[q[0]].ts <= ev["ts"] - secs * 1_000_000:
-                    r = res[q.popleft()]
-                    b.sums[i] -= r.amount if r.used is None else r.used
-                q.append(seq)
-                b.sums[i] += amount
-                if b.sums[i] > limit:
-                    bad(seq, f"reserves past the {secs}s window: {b.sums[i]} > {limit}")
-        elif kind == "release":
-            r = res.get(ev["res"])
-            if r is None or r.budget != name:
-                bad(seq, f"releases unknown reservation {ev['res']}")
-                continue
-            if r.used is not None:
-                bad(seq, f"releases reservation {ev['res']} a second time")
-                continue
-            used = ev["used"]
-            if not isinstance(used, int) or not 0 <= used <= r.amount or ev["returned"] != r.amount - used:
-                bad(seq, f"settles reservation {ev['res']} of {r.amount} bytes at {used!r}, returning {ev['returned']!r}")
-                continue
-            r.used = used
-            b.reserved -= r.amount - used
-            b.outstanding -= r.amount
-            for i in range(len(b.windows)):
-                if ev["res"] in b.inside[i]:
-                    b.sums[i] -= r.amount - used
-            if ev["reserved"] != b.reserved:
-                bad(seq, f"records {ev['reserved']} bytes reserved, the log adds up to {b.reserved}")
-        elif kind == "cap_change":
-            bad(seq, "cap changes need k-of-n approvals, which this version cannot check")
-
-    # The tables the meter reads must agree with the log it wrote.
-    rows = {r[0]: r for r in ledger.budget_rows()}
-    for name, b in budgets.items():
-        row = rows.pop(name, None)
-        if row is None:
-            rep.problems.append(f"budget {name!r} is in the log but not in the budgets table (row deleted)")
-            continue
-        _, cap, reserved, outstanding, wjson = row
-        if (cap, reserved, outstanding) != (b.cap, b.reserved, b.outstanding):
-            rep.problems.append(
-                f"budget {name!r} row says cap={cap} reserved={reserved} outstanding={outstanding}, "
-                f"the log says cap={b.cap} reserved={b.reserved} outstanding={b.outstanding} (row changed)"
-            )
-        if sorted(tuple(w) for w in json.loads(wjson)) != sorted(b.windows):
-            rep.problems.append(f"budget {name!r} row's windows differ from the log's (row changed)")
-    for name in rows:
-        rep.problems.append(f"budget {name!r} is in the budgets table but was never created in the log (row inserted)")
-    stored = {r[0]: r for r in ledger.reservation_rows()}
-    for rid, r in res.items():
-        row = stored.pop(rid, None)
-        if row is None:
-            rep.problems.append(f"reservation {rid} is in the log but not in the reservations table (row deleted)")
-        elif (row[1], row[2], row[3], row[4]) != (r.budget, r.ts, r.amount, r.used):
-            rep.problems.append(f"reservation {rid} row differs from the log (row changed)")
-    for rid in stored:
-        rep.problems.append(f"reservation {rid} is in the reservations table but not in the log (row inserted)")
+        if ev is not None:
+            st.apply(ev)
+    rep.problems.extend(st.problems)
+    rep.problems.extend(budget_row_problems(st, ledger.budget_rows()))
+    rep.problems.extend(reservation_row_problems(st, ledger.reservation_rows()))
+    rep.state = st
 
 
 def _is_hex32(text: object) -> bool:

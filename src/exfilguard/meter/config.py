@@ -70,8 +70,10 @@ class MeterConfig:
     metrics: str | None = None
     sth_interval: float = 30.0  # seconds between signed tree heads (when the log grew)
     upstream_wait: float = 5.0  # at start, how long to wait for the upstream; 0 skips the check
-    health_interval: float = 1.0  # how often a ledger that failed is probed again
+    health_interval: float = 0.25  # how often the ledger is probed with a write (the kill switch's delay)
+    probe_timeout: float = 5.0  # a write probe slower than this counts as a ledger failure
     upstream_connect_timeout: float = 5.0
+    publish_heads: str | None = None  # DIR, http(s)://URL or "-": where every signed head also goes
 
     def validate(self) -> None:
         """Raise ConfigError when a value cannot work."""

@@ -20,16 +20,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from exfilguard.errors import ConfigError, LedgerUnavailable, UpstreamUnavailable
+from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable, UpstreamUnavailable
 from exfilguard.ledger.keys import load_private_key, sign_tree_head
 from exfilguard.ledger.store import Grant, Ledger, open_ledger
 from exfilguard.meter.config import MeterConfig, parse_hostport
 from exfilguard.meter.metrics import MeterMetrics
+from exfilguard.meter.publish import parse_target
 from exfilguard.meter.worker import LedgerWorker
 
 log = logging.getLogger("exfilguard.meter")
 
 READ_SIZE = 64 * 1024
+# A ledger that cannot be written or does not add up: either way, fail closed.
+LEDGER_FAILURES = (LedgerUnavailable, LedgerTampered)
 
 
 @dataclass
@@ -74,6 +77,9 @@ class Meter:
         self.metrics_address: tuple[str, int] | None = None
         self._worker = LedgerWorker(self._open_ledger, on_commit=self.metrics.commit_seconds.observe)
         self._key = load_private_key(config.signing_key) if config.signing_key else None
+        self._publisher = parse_target(config.publish_heads)
+        if self._publisher is not None and self._key is None:
+            raise ConfigError("--publish-heads needs --signing-key: only signed heads are published")
         self._server: asyncio.base_events.Server | None = None
         self._metrics_server: asyncio.base_events.Server | None = None
         self._conns: dict[int, _Conn] = {}
@@ -85,7 +91,16 @@ class Meter:
         self.bytes_in = 0
 
     def _open_ledger(self) -> Ledger:
-        return open_ledger(self.config.ledger)
+        # The meter's state comes from the log, never from a summary row: replay it all now
+        # (LedgerTampered when the rows or the head row disagree with it) and keep following it.
+        led = open_ledger(self.config.ledger)
+        try:
+            # Heads we published before must still be in the log: a rolled-back ledger is refused.
+            led.follow_log(self._publisher.published() if self._publisher is not None else ())
+        except BaseException:
+            led.close()
+            raise
+        return led
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,7 +183,7 @@ class Meter:
                 dict(budget=self.config.budget, meter=self.meter_id, bytes_out=self.bytes_out, bytes_in=self.bytes_in),
             )
             await self._sign_head()
-        except LedgerUnavailable as exc:
+        except LEDGER_FAILURES as exc:
             log.error("could not record the meter's stop in the ledger: %s", exc)
         await self._worker.close()
         log.info("meter %s stopped: %d bytes out, %d bytes in", self.meter_id, self.bytes_out, self.bytes_in)
@@ -265,18 +280,35 @@ class Meter:
                 c.upstream.transport.abort()
 
     async def _health_loop(self) -> None:
+        """Probe the ledger with a write every health_interval, up or down.
+
+        A connection may hold a large reservation and forward for a long time without a
+        ledger write; this probe is what makes `chmod a-w` (or a dead database) stop it within
+        one interval. A probe that does not answer within probe_timeout counts as a failure.
+        """
+        cfg = self.config
+        last_status = 0.0
         while True:
-            await asyncio.sleep(self.config.health_interval)
+            await asyncio.sleep(cfg.health_interval)
             try:
+                probe = asyncio.ensure_future(self._worker.call(lambda led: led.ping()))
+                try:
+                    await asyncio.wait_for(asyncio.shield(probe), cfg.probe_timeout)
+                except asyncio.TimeoutError:
+                    probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    raise LedgerUnavailable(
+                        f"ledger {cfg.ledger.split('@')[-1]} did not complete a write probe within {cfg.probe_timeout:g}s"
+                    ) from None
                 if self.state == "ledger_down":
-                    await self._worker.call(lambda led: led.ping())
                     self.down_reason = ""
                     self.metrics.ledger_up.set(1)
                     self._set_state("ok")
                     log.warning("ledger writable again; forwarding resumes")
-                st = await self._worker.call(lambda led: led.status(self.config.budget))
-                self._note_status(st)
-            except LedgerUnavailable as exc:
+                if time.monotonic() - last_status >= 1.0:
+                    st = await self._worker.call(lambda led: led.status(cfg.budget))
+                    self._note_status(st)
+                    last_status = time.monotonic()
+            except LEDGER_FAILURES as exc:
                 self._ledger_failed(exc)
             except Exception as exc:  # noqa: BLE001 - keep probing
                 log.warning("ledger health check: %s", exc)
@@ -294,7 +326,7 @@ class Meter:
             await asyncio.sleep(self.config.sth_interval)
             try:
                 await self._sign_head()
-            except LedgerUnavailable as exc:
+            except LEDGER_FAILURES as exc:
                 self._ledger_failed(exc)
 
     async def _sign_head(self) -> None:
@@ -302,15 +334,22 @@ class Meter:
             return
         key = self._key
 
-        def sign(led: Ledger) -> int:
+        def sign(led: Ledger) -> tuple[int, Any]:
             head = led.tree_head()
             if head.tree_size == self._signed_size:
-                return head.tree_size
+                return head.tree_size, None
             sth = sign_tree_head(key, head.tree_size, max(head.ts, int(time.time() * 1_000_000)), head.root)
             led.add_tree_head(sth)
-            return head.tree_size
+            return head.tree_size, sth
 
-        self._signed_size = await self._worker.call(sign)
+        self._signed_size, sth = await self._worker.call(sign)
+        if sth is not None and self._publisher is not None:
+            # Outside the ledger, so that rolling the ledger back cannot take the head with it.
+            try:
+                await asyncio.to_thread(self._publisher.publish, sth)
+            except OSError as exc:
+                self.metrics.ledger_failures.inc()
+                log.error("could not publish signed tree head %d to %s: %s", sth.tree_size, self._publisher.target, exc)
 
     # -- connections -------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -345,7 +384,7 @@ class Meter:
             await asyncio.gather(out, inn, return_exceptions=True)
         except _Cut:
             pass
-        except LedgerUnavailable as exc:
+        except LEDGER_FAILURES as exc:
             self._ledger_failed(exc)
         except asyncio.CancelledError:
             pass
@@ -363,7 +402,7 @@ class Meter:
                 self.remaining_bytes += c.allowance
                 self.reserved_bytes -= c.allowance
                 self._publish()
-            except LedgerUnavailable as exc:
+            except LEDGER_FAILURES as exc:
                 self._ledger_failed(exc)
             except Exception as exc:  # noqa: BLE001
                 log.error("conn %d: release of reservation %s failed: %s", c.id, c.res, exc)
@@ -421,7 +460,7 @@ class Meter:
                     await writer.drain()
         except _Cut:
             return
-        except LedgerUnavailable as exc:
+        except LEDGER_FAILURES as exc:
             self._ledger_failed(exc)
         except (ConnectionError, OSError) as exc:
             c.reason = c.reason or f"client gone ({type(exc).__name__})"

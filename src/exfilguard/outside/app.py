@@ -40,6 +40,7 @@ class OutsideConfig:
     default_max_tokens: int = 256
     max_max_tokens: int = 4096
     max_prompt_tokens: int = 8192
+    meter_status_url: str | None = None  # the meter's /status: /health reports meter, ledger and budget from it
 
 
 def read_api_keys(path: str | Path) -> list[str]:
@@ -131,8 +132,12 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         )
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "inside_connected": conn.hello is not None and conn._dead is None}
+    async def health() -> JSONResponse:
+        """200 when meter, ledger, budget and inside are all up; else 503 with the reason (outside/health.py)."""
+        from exfilguard.outside.health import health_report
+
+        code, body = await health_report(conn, cfg.meter_status_url)
+        return JSONResponse(body, status_code=code)
 
     @app.get("/metrics")
     async def metrics() -> Any:

@@ -1,6 +1,7 @@
-"""Run the pieces: the inside worker, the outside API, and all three with a meter (`up`).
+"""Run the pieces: the inside worker and the outside API, each in its own process.
 
-The CLI calls these; tests and the benchmark start the same stacks in-process.
+`exfilguard up` runs them as separate processes with the meter between them (exfilguard/supervise.py);
+tests and the benchmark start the same pieces in-process.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def serve_outside(inside: str, weak_spec: str, listen: str, api_keys_file: str, 
     _, weak = load_models(None, weak_spec)
     codecs = RealCodecFactory(weak)
     probe = http_status_probe(meter_status) if meter_status else no_probe
+    config.meter_status_url = meter_status  # /health reports the meter, the ledger and the budget from it
 
     async def main() -> None:
         srv, bound = await start_outside(codecs, _tokenizer_of(None, weak), codecs.weak_fingerprint, keys,
@@ -321,82 +323,3 @@ class MeterProcess:
                 self.proc.wait(10)
             except Exception:
                 self.proc.kill()
-
-
-def new_api_key(data_dir: Any) -> str:
-    """Create an API key and append it to DATA_DIR/api-keys (mode 0600)."""
-    import os
-    import secrets
-    from pathlib import Path
-
-    path = Path(data_dir) / "api-keys"
-    key = "sk-exfilguard-" + secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(key + "\n")
-    return key
-
-
-def meter_signing_key(ddir: "Any") -> "Any":
-    """DATA_DIR/meter-key (made on first use, kept across restarts): the meter signs tree heads."""
-    from exfilguard.ledger.keys import generate_keypair
-
-    path = ddir / "meter-key"
-    if not path.is_file():
-        generate_keypair(path)
-    return path
-
-
-def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int, data_dir: str,
-             config: OutsideConfig, device: str = "cpu") -> None:
-    """`exfilguard up`: meter + inside + outside on localhost, until Ctrl-C or SIGTERM."""
-    from pathlib import Path
-
-    from exfilguard.errors import ConfigError
-    from exfilguard.outside.app import read_api_keys
-    from exfilguard.outside.client import http_status_probe
-    from exfilguard.protocol.codec_adapter import RealCodecFactory
-
-    ddir = Path(data_dir)
-    ddir.mkdir(parents=True, exist_ok=True)
-    asked = weak_spec
-    weak_spec = resolve_weak_spec(weak_spec, strong_spec)
-    if asked is None and weak_spec == strong_spec:
-        print(f"warning: no distilled weak model found; using the strong model {strong_spec} as the weak model", flush=True)
-    if cap is None:
-        size = weight_file_bytes(strong_spec)
-        if size is None:
-            raise ConfigError(f"cannot size the weights of {strong_spec!r}: pass --cap BYTES")
-        cap = size // 10
-    strong, weak = load_models(strong_spec, weak_spec, device)
-    codecs = RealCodecFactory(weak)
-    tok = _tokenizer_of(strong, weak)
-    vocab = None if isinstance(strong, str) else strong.info.vocab_size
-    key = new_api_key(ddir)
-    keys = read_api_keys(ddir / "api-keys")
-    signing_key = meter_signing_key(ddir)
-    ledger_url = f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}"
-    config.model_name = strong_spec if not strong_spec.startswith("openai:") else "exfilguard"
-
-    async def main() -> None:
-        inside = await start_inside(make_backend(strong), codecs, tok, vocab)
-        meter = MeterProcess(inside.port, ledger_url, cap, signing_key=signing_key)
-        await asyncio.to_thread(meter.start)
-        outside = None
-        try:
-            outside, bound = await start_outside(codecs, tok, codecs.weak_fingerprint, keys, "127.0.0.1", meter.port,
-                                                 http_status_probe(meter.status_url), "127.0.0.1", port, config)
-            print(f"exfilguard is up: base URL http://127.0.0.1:{bound}/v1", flush=True)
-            print(f"API key: {key}", flush=True)
-            print(f"strong {strong_spec}, weak {weak_spec}, cap {cap} bytes, ledger {ddir / 'ledger.sqlite'} "
-                  f"(tree heads signed with {signing_key}; audit: exfilguard ledger verify --ledger "
-                  f"{ledger_url} --public-key {signing_key}.pub); Ctrl-C stops", flush=True)
-            await _wait_for_signal()
-        finally:
-            print("stopping: outside, meter, inside", flush=True)
-            if outside is not None:
-                await outside.stop()
-            await asyncio.to_thread(meter.stop)
-            await inside.stop()
-
-    asyncio.run(main())

@@ -1,0 +1,363 @@
+"""`exfilguard up`: inside, meter and outside as three processes, started and watched by one supervisor.
+
+The supervisor loads no model and imports no ML library: the strong model lives only in the
+inside process, the weak model in the inside and the outside, and the meter (started first,
+so that a cap mismatch, a bad key, a tampered ledger or a taken port is found before any model
+loads) is the only path between them.
+
+Supervision policy: a child that dies is logged with its pid and exit status and restarted on
+the same ports (the outside reconnects through the meter on the next request). ``up`` gives
+up and exits non-zero instead when a child exits with a configuration (2) or tampered-ledger
+(5) code, which a restart cannot fix (it exits with that code), or when one child died
+``MAX_RESTARTS`` times within ``RESTART_WINDOW`` seconds (ChildFailed).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exfilguard.errors import ChildFailed, ConfigError
+
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+FATAL_CODES = {2: "configuration error", 5: "ledger tampered"}
+
+
+class _Stopped(Exception):
+    """SIGINT/SIGTERM arrived while a child was starting."""
+
+
+@dataclass
+class UpConfig:
+    """Everything `exfilguard up` needs. Sizes in bytes."""
+
+    strong: str
+    weak: str
+    cap: int
+    port: int
+    data_dir: Path
+    ledger: str
+    signing_key: Path
+    reserve_block: int
+    windows: list[str] = field(default_factory=list)
+    budget: str = "default"
+    metrics: str = ""  # HOST:PORT of the meter's /metrics and /status ("" = a free port)
+    publish_heads: str | None = None
+    codec: str = "auto"
+    flush_every: int = 16
+    flush_ms: float = 0.0
+    device: str = "cpu"
+    model_name: str = "exfilguard"
+    ready_timeout: float = 600.0  # model loading on a small machine
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_port_free(port: int, what: str) -> None:
+    """Raise ConfigError when 127.0.0.1:`port` cannot be bound."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ConfigError(f"{what} 127.0.0.1:{port} is not available ({exc.strerror}); pick another with --port") from None
+
+
+def new_api_key(data_dir: Path) -> str:
+    """Create an API key and append it to DATA_DIR/api-keys (mode 0600)."""
+    import secrets
+
+    path = Path(data_dir) / "api-keys"
+    key = "sk-exfilguard-" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(key + "\n")
+    return key
+
+
+def meter_signing_key(ddir: Path) -> Path:
+    """DATA_DIR/meter-key (made on first use, kept across restarts): the meter signs tree heads."""
+    from exfilguard.ledger.keys import generate_keypair
+
+    path = Path(ddir) / "meter-key"
+    if not path.is_file():
+        generate_keypair(path)
+    return path
+
+
+class Child:
+    """One supervised process; its output lines go to ours, prefixed with its name."""
+
+    def __init__(self, name: str, argv: list[str], ready: Callable[[Child], bool]):
+        self.name, self.argv, self.ready = name, argv, ready
+        self.proc: subprocess.Popen[str] | None = None
+        self.deaths: collections.deque[float] = collections.deque()
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.seen = threading.Event()  # set when a line matched `expect`
+        self.expect: str | None = None
+
+    def start(self) -> None:
+        self.seen.clear()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True,  # Ctrl-C goes to the supervisor, which stops children in order
+            preexec_fn=_die_with_parent,
+        )
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self.expect and self.expect in line:
+                self.seen.set()
+            if line.startswith("error: "):
+                continue  # the supervisor reports it, once, with what it does about it
+            print(f"[{self.name} {proc.pid}] {line}", flush=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def error_line(self) -> str:
+        """The child's own one-line error, if it printed one."""
+        for line in reversed(self.lines):
+            if line.startswith("error: "):
+                return line[len("error: "):]
+        return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the supervisor dies, even by kill -9 (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _describe(rc: int) -> str:
+    return f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+
+
+def _status_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            import json
+
+            return json.loads(resp.read()).get("state") in ("ok", "exhausted")
+    except (OSError, ValueError):
+        return False
+
+
+class Supervisor:
+    """Start meter, inside and outside; restart a dead one; stop all on SIGINT/SIGTERM."""
+
+    def __init__(self, cfg: UpConfig):
+        self.cfg = cfg
+        self.inside_port = free_port()
+        self.meter_port = free_port()
+        self.status_host, self.status_port = ("127.0.0.1", free_port())
+        if cfg.metrics:
+            from exfilguard.meter.config import parse_hostport
+
+            self.status_host, self.status_port = parse_hostport(cfg.metrics, "--metrics")
+        self.status_url = f"http://{self.status_host}:{self.status_port}/status"
+        self.metrics_url = f"http://{self.status_host}:{self.status_port}/metrics"
+        self._stop = threading.Event()
+        exe = [sys.executable, "-m", "exfilguard.cli.main"]
+        meter = [
+            *exe, "meter", "--listen", f"127.0.0.1:{self.meter_port}", "--upstream", f"127.0.0.1:{self.inside_port}",
+            "--ledger", cfg.ledger, "--cap", str(cfg.cap), "--budget", cfg.budget, "--reserve-block", str(cfg.reserve_block),
+            "--signing-key", str(cfg.signing_key), "--metrics", f"{self.status_host}:{self.status_port}", "--upstream-wait", "0",
+        ]
+        for w in cfg.windows:
+            meter += ["--window", w]
+        if cfg.publish_heads:
+            meter += ["--publish-heads", cfg.publish_heads]
+        inside = [*exe, "inside", "--strong", cfg.strong, "--weak", cfg.weak, "--listen", f"127.0.0.1:{self.inside_port}",
+                  "--device", cfg.device]
+        outside = [
+            *exe, "outside", "--inside", f"127.0.0.1:{self.meter_port}", "--weak", cfg.weak, "--listen", f"127.0.0.1:{cfg.port}",
+            "--api-keys", str(cfg.data_dir / "api-keys"), "--meter-status", self.status_url, "--codec", cfg.codec,
+            "--flush-every", str(cfg.flush_every), "--flush-ms", str(cfg.flush_ms), "--model-name", cfg.model_name,
+        ]
+        self.meter = Child("meter", meter, lambda c: _status_ok(self.status_url))
+        self.inside = Child("inside", inside, lambda c: c.seen.is_set())
+        self.inside.expect = "inside worker listening on"
+        self.outside = Child("outside", outside, lambda c: c.seen.is_set())
+        self.outside.expect = "outside API on"
+        self.children = [self.meter, self.inside, self.outside]  # start order; stop in reverse
+
+    def _start(self, c: Child, timeout: float) -> None:
+        """Start one child and wait until it is ready; raise ChildFailed when it exits first."""
+        c.start()
+        self._wait_ready(c, timeout)
+
+    def _wait_ready(self, c: Child, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not c.ready(c):
+            if not c.alive():
+                assert c.proc is not None
+                rc = c.proc.wait()
+                why = c.error_line() or f"{c.name} exited with {_describe(rc)} while starting"
+                raise ChildFailed(why, rc if rc > 0 else None)
+            if self._stop.is_set():
+                c.stop()
+                raise _Stopped()
+            if time.monotonic() > deadline:
+                c.stop()
+                raise ChildFailed(f"{c.name} was not ready after {timeout:g}s")
+            time.sleep(0.05)
+
+    def start_all(self) -> None:
+        """Meter first (no model: startup errors show before any model loads), then inside, then outside."""
+        check_port_free(self.cfg.port, "the API port")
+        try:
+            self._start(self.meter, 60.0)
+            # Both load models; neither needs the other to load.
+            self.inside.start()
+            self.outside.start()
+            self._wait_ready(self.inside, self.cfg.ready_timeout)
+            self._wait_ready(self.outside, self.cfg.ready_timeout)
+        except BaseException:
+            self.stop_all()
+            raise
+
+    def watch(self) -> None:
+        """Until stopped: restart a child that died; raise ChildFailed when that cannot help."""
+        while not self._stop.wait(0.2):
+            for c in self.children:
+                if c.alive() or self._stop.is_set():
+                    continue
+                assert c.proc is not None
+                rc = c.proc.wait()
+                now = time.monotonic()
+                c.deaths.append(now)
+                while c.deaths and c.deaths[0] < now - RESTART_WINDOW:
+                    c.deaths.popleft()
+                print(f"up: {c.name} (pid {c.proc.pid}) died with {_describe(rc)}"
+                      + (f": {c.error_line()}" if c.error_line() else ""), file=sys.stderr, flush=True)
+                if rc in FATAL_CODES:
+                    raise ChildFailed(f"{c.name} exited with {FATAL_CODES[rc]}: {c.error_line() or _describe(rc)}; not restarting", rc)
+                if len(c.deaths) >= MAX_RESTARTS:
+                    raise ChildFailed(f"{c.name} died {len(c.deaths)} times within {RESTART_WINDOW:g}s; giving up")
+                print(f"up: restarting {c.name}", file=sys.stderr, flush=True)
+                self._start(c, self.cfg.ready_timeout if c is not self.meter else 60.0)
+                print(f"up: {c.name} restarted (pid {c.pid})", file=sys.stderr, flush=True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop_all(self) -> None:
+        """Outside, then meter (it settles reservations and signs a head), then inside."""
+        for c in (self.outside, self.meter, self.inside):
+            c.stop()
+
+
+def serve_up(cfg: UpConfig, api_key: str) -> None:
+    """Run the stack until SIGINT/SIGTERM (exit 0) or until a child cannot be kept up (ChildFailed)."""
+    sup = Supervisor(cfg)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sup.request_stop())
+    try:
+        sup.start_all()
+    except _Stopped:
+        return
+    print(f"exfilguard is up: base URL http://127.0.0.1:{cfg.port}/v1", flush=True)
+    print(f"API key: {api_key}", flush=True)
+    print(f"processes: meter pid {sup.meter.pid}, inside pid {sup.inside.pid}, outside pid {sup.outside.pid} "
+          f"(supervisor pid {os.getpid()})", flush=True)
+    print(f"meter status {sup.status_url}, metrics {sup.metrics_url}", flush=True)
+    ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
+    print(f"strong {cfg.strong}, weak {cfg.weak}, cap {cfg.cap} bytes, block {cfg.reserve_block} bytes, ledger {ledger_shown} "
+          f"(tree heads signed with {cfg.signing_key}; audit: exfilguard ledger verify --ledger "
+          f"{ledger_shown} --public-key {cfg.signing_key}.pub); Ctrl-C stops", flush=True)
+    try:
+        sup.watch()
+    except _Stopped:
+        pass
+    finally:
+        print("stopping: outside, meter, inside", flush=True)
+        sup.stop_all()
+
+
+def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_dir: str, *, ledger: str | None = None,
+              reserve_block: str | None = None, windows: list[str] | None = None, signing_key: Path | None = None,
+              metrics: str | None = None, publish_heads: str | None = None, codec: str = "auto", flush_every: int = 16,
+              flush_ms: float = 0.0, device: str = "cpu") -> UpConfig:
+    """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise."""
+    from exfilguard.ledger.keys import load_private_key
+    from exfilguard.meter.config import DEFAULT_BLOCK, parse_size, parse_window
+    from exfilguard.outside.stack import resolve_weak_spec, weight_file_bytes
+
+    ddir = Path(data_dir)
+    try:
+        ddir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --data-dir {ddir}: {exc.strerror}") from None
+    asked = weak
+    weak_spec = resolve_weak_spec(weak, strong)
+    if asked is None and weak_spec == strong:
+        print(f"warning: no distilled weak model found; using the strong model {strong} as the weak model", flush=True)
+    if cap is None:
+        size = weight_file_bytes(strong)
+        if size is None:
+            raise ConfigError(f"cannot size the weights of {strong!r}: pass --cap BYTES")
+        cap_bytes = size // 10
+    else:
+        cap_bytes = parse_size(cap, "--cap")
+    block = parse_size(reserve_block, "--reserve-block") if reserve_block else DEFAULT_BLOCK
+    if block <= 0:
+        raise ConfigError("--reserve-block must be a positive number of bytes")
+    for w in windows or ():
+        parse_window(w)
+    key = Path(signing_key) if signing_key else meter_signing_key(ddir)
+    load_private_key(key)  # a bad key fails here, before anything starts
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is out of range")
+    check_port_free(port, "the API port")
+    return UpConfig(
+        strong=strong, weak=weak_spec, cap=cap_bytes, port=port, data_dir=ddir,
+        ledger=ledger or f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", signing_key=key.resolve(),
+        reserve_block=block, windows=list(windows or ()), metrics=metrics or "", publish_heads=publish_heads,
+        codec=codec, flush_every=flush_every, flush_ms=flush_ms, device=device,
+        model_name=strong if not strong.startswith("openai:") else "exfilguard",
+    )
+
+
+__all__ = ["ChildFailed", "Supervisor", "UpConfig", "meter_signing_key", "new_api_key", "serve_up", "up_config"]
