@@ -100,3 +100,47 @@ class Desync(FrameCorrupt):
     def __init__(self, message: str, chunk_index: int):
         super().__init__(message)
         self.chunk_index = chunk_index
+
+
+class ApprovalRefused(ExfilguardError):
+    """A k-of-n budget change (cap or approver set) is refused: approvals short, or a bad request."""
+
+    http_status = 403
+    error_type = "approval_refused"
+    exit_code = 9
+
+
+class ApprovalsShort(ApprovalRefused):
+    """Fewer than k distinct approver keys of the budget's set signed the request."""
+
+    error_type = "approvals_short"
+
+
+class RequestExpired(ApprovalRefused):
+    """The budget change request is past its expiry time."""
+
+    error_type = "request_expired"
+
+
+class RequestReplayed(ApprovalRefused):
+    """The budget change request (its nonce) was applied already."""
+
+    error_type = "request_replayed"
+
+
+class RequestStale(ApprovalRefused):
+    """The ledger moved on since the request was made: the cap or the approver set changed."""
+
+    error_type = "request_stale"
+
+
+class RequestTampered(ApprovalRefused):
+    """The request or a signature file was changed after signing, or does not parse."""
+
+    error_type = "request_tampered"
+
+
+class WrongBudget(ApprovalRefused):
+    """The request is for another budget or another ledger than the one it is applied to."""
+
+    error_type = "wrong_budget"

@@ -50,6 +50,7 @@ class _Budget:
     # per window: deque of reservation ids inside it, and their running net sum
     inside: list[deque[int]] = field(default_factory=list)
     sums: list[int] = field(default_factory=list)
+    approvers: tuple[int, list[str]] | None = None  # (threshold, hex keys) once `budget init` ran
 
 
 def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey] = ()) -> VerifyReport:
@@ -166,6 +167,7 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
     budgets: dict[str, _Budget] = {}
     res: dict[int, _Res] = {}
     order: dict[str, list[int]] = {}
+    nonces: dict[str, tuple[str, int]] = {}  # nonce of every applied budget change -> (budget, seq)
 
     def bad(seq: int, msg: str) -> None:
         rep.problems.append(f"entry {seq}: {msg}")
@@ -228,8 +230,8 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
                     b.sums[i] -= r.amount - used
             if ev["reserved"] != b.reserved:
                 bad(seq, f"records {ev['reserved']} bytes reserved, the log adds up to {b.reserved}")
-        elif kind == "cap_change":
-            bad(seq, "cap changes need k-of-n approvals, which this version cannot check")
+        elif kind in ("cap_change", "approvers_set"):
+            _check_change(ev, b, nonces, bad)
 
     # The tables the meter reads must agree with the log it wrote.
     rows = {r[0]: r for r in ledger.budget_rows()}
@@ -248,6 +250,15 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
             rep.problems.append(f"budget {name!r} row's windows differ from the log's (row changed)")
     for name in rows:
         rep.problems.append(f"budget {name!r} is in the budgets table but was never created in the log (row inserted)")
+    approver_rows = {r[0]: (r[1], r[2]) for r in ledger.approver_rows()}
+    for name, b in budgets.items():
+        if approver_rows.pop(name, None) != b.approvers:
+            rep.problems.append(f"budget {name!r}'s approver set in the table differs from the log's (row changed)")
+    for name in approver_rows:
+        rep.problems.append(f"approvers of budget {name!r} are in the table but were never set in the log (row inserted)")
+    if {r[0]: (r[1], r[2]) for r in ledger.applied_request_rows()} != nonces:
+        rep.problems.append("the applied-requests table differs from the budget changes in the log (row changed): "
+                            "a request could be replayed")
     stored = {r[0]: r for r in ledger.reservation_rows()}
     for rid, r in res.items():
         row = stored.pop(rid, None)
@@ -261,3 +272,41 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
 
 def _is_hex32(text: object) -> bool:
     return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _check_change(ev: dict[str, Any], b: _Budget, nonces: dict[str, tuple[str, int]], bad: Any) -> None:
+    """Replay a k-of-n budget change: re-check its approvals' signatures against the set in force."""
+    from exfilguard.ledger.approvals import approver_set_json, check_event_approvals
+
+    seq, kind = ev["seq"], ev["kind"]
+    if kind == "approvers_set" and b.approvers is None and ev["request"] is None:
+        try:  # the first set of a budget (`budget init`) needs no approvals
+            s = approver_set_json(ev["threshold"], ev["keys"])
+        except Exception as exc:  # noqa: BLE001 - anything malformed is a finding
+            bad(seq, f"sets an unusable approver set ({exc})")
+            return
+        if ev["approvals"] != [] or s["keys"] != ev["keys"]:
+            bad(seq, "first approver set is not in canonical form")
+        b.approvers = (s["threshold"], s["keys"])
+        return
+    if b.approvers is None:
+        bad(seq, f"{kind} for budget {ev['budget']!r} before it had approvers")
+        return
+    problems = check_event_approvals(ev, b.approvers[1], b.approvers[0])
+    req = ev["request"] if isinstance(ev["request"], dict) else {}
+    nonce = req.get("nonce")
+    if nonce in nonces:
+        problems.append(f"its request was applied before (entry {nonces[nonce][1]}): replayed")
+    for p in problems:
+        bad(seq, f"{kind}: {p}")
+    if problems:
+        return
+    nonces[nonce] = (ev["budget"], seq)
+    if kind == "cap_change":
+        if ev["old_cap"] != b.cap:
+            bad(seq, f"changes the cap from {ev['old_cap']} but the log says it was {b.cap}")
+        if ev["new_cap"] < b.reserved:
+            bad(seq, f"lowers the cap to {ev['new_cap']} below the {b.reserved} bytes reserved")
+        b.cap = ev["new_cap"]
+    else:
+        b.approvers = (ev["threshold"], sorted(ev["keys"]))
