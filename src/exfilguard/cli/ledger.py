@@ -70,6 +70,62 @@ def ledger_verify(
         typer.echo(f"ok: {rep.tree_size} entries, root {rep.root}, {rep.signed_heads} signed tree heads verified")
 
 
+@ledger.command("checkpoint")
+def ledger_checkpoint(
+    url: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://..."),
+    signing_key: Path = typer.Option(..., "--signing-key", help="Ed25519 key (from `exfilguard keys new`) that signs it."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint file to write."),
+) -> None:
+    """Write a signed checkpoint: the tree head and every budget's cap and used bytes."""
+    from exfilguard.ledger import load_private_key, open_ledger
+    from exfilguard.ledger.checkpoint import make_checkpoint, write_checkpoint
+
+    key = load_private_key(signing_key)
+    led = open_ledger(url, create=False)
+    try:
+        cp = make_checkpoint(led, key)
+    finally:
+        led.close()
+    write_checkpoint(out, cp)
+    typer.echo(f"wrote {out}: {cp.head.tree_size} entries, root {cp.head.root.hex()}, "
+               + ", ".join(f"{b['budget']} {b['used_bytes']}/{b['cap_bytes']} B" for b in cp.budgets))
+
+
+@ledger.command("prove")
+def ledger_prove(
+    url: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://..."),
+    out: Path = typer.Option(..., "--out", help="Proof file to write."),
+    old: Optional[Path] = typer.Option(None, "--old", help="Older checkpoint (consistency proof to --new)."),
+    new: Optional[Path] = typer.Option(None, "--new", help="Newer checkpoint (consistency proof from --old)."),
+    entry: Optional[int] = typer.Option(None, "--entry", help="Sequence number of one entry (inclusion proof in --checkpoint)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint the entry's proof leads to."),
+) -> None:
+    """Write an RFC 6962 consistency proof between two checkpoints, or an inclusion proof of one entry."""
+    from exfilguard.errors import ConfigError
+    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger.checkpoint import load_checkpoint
+    from exfilguard.ledger.proofs import prove_consistency, prove_inclusion, write_proof
+
+    if entry is None and (old is None or new is None):
+        raise ConfigError("give --old and --new (consistency proof) or --entry and --checkpoint (inclusion proof)")
+    if entry is not None and (checkpoint is None or old is not None):
+        raise ConfigError("an inclusion proof takes --entry SEQ and --checkpoint FILE (no --old)")
+    led = open_ledger(url, create=False)
+    try:
+        if entry is None:
+            assert old is not None and new is not None
+            proof = prove_consistency(led, load_checkpoint(old).head, load_checkpoint(new).head)
+            what = f"consistency proof from {proof.old_size} to {proof.new_size} entries ({len(proof.path)} hashes)"
+        else:
+            assert checkpoint is not None
+            proof = prove_inclusion(led, entry, load_checkpoint(checkpoint).head)
+            what = f"inclusion proof of entry {entry} in {proof.tree_size} entries ({len(proof.path)} hashes)"
+    finally:
+        led.close()
+    write_proof(out, proof)
+    typer.echo(f"wrote {out}: {what}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.add_typer(ledger, name="ledger")
