@@ -259,6 +259,8 @@ def tally(request: dict[str, Any], approvals: Sequence[dict[str, Any]], keys: Se
     seen: dict[str, str] = {}
     t = Tally([])
     for i, a in enumerate(approvals):
+        # identity is the key's bytes, not its spelling: "AB.." and "ab.." are one approver
+        a = {**a, "public_key": a["public_key"].lower()}
         who = short_id(a["public_key"]) if len(a["public_key"]) == 64 else "?"
         if a["request"] != digest.hex():
             raise RequestTampered(
