@@ -11,6 +11,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from exfilguard.errors import LedgerUnavailable
 from exfilguard.ledger import merkle
 from exfilguard.ledger.events import GENESIS_PREV, decode_event
 from exfilguard.ledger.keys import key_id, verify_tree_head
@@ -250,13 +251,18 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
             rep.problems.append(f"budget {name!r} row's windows differ from the log's (row changed)")
     for name in rows:
         rep.problems.append(f"budget {name!r} is in the budgets table but was never created in the log (row inserted)")
-    approver_rows = {r[0]: (r[1], r[2]) for r in ledger.approver_rows()}
+    try:
+        approver_rows = {r[0]: (r[1], r[2]) for r in ledger.approver_rows()}
+        applied = {r[0]: (r[1], r[2]) for r in ledger.applied_request_rows()}
+    except LedgerUnavailable:
+        # a ledger made before k-of-n changes existed, opened read-only, lacks these tables
+        approver_rows, applied = {}, {}
     for name, b in budgets.items():
         if approver_rows.pop(name, None) != b.approvers:
             rep.problems.append(f"budget {name!r}'s approver set in the table differs from the log's (row changed)")
     for name in approver_rows:
         rep.problems.append(f"approvers of budget {name!r} are in the table but were never set in the log (row inserted)")
-    if {r[0]: (r[1], r[2]) for r in ledger.applied_request_rows()} != nonces:
+    if applied != nonces:
         rep.problems.append("the applied-requests table differs from the budget changes in the log (row changed): "
                             "a request could be replayed")
     stored = {r[0]: r for r in ledger.reservation_rows()}
