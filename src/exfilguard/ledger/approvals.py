@@ -56,8 +56,11 @@ def raw_key(public: Ed25519PublicKey) -> str:
 
 
 def short_id(hex_key: str) -> str:
-    """Return the 16-hex-digit key id (as ``keys.key_id``) of a hex raw public key."""
-    return hashlib.sha256(bytes.fromhex(hex_key)).hexdigest()[:16]
+    """Return the 16-hex-digit key id (as ``keys.key_id``) of a hex raw public key ("?" if it is not one)."""
+    try:
+        return hashlib.sha256(bytes.fromhex(hex_key)).hexdigest()[:16]
+    except (TypeError, ValueError):
+        return "?"
 
 
 def approver_set_json(threshold: int, keys: Sequence[str]) -> dict[str, Any]:
@@ -67,7 +70,7 @@ def approver_set_json(threshold: int, keys: Sequence[str]) -> dict[str, Any]:
         raise ConfigError("the same approver key is given twice; every approver must hold a distinct key")
     if not keys or len(keys) > MAX_KEYS:
         raise ConfigError(f"an approver set needs 1 to {MAX_KEYS} keys (got {len(keys)})")
-    if not isinstance(threshold, int) or not 1 <= threshold <= len(keys):
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 <= threshold <= len(keys):
         raise ConfigError(f"threshold {threshold} is not between 1 and the number of approvers ({len(keys)})")
     return {"threshold": threshold, "keys": sorted(keys)}
 
@@ -135,8 +138,12 @@ def _fail(msg: str) -> None:
     raise RequestTampered(f"request is malformed: {msg}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+MAX_BYTES = 2**63 - 1  # a BIGINT column
+MAX_TIME = 253_402_300_799_000_000  # 9999-12-31, microseconds: printable as a date
+
+
+def _is_int(v: Any, limit: int = MAX_BYTES) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit
 
 
 def _check_set(s: Any, what: str) -> None:
@@ -157,7 +164,8 @@ def check_request(req: Any) -> dict[str, Any]:
     if not isinstance(req, dict) or req.get("type") != REQUEST_TYPE:
         _fail(f"not an {REQUEST_TYPE} object")
     base = {"type", "budget", "action", "approvers", "head", "reason", "nonce", "created", "expires"}
-    extra = {"cap": {"old_cap", "new_cap"}, "approvers": {"new_approvers"}}.get(req.get("action"))
+    action = req.get("action")
+    extra = {"cap": {"old_cap", "new_cap"}, "approvers": {"new_approvers"}}.get(action) if isinstance(action, str) else None
     if extra is None:
         _fail(f"unknown action {req.get('action')!r}")
     if set(req) != base | extra:
@@ -167,7 +175,7 @@ def check_request(req: Any) -> dict[str, Any]:
     n = req["nonce"]
     if not (isinstance(n, str) and len(n) == 32 and all(c in "0123456789abcdef" for c in n)):
         _fail("nonce is not 32 hex digits")
-    if not (_is_int(req["created"]) and _is_int(req["expires"]) and req["expires"] > req["created"]):
+    if not (_is_int(req["created"], MAX_TIME) and _is_int(req["expires"], MAX_TIME) and req["expires"] > req["created"]):
         _fail("created/expires are not times with expires after created")
     h = req["head"]
     if not (isinstance(h, dict) and set(h) == {"tree_size", "ts", "root"} and _is_int(h["tree_size"]) and _is_int(h["ts"])
@@ -225,9 +233,14 @@ def load_approval(path: Path) -> dict[str, Any]:
     a = _load(path, "signature file")
     if not (isinstance(a, dict) and a.get("type") == APPROVAL_TYPE
             and set(a) == {"type", "request", "budget", "public_key", "signature"}
-            and all(isinstance(a[k], str) for k in ("request", "budget", "public_key", "signature"))):
+            and all(isinstance(a[k], str) for k in ("request", "budget", "public_key", "signature"))
+            and _is_hex(a["request"], 64) and _is_hex(a["public_key"], 64) and _is_hex(a["signature"], 128)):
         raise RequestTampered(f"{path} is not an {APPROVAL_TYPE} signature file")
     return a
+
+
+def _is_hex(text: str, n: int) -> bool:
+    return len(text) == n and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _verify_one(digest: bytes, public_hex: str, signature_hex: str) -> bool:
@@ -261,7 +274,7 @@ def tally(request: dict[str, Any], approvals: Sequence[dict[str, Any]], keys: Se
     for i, a in enumerate(approvals):
         # identity is the key's bytes, not its spelling: "AB.." and "ab.." are one approver
         a = {**a, "public_key": a["public_key"].lower()}
-        who = short_id(a["public_key"]) if len(a["public_key"]) == 64 else "?"
+        who = short_id(a["public_key"])
         if a["request"] != digest.hex():
             raise RequestTampered(
                 f"signature #{i + 1} (key {who}) is for request {a['request'][:16]}..., not this one "
@@ -401,7 +414,7 @@ def check_event_approvals(event: dict[str, Any], keys: Sequence[str], threshold:
         return problems + ["its approvals are malformed"]
     digest = request_digest(req)
     good = {a["public_key"] for a in approvals if a["public_key"] in set(keys) and _verify_one(digest, a["public_key"], a["signature"])}
-    bad = [short_id(a["public_key"]) if len(a["public_key"]) == 64 else "?" for a in approvals
+    bad = [short_id(a["public_key"]) for a in approvals
            if not _verify_one(digest, a["public_key"], a["signature"])]
     if bad:
         problems.append(f"signatures by {', '.join(bad)} do not verify")

@@ -60,9 +60,9 @@ def head_from_json(obj: Any, where: str = "tree head") -> TreeHead:
         kid, sig = obj.get("key_id", ""), bytes.fromhex(obj.get("signature", ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where} is malformed ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(ts, int)
+    if not (all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in (size, ts))
             and len(root) == merkle.HASH_SIZE and isinstance(kid, str)):
-        raise ConfigError(f"{where} is malformed (tree_size, ts, 32-byte root and key_id expected)")
+        raise ConfigError(f"{where} is malformed (tree_size and ts as 64-bit counts, 32-byte root and key_id expected)")
     return TreeHead(size, ts, root, kid, sig)
 
 
