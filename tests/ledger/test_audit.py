@@ -225,3 +225,57 @@ def test_inclusion_of_a_forged_cap_change_fails_its_signature_check(world):
     write_proof(d / "i3.json", proof)
     out = _cli("audit", "verify", "--checkpoint", d / "cp3.json", "--proof", d / "i3.json", "--public-key", world["pub"])
     assert out.returncode == 5 and "do not verify" in out.stderr  # ... and its approvals are forged
+
+
+def test_cli_checkpoint_of_a_frozen_ledger(tmp_path):
+    """`ledger checkpoint` reads only: a ledger frozen with chmod a-w can still be checkpointed."""
+    import os
+
+    url = f"sqlite:///{tmp_path}/l.db"
+    led = open_ledger(url)
+    led.ensure_budget("b", 500)
+    led.reserve("b", 123, "m", 1)
+    size = led.tree_head().tree_size
+    led.close()
+    generate_keypair(tmp_path / "m.key")
+    os.chmod(tmp_path / "l.db", 0o444)
+    out = _cli("ledger", "checkpoint", "--ledger", url, "--signing-key", tmp_path / "m.key", "--out", tmp_path / "cp.json")
+    assert out.returncode == 0, out.stderr
+    cp = load_checkpoint(tmp_path / "cp.json", [load_public_key(tmp_path / "m.key.pub")])
+    assert cp.head.tree_size == size and cp.budgets == [{"budget": "b", "cap_bytes": 500, "used_bytes": 123}]
+    nokey = _cli("ledger", "checkpoint", "--ledger", url, "--signing-key", tmp_path / "none.key", "--out", tmp_path / "x.json")
+    assert nokey.returncode == 2 and "cannot read signing key" in nokey.stderr
+
+
+def test_checkpoint_totals_belong_to_its_tree_size_under_traffic(url, tmp_path):
+    import threading
+
+    led = open_ledger(url)
+    led.ensure_budget("b", 10**9)
+    stop = threading.Event()
+
+    def traffic():
+        other = open_ledger(url, create=False)
+        i = 0
+        while not stop.is_set():
+            g = other.reserve("b", 100 + i % 7, "m", i)
+            other.release(g.res, i % 5)
+            i += 1
+        other.close()
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    key = Ed25519PrivateKey.generate()
+    try:
+        cps = [make_checkpoint(led, key) for _ in range(8)]
+    finally:
+        stop.set()
+        t.join()
+    entries = [decode_event(e) for _, e in led.entries()]
+    for cp in cps:
+        reserved = 0
+        for ev in entries[: cp.head.tree_size]:
+            reserved += ev["amount"] if ev["kind"] == "reserve" else -ev["returned"] if ev["kind"] == "release" else 0
+        assert cp.budgets == [{"budget": "b", "cap_bytes": 10**9, "used_bytes": reserved}]
+        assert cp.head.root == merkle.root([merkle.leaf_hash(ev_b) for _, ev_b in list(led.entries())[: cp.head.tree_size]])
+    led.close()

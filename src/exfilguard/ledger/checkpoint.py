@@ -71,18 +71,31 @@ def _signed_body(cp: Checkpoint) -> bytes:
 
 
 def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey) -> Checkpoint:
-    """Sign the ledger's current head and every budget's totals, read in one transaction."""
-
-    def snap(cur: Any, head: Any) -> tuple[int, int, bytes, list[tuple[Any, ...]]]:
-        # Under the head lock: the totals belong to exactly this tree size.
-        rows = cur.execute(ledger._sql("SELECT name, cap_bytes, reserved_bytes FROM budgets ORDER BY name")).fetchall()
-        return head.tree_size, head.last_ts, merkle.frontier_root(head.frontier), rows
-
-    size, last_ts, root, rows = ledger._write(snap)
+    """Sign the ledger's current head and every budget's totals as of exactly that head."""
+    size, last_ts, root, rows = _snapshot(ledger)
     th = sign_tree_head(private_key, size, max(last_ts, int(time.time() * 1_000_000)), root)
     budgets = [{"budget": r[0], "cap_bytes": int(r[1]), "used_bytes": int(r[2])} for r in rows]
     cp = Checkpoint(th, budgets, CHECKPOINT_VERSION)
     return Checkpoint(th, budgets, CHECKPOINT_VERSION, private_key.sign(_signed_body(cp)))
+
+
+def _snapshot(ledger: Ledger) -> tuple[int, int, bytes, list[tuple[Any, ...]]]:
+    # Every write that changes a budget row appends an event in the same transaction, so
+    # budgets read between two reads of an unchanged head belong to exactly that head. Reads
+    # only: a frozen (read-only) ledger can still be checkpointed. Under steady traffic the
+    # head may keep moving; then take the head lock for one short transaction.
+    for _ in range(20):
+        before = ledger.tree_head()
+        rows = [(n, cap, reserved) for n, cap, reserved, _o, _w in ledger.budget_rows()]
+        after = ledger.tree_head()
+        if (before.tree_size, before.root) == (after.tree_size, after.root):
+            return before.tree_size, before.ts, before.root, rows
+
+    def locked(cur: Any, head: Any) -> tuple[int, int, bytes, list[tuple[Any, ...]]]:
+        got = cur.execute(ledger._sql("SELECT name, cap_bytes, reserved_bytes FROM budgets ORDER BY name")).fetchall()
+        return head.tree_size, head.last_ts, merkle.frontier_root(head.frontier), [tuple(r) for r in got]
+
+    return ledger._write(locked)
 
 
 def checkpoint_to_json(cp: Checkpoint) -> dict[str, Any]:
