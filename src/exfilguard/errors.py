@@ -113,3 +113,47 @@ class ChildFailed(ExfilguardError):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code  # the child's own code (2 configuration, 5 tampered ledger, ...)
+
+
+class ApprovalRefused(ExfilguardError):
+    """A k-of-n budget change (cap or approver set) is refused: approvals short, or a bad request."""
+
+    http_status = 403
+    error_type = "approval_refused"
+    exit_code = 10
+
+
+class ApprovalsShort(ApprovalRefused):
+    """Fewer than k distinct approver keys of the budget's set signed the request."""
+
+    error_type = "approvals_short"
+
+
+class RequestExpired(ApprovalRefused):
+    """The budget change request is past its expiry time."""
+
+    error_type = "request_expired"
+
+
+class RequestReplayed(ApprovalRefused):
+    """The budget change request (its nonce) was applied already."""
+
+    error_type = "request_replayed"
+
+
+class RequestStale(ApprovalRefused):
+    """The ledger moved on since the request was made: the cap or the approver set changed."""
+
+    error_type = "request_stale"
+
+
+class RequestTampered(ApprovalRefused):
+    """The request or a signature file was changed after signing, or does not parse."""
+
+    error_type = "request_tampered"
+
+
+class WrongBudget(ApprovalRefused):
+    """The request is for another budget or another ledger than the one it is applied to."""
+
+    error_type = "wrong_budget"

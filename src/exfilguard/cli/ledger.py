@@ -98,7 +98,43 @@ def ledger_checkpoint(
     finally:
         led.close()
     write_checkpoint(out, cp)
-    typer.echo(f"checkpoint {out}: {cp.head.tree_size} entries, root {cp.head.root.hex()}, key {cp.head.key_id}")
+    typer.echo(f"wrote checkpoint {out}: {cp.head.tree_size} entries, root {cp.head.root.hex()}, key {cp.head.key_id}; "
+               + ", ".join(f"{b['budget']} {b['used_bytes']}/{b['cap_bytes']} B" for b in cp.budgets))
+
+
+@ledger.command("prove")
+def ledger_prove(
+    url: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://..."),
+    out: Path = typer.Option(..., "--out", help="Proof file to write."),
+    old: Optional[Path] = typer.Option(None, "--old", help="Older checkpoint (consistency proof to --new)."),
+    new: Optional[Path] = typer.Option(None, "--new", help="Newer checkpoint (consistency proof from --old)."),
+    entry: Optional[int] = typer.Option(None, "--entry", help="Sequence number of one entry (inclusion proof in --checkpoint)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint the entry's proof leads to."),
+) -> None:
+    """Write an RFC 6962 consistency proof between two checkpoints, or an inclusion proof of one entry."""
+    from exfilguard.errors import ConfigError
+    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger.checkpoint import load_checkpoint
+    from exfilguard.ledger.proofs import prove_consistency, prove_inclusion, write_proof
+
+    if entry is None and (old is None or new is None):
+        raise ConfigError("give --old and --new (consistency proof) or --entry and --checkpoint (inclusion proof)")
+    if entry is not None and (checkpoint is None or old is not None):
+        raise ConfigError("an inclusion proof takes --entry SEQ and --checkpoint FILE (no --old)")
+    led = open_ledger(url, create=False)
+    try:
+        if entry is None:
+            assert old is not None and new is not None
+            proof = prove_consistency(led, load_checkpoint(old).head, load_checkpoint(new).head)
+            what = f"consistency proof from {proof.old_size} to {proof.new_size} entries ({len(proof.path)} hashes)"
+        else:
+            assert checkpoint is not None
+            proof = prove_inclusion(led, entry, load_checkpoint(checkpoint).head)
+            what = f"inclusion proof of entry {entry} in {proof.tree_size} entries ({len(proof.path)} hashes)"
+    finally:
+        led.close()
+    write_proof(out, proof)
+    typer.echo(f"wrote {out}: {what}")
 
 
 def register(app: typer.Typer) -> None:

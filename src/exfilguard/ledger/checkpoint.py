@@ -59,6 +59,15 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+# The name the audit and approvals code uses.
+canonical_json = canonical
+
+
+def checkpoint_to_json(cp: Checkpoint) -> dict[str, Any]:
+    """The file form of a checkpoint: a bare published head when it carries no checkpoint signature."""
+    return cp.as_json() if cp.signature else head_to_json(cp.head)
+
+
 def head_to_json(head: TreeHead) -> dict[str, Any]:
     """The published form of a signed tree head."""
     return {"tree_size": head.tree_size, "ts": head.ts, "root": head.root.hex(), "key_id": head.key_id,
@@ -117,7 +126,7 @@ def write_checkpoint(path: str | os.PathLike[str], cp: Checkpoint) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot write checkpoint {p}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as f:
-        f.write(canonical(cp.as_json()) + b"\n")
+        f.write(canonical(checkpoint_to_json(cp)) + b"\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -134,6 +143,8 @@ def parse_checkpoint(obj: Any, public_keys: Sequence[Ed25519PublicKey] | None, w
         ):
             raise ConfigError(f"{where}: budgets must be a list of {{budget, cap_bytes, used_bytes}}")
         sig = obj.get("signature")
+        if sig == "":
+            raise LedgerTampered(f"{where}: the checkpoint's signature is missing (stripped)")
         if not (isinstance(sig, str) and re.fullmatch(r"(?:[0-9a-f]{2})+", sig)):
             raise ConfigError(f"{where}: signature must be hex")
         cp = Checkpoint(head_from_json(obj["head"], f"{where} head"), budgets, CHECKPOINT_VERSION, bytes.fromhex(sig))
@@ -190,6 +201,8 @@ def load_trusted_heads(paths: Sequence[str | os.PathLike[str]], public_keys: Seq
 __all__ = [
     "Checkpoint",
     "canonical",
+    "canonical_json",
+    "checkpoint_to_json",
     "head_from_json",
     "head_to_json",
     "load_checkpoint",

@@ -24,7 +24,10 @@ KINDS: dict[str, tuple[str, ...]] = {
     "reserve": ("budget", "meter", "conn", "amount", "reserved"),
     "release": ("budget", "meter", "res", "used", "returned", "reserved"),
     "deny": ("budget", "meter", "conn", "reason"),
-    "cap_change": ("budget", "old_cap", "new_cap", "approvals"),
+    "cap_change": ("budget", "old_cap", "new_cap", "approvals", "request"),
+    # a budget's k-of-n approver set: keys = sorted hex raw Ed25519 public keys; the first set
+    # of a budget has request null and no approvals, every later one carries both
+    "approvers_set": ("budget", "threshold", "keys", "approvals", "request"),
 }
 
 

@@ -85,7 +85,7 @@ def inclusion_proof(leaf_hashes: Sequence[bytes], index: int) -> list[bytes]:
 
 def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], expected_root: bytes) -> bool:
     """Return True when `proof` shows `leaf` at `index` in the tree of `size` with `expected_root`."""
-    if not 0 <= index < size or len(leaf) != HASH_SIZE:
+    if not 0 <= index < size or len(leaf) != HASH_SIZE or len(expected_root) != HASH_SIZE:
         return False
     fn, sn = index, size - 1
     r = leaf
@@ -129,7 +129,8 @@ def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: 
     """Return True when `proof` shows the tree (old_size, old_root) is a prefix of (new_size, new_root)."""
     if not 0 <= old_size <= new_size:
         return False
-    if any(len(p) != HASH_SIZE for p in proof):
+    # Every hash is 32 bytes: a malformed root or element is a failed proof, never an exception.
+    if any(len(p) != HASH_SIZE for p in (old_root, new_root, *proof)):
         return False
     if old_size == new_size:
         return not proof and old_root == new_root

@@ -42,6 +42,7 @@ class BudgetState:
     inside: list[deque[int]] = field(default_factory=list)
     members: list[set[int]] = field(default_factory=list)
     sums: list[int] = field(default_factory=list)
+    approvers: tuple[int, list[str]] | None = None  # (threshold, hex keys) once `budget init` ran
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LedgerState:
     reservations: dict[int, ResState] = field(default_factory=dict)
     size: int = 0
     problems: list[str] = field(default_factory=list)
+    nonces: dict[str, tuple[str, int]] = field(default_factory=dict)  # applied budget change -> (budget, seq)
 
     def bad(self, seq: int, msg: str) -> None:
         self.problems.append(f"entry {seq}: {msg}")
@@ -146,17 +148,46 @@ def _release(st: LedgerState, ev: dict[str, Any]) -> None:
         st.bad(seq, f"records {ev['reserved']} bytes reserved, the log adds up to {b.reserved}")
 
 
-def _cap_change(st: LedgerState, ev: dict[str, Any]) -> None:
-    seq = ev["seq"]
+def _budget_change(st: LedgerState, ev: dict[str, Any]) -> None:
+    """A k-of-n budget change (cap_change, approvers_set): re-check its approvals against the set in force."""
+    from exfilguard.ledger.approvals import approver_set_json, check_event_approvals
+
+    seq, kind = ev["seq"], ev["kind"]
     b = st.budget(seq, ev)
     if b is None:
         return
-    if ev["old_cap"] != b.cap:
-        st.bad(seq, f"changes the cap from {ev['old_cap']!r}, but the log's cap is {b.cap}")
-    if isinstance(ev["new_cap"], int) and ev["new_cap"] >= 0:
+    if kind == "approvers_set" and b.approvers is None and ev["request"] is None:
+        try:  # the first set of a budget (`budget init`) needs no approvals
+            s = approver_set_json(ev["threshold"], ev["keys"])
+        except Exception as exc:  # noqa: BLE001 - anything malformed is a finding
+            st.bad(seq, f"sets an unusable approver set ({exc})")
+            return
+        if ev["approvals"] != [] or s["keys"] != ev["keys"]:
+            st.bad(seq, "first approver set is not in canonical form")
+        b.approvers = (s["threshold"], s["keys"])
+        return
+    if b.approvers is None:
+        st.bad(seq, f"{kind} for budget {ev['budget']!r} before it had approvers")
+        return
+    problems = check_event_approvals(ev, b.approvers[1], b.approvers[0])
+    req = ev["request"] if isinstance(ev["request"], dict) else {}
+    nonce = req.get("nonce")
+    if nonce in st.nonces:
+        problems.append(f"its request was applied before (entry {st.nonces[nonce][1]}): replayed")
+    for p in problems:
+        st.bad(seq, f"{kind}: {p}")
+    if problems:
+        return
+    st.nonces[nonce] = (ev["budget"], seq)
+    if kind == "cap_change":
+        if ev["old_cap"] != b.cap:
+            st.bad(seq, f"changes the cap from {ev['old_cap']!r}, but the log's cap is {b.cap}")
+        if not isinstance(ev["new_cap"], int) or ev["new_cap"] < b.reserved:
+            st.bad(seq, f"lowers the cap to {ev['new_cap']!r} below the {b.reserved} bytes reserved")
+            return
         b.cap = ev["new_cap"]
-    # Until k-of-n approvals can be checked here, a cap change is never taken on trust.
-    st.bad(seq, "cap changes need k-of-n approvals, which this version cannot check")
+    else:
+        b.approvers = (ev["threshold"], sorted(ev["keys"]))
 
 
 def _budget_only(st: LedgerState, ev: dict[str, Any]) -> None:
@@ -169,7 +200,8 @@ HANDLERS: dict[str, Callable[[LedgerState, dict[str, Any]], None]] = {
     "reserve": _reserve,
     "release": _release,
     "deny": _budget_only,
-    "cap_change": _cap_change,
+    "cap_change": _budget_change,
+    "approvers_set": _budget_change,
     "meter_start": _budget_only,
     "meter_stop": _budget_only,
 }

@@ -56,6 +56,16 @@ _SCHEMA = [
         key_id TEXT NOT NULL,
         signature BLOB NOT NULL,
         PRIMARY KEY (tree_size, ts, key_id))""",
+    # k-of-n budget changes (ledger/approvals.py): each budget's approver set, and every
+    # applied request's nonce so that no request is applied twice
+    """CREATE TABLE IF NOT EXISTS budget_approvers (
+        budget TEXT PRIMARY KEY,
+        threshold BIGINT NOT NULL CHECK (threshold >= 1),
+        keys TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS applied_requests (
+        nonce TEXT PRIMARY KEY,
+        budget TEXT NOT NULL,
+        seq BIGINT NOT NULL)""",
 ]
 
 
@@ -544,6 +554,97 @@ class Ledger:
         """Raise LedgerUnavailable unless a write transaction can be opened right now."""
         self._write(lambda cur, head: None)
 
+    # -- k-of-n budget changes: ledger/approvals.py checks the signatures; these apply them
+    # -- atomically, re-checking under the head lock everything the signatures were counted against
+    def init_approvers(self, budget: str, threshold: int, keys: Sequence[str]) -> int:
+        """Set a budget's first approver set (hex raw public keys); refuse once it has one."""
+        keys = sorted(keys)
+
+        def body(cur: Any, head: _Head) -> int:
+            if cur.execute(self._sql("SELECT 1 FROM budgets WHERE name = ?" + self._lock_row()), (budget,)).fetchone() is None:
+                raise ConfigError(f"no budget {budget!r} in ledger {self.url}; give --cap to create it")
+            if cur.execute(self._sql("SELECT 1 FROM budget_approvers WHERE budget = ?"), (budget,)).fetchone() is not None:
+                raise ConfigError(
+                    f"budget {budget!r} already has approvers; changing them is itself a k-of-n change "
+                    "(`exfilguard budget request --approvers ... --threshold K`)"
+                )
+            cur.execute(
+                self._sql("INSERT INTO budget_approvers (budget, threshold, keys) VALUES (?, ?, ?)"),
+                (budget, threshold, json.dumps(keys, separators=(",", ":"))),
+            )
+            return self._append(cur, head, "approvers_set", budget=budget, threshold=threshold, keys=keys, approvals=[], request=None)
+
+        return self._write(body)
+
+    def apply_budget_change(
+        self,
+        budget: str,
+        *,
+        nonce: str,
+        expires: int,
+        approvers: tuple[int, Sequence[str]],
+        approvals: list[dict[str, str]],
+        request: dict[str, Any],
+        old_cap: int | None = None,
+        new_cap: int | None = None,
+        new_approvers: tuple[int, Sequence[str]] | None = None,
+    ) -> int:
+        """Apply an approved cap change (old_cap -> new_cap) or approver-set change; return its seq.
+
+        In one transaction: refuses a nonce applied before (RequestReplayed), a request past
+        `expires` by the ledger's clock (RequestExpired), a budget whose approver set is not
+        `approvers` or whose cap is not `old_cap` any more (RequestStale), and a cap below the
+        bytes already reserved (ApprovalRefused): the new cap must hold what already left.
+        """
+        from exfilguard.errors import ApprovalRefused, RequestExpired, RequestReplayed, RequestStale, WrongBudget
+
+        def body(cur: Any, head: _Head) -> int:
+            row = cur.execute(self._sql("SELECT seq FROM applied_requests WHERE nonce = ?"), (nonce,)).fetchone()
+            if row is not None:
+                raise RequestReplayed(f"request {nonce} was applied already (ledger entry {int(row[0])}); make a new request")
+            if head.now > expires:
+                raise RequestExpired(
+                    f"request {nonce} expired at {_iso(expires)} (ledger time {_iso(head.now)}); make a new request"
+                )
+            brow = cur.execute(
+                self._sql("SELECT cap_bytes, reserved_bytes FROM budgets WHERE name = ?" + self._lock_row()), (budget,)
+            ).fetchone()
+            if brow is None:
+                raise WrongBudget(f"no budget {budget!r} in ledger {self.url}: the request is for another ledger")
+            cap, reserved = int(brow[0]), int(brow[1])
+            arow = cur.execute(self._sql("SELECT threshold, keys FROM budget_approvers WHERE budget = ?"), (budget,)).fetchone()
+            if arow is None:
+                raise ApprovalRefused(f"budget {budget!r} has no approvers; set them once with `exfilguard budget init`")
+            if (int(arow[0]), json.loads(arow[1])) != (approvers[0], sorted(approvers[1])):
+                raise RequestStale(f"the approver set of budget {budget!r} changed since the request was made; make a new request")
+            if new_approvers is None:
+                if old_cap is None or new_cap is None:
+                    raise ValueError("a cap change needs old_cap and new_cap")
+                if cap != old_cap:
+                    raise RequestStale(
+                        f"budget {budget!r} has cap {cap} bytes now; the request was made when it was {old_cap}: make a new request"
+                    )
+                if new_cap < reserved:
+                    raise ApprovalRefused(
+                        f"cannot lower the cap of budget {budget!r} to {new_cap} bytes: {reserved} bytes are already "
+                        f"reserved; request a cap of at least {reserved}"
+                    )
+                cur.execute(self._sql("UPDATE budgets SET cap_bytes = ? WHERE name = ?"), (new_cap, budget))
+                seq = self._append(cur, head, "cap_change", budget=budget, old_cap=old_cap, new_cap=new_cap,
+                                   approvals=approvals, request=request)
+            else:
+                keys = sorted(new_approvers[1])
+                cur.execute(
+                    self._sql("UPDATE budget_approvers SET threshold = ?, keys = ? WHERE budget = ?"),
+                    (new_approvers[0], json.dumps(keys, separators=(",", ":")), budget),
+                )
+                seq = self._append(cur, head, "approvers_set", budget=budget, threshold=new_approvers[0], keys=keys,
+                                   approvals=approvals, request=request)
+            cur.execute(self._sql("INSERT INTO applied_requests (nonce, budget, seq) VALUES (?, ?, ?)"), (nonce, budget, seq))
+            return seq
+
+        return self._write(body)
+
     # -- reads -------------------------------------------------------------------------
     _snapshot_depth: int = 0
 
@@ -666,6 +767,31 @@ class Ledger:
         """Return (id, budget, ts, amount, used) for every reservation."""
         return [(int(a), b, int(c), int(d), None if e is None else int(e)) for a, b, c, d, e in self._read(
             "SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")]
+
+    def approver_set(self, budget: str) -> tuple[int, list[str]] | None:
+        """Return a budget's (threshold, sorted hex public keys), or None when it has none yet."""
+        rows = self._read("SELECT threshold, keys FROM budget_approvers WHERE budget = ?", (budget,))
+        return (int(rows[0][0]), list(json.loads(rows[0][1]))) if rows else None
+
+    def approver_rows(self) -> list[tuple[str, int, list[str]]]:
+        """Return (budget, threshold, keys) for every budget that has approvers."""
+        return [(r[0], int(r[1]), list(json.loads(r[2]))) for r in self._read(
+            "SELECT budget, threshold, keys FROM budget_approvers ORDER BY budget")]
+
+    def applied_request_rows(self) -> list[tuple[str, str, int]]:
+        """Return (nonce, budget, seq) for every applied budget change request."""
+        return [(r[0], r[1], int(r[2])) for r in self._read("SELECT nonce, budget, seq FROM applied_requests ORDER BY seq")]
+
+    def applied_request(self, nonce: str) -> int | None:
+        """Return the ledger entry that applied the request with this nonce, or None."""
+        rows = self._read("SELECT seq FROM applied_requests WHERE nonce = ?", (nonce,))
+        return int(rows[0][0]) if rows else None
+
+
+def _iso(ts_us: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts_us / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _one_line(exc: BaseException) -> str:

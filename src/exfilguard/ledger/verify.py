@@ -9,6 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from exfilguard.errors import LedgerUnavailable
 from exfilguard.ledger import merkle
 from exfilguard.ledger.events import GENESIS_PREV, decode_event
 from exfilguard.ledger.keys import TreeHead, key_id, verify_tree_head
@@ -208,7 +209,28 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
     rep.problems.extend(st.problems)
     rep.problems.extend(budget_row_problems(st, ledger.budget_rows()))
     rep.problems.extend(reservation_row_problems(st, ledger.reservation_rows()))
+    rep.problems.extend(_approval_row_problems(ledger, st))
     rep.state = st
+
+
+def _approval_row_problems(ledger: Ledger, st: LedgerState) -> list[str]:
+    """Compare the approver-set and applied-request tables (k-of-n changes) with the log."""
+    out: list[str] = []
+    try:
+        approver_rows = {r[0]: (r[1], r[2]) for r in ledger.approver_rows()}
+        applied = {r[0]: (r[1], r[2]) for r in ledger.applied_request_rows()}
+    except LedgerUnavailable:
+        # a ledger made before k-of-n changes existed, opened read-only, lacks these tables
+        approver_rows, applied = {}, {}
+    for name, b in st.budgets.items():
+        if approver_rows.pop(name, None) != b.approvers:
+            out.append(f"budget {name!r}'s approver set in the table differs from the log's (row changed)")
+    for name in approver_rows:
+        out.append(f"approvers of budget {name!r} are in the table but were never set in the log (row inserted)")
+    if applied != st.nonces:
+        out.append("the applied-requests table differs from the budget changes in the log (row changed): "
+                   "a request could be replayed")
+    return out
 
 
 def _is_hex32(text: object) -> bool:
