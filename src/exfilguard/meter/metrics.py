@@ -26,6 +26,20 @@ class MeterMetrics:
         self.ledger_up = Gauge(p + "ledger_up", "1 when the ledger can be written, 0 when the meter fails closed", registry=r)
         self.ledger_failures = Counter(p + "ledger_failures", "Times the ledger became unavailable", registry=r)
         self.state = Gauge(p + "state", "1 for the meter's current state", ["state"], registry=r)
+        # Forwarded (bytes_out_total), reserved and outstanding, told apart; the budget_* gauges are the
+        # whole budget as last read from the ledger (every meter on it), the others this meter's own.
+        self.budget_forwarded = Gauge(
+            p + "budget_forwarded_bytes", "Bytes settled reservations of the budget say were forwarded (last seen)", registry=r)
+        self.budget_outstanding = Gauge(
+            p + "budget_outstanding_bytes", "Bytes in the budget's open reservations, all meters (last seen)", registry=r)
+        self.outstanding = Gauge(p + "outstanding_bytes", "Bytes in this meter's open reservations", registry=r)
+        self.unforwarded = Gauge(
+            p + "unforwarded_reserved_bytes",
+            "Bytes this meter holds reserved and has not forwarded: what a crash now would over-count", registry=r)
+        self.block = Histogram(
+            p + "reservation_bytes", "Size of each reservation granted (adaptive block sizing)",
+            buckets=tuple(float(4**k * 1024) for k in range(1, 9)), registry=r)
+        self.settlements = Counter(p + "settlements", "Connections that settled what they used", ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
