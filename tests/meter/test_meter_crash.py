@@ -15,10 +15,10 @@ import pytest
 from meterkit import MeterProcess, Upstream, pull
 
 from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.meter.proxy import WRITE_SLACK  # the client write buffer's high-water mark + one read
 
 CLIENTS = 4
 BLOCK = 16384
-WRITE_SLACK = 128 * 1024  # asyncio's 64 KiB write-buffer high-water mark + one 64 KiB read (meter/proxy.py)
 
 
 def _crash_rounds(tmp_path, url: str, rounds: int, cap: int, seed: int, block: int = BLOCK) -> None:

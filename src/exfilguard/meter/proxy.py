@@ -29,10 +29,16 @@ from exfilguard.meter.worker import LedgerWorker
 
 log = logging.getLogger("exfilguard.meter")
 
-READ_SIZE = 64 * 1024
-# A connection asks for a block its current drain rate uses in about this many seconds (at most
-# double the last block): long enough that the pipelined commit finishes before the block drains.
+READ_SIZE = 256 * 1024  # one read from the upstream: fewer, larger copies for bulk
+WRITE_HIGH = 64 * 1024  # the client transport's write-buffer high-water mark (drain() waits above it)
+# Bytes counted as forwarded that may still sit in the meter's user-space write buffer, lost if it
+# is killed: the high-water mark plus one read (the crash over-count bound in docs/meter.md).
+WRITE_SLACK = WRITE_HIGH + READ_SIZE
+# A connection asks for a block its current drain rate uses in about this many seconds, at most
+# GROW_MAX times the block it drains now: long enough that the pipelined commit finishes before
+# the block drains, and never much more than the connection has just shown it forwards.
 GROW_TARGET = 0.25
+GROW_MAX = 4
 
 
 @dataclass
@@ -364,6 +370,7 @@ class Meter:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.config
         c = _Conn(next(self._ids), writer, block=cfg.first_block, last_out=time.monotonic())
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
         if self.state not in ("ok", "exhausted"):
             self.metrics.denials.labels(reason=self.state).inc()
             log.warning("conn %d refused: %s%s", c.id, self.state, f" ({self.down_reason})" if self.down_reason else "")
@@ -455,13 +462,13 @@ class Meter:
 
     def _next_size(self, c: _Conn, now: float) -> int:
         """The size of the block to ask for next: what the current block's drain rate uses in
-        GROW_TARGET seconds, at most double the current block, within [first block, ceiling]."""
+        GROW_TARGET seconds, at most GROW_MAX x the current block, within [first block, ceiling]."""
         cfg = self.config
         cur = c.cur
         if cur is None:
             return c.block
         rate = cur.used / max(now - c.cur_since, 1e-4)
-        want = min(int(rate * GROW_TARGET), 2 * cur.amount, cfg.reserve_block)
+        want = min(int(rate * GROW_TARGET), GROW_MAX * cur.amount, cfg.reserve_block)
         return max(cfg.first_block, want)
 
     async def _next_block(self, c: _Conn) -> None:
