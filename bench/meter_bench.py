@@ -4,7 +4,8 @@
 
 Sections (all by default):
 - bulk: throughput of 1 and 50 connections reading flat out, through the meter vs direct
-  loopback (measured after --warmup seconds, so the blocks have grown; the ramp is reported);
+  loopback measured right before it (counted after --warmup seconds, so the blocks have grown;
+  the whole-run ratio, ramp included, is reported too), and the meter's CPU per GB;
 - small: 1 KB answers over 50 persistent connections: messages/s in a closed loop, and the
   latency at a paced --rate (messages/s over all connections) through the meter vs direct,
   measured from each message's scheduled time;
@@ -194,15 +195,18 @@ def ledger_status(url: str, budget: str = "default"):
 
 def bench_bulk(args, ledgers, fport, tmp, block_args) -> list[dict]:
     rows = []
-    direct = {c: asyncio.run(throughput(fport, c, args.seconds, args.warmup)) for c in (1, 50)}
+    direct: dict[int, tuple[float, float]] = {}
     for name, url in ledgers:
         for c in (1, 50):
+            # Direct right before each meter run: the load of a shared machine changes by the minute.
+            direct[c] = asyncio.run(throughput(fport, c, args.seconds, args.warmup))
             meter, port, mport = start_meter(url, fport, tmp, extra=block_args, budget=f"bulk{c}")
             try:
                 n0, s0 = metric(mport, "exfilguard_meter_ledger_commit_seconds_count"), metric(mport, "exfilguard_meter_ledger_commit_seconds_sum")
                 cpu0, b0 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
                 thr, whole = asyncio.run(throughput(port, c, args.seconds, args.warmup))
                 cpu1, b1 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
+                wait = metric(mport, "exfilguard_meter_block_wait_seconds_total")
                 n1, s1 = metric(mport, "exfilguard_meter_ledger_commit_seconds_count"), metric(mport, "exfilguard_meter_ledger_commit_seconds_sum")
             finally:
                 stop_meter(meter)
@@ -211,18 +215,20 @@ def bench_bulk(args, ledgers, fport, tmp, block_args) -> list[dict]:
                 "ratio": thr / direct[c][0], "whole_run_ratio": whole / direct[c][1],
                 "commits": int(n1 - n0), "commit_mean_ms": (s1 - s0) / max(1, n1 - n0) * 1e3,
                 "meter_cpu_s_per_GB": (cpu1 - cpu0) / max(1, b1 - b0) * 1e9,
+                "block_wait_s_per_conn": wait / c, "run_s": args.warmup + args.seconds,
             })
             print(f"bulk {name} {c} conns: {rows[-1]['meter_MBps']:.1f} MB/s, {rows[-1]['ratio']:.2f} x direct, "
-                  f"meter CPU {rows[-1]['meter_cpu_s_per_GB']:.2f} s/GB", flush=True)
+                  f"meter CPU {rows[-1]['meter_cpu_s_per_GB']:.2f} s/GB, waited for blocks "
+                  f"{rows[-1]['block_wait_s_per_conn']:.2f} s per connection", flush=True)
     return rows
 
 
 def bench_small(args, ledgers, pport, tmp, block_args) -> list[dict]:
     rows = []
     conns = 50
-    d_rate = asyncio.run(closed_loop(pport, conns, args.seconds, args.chunk))
-    d_lat = asyncio.run(paced(pport, conns, args.rate, args.seconds, args.chunk))
     for name, url in ledgers:
+        d_rate = asyncio.run(closed_loop(pport, conns, args.seconds, args.chunk))
+        d_lat = asyncio.run(paced(pport, conns, args.rate, args.seconds, args.chunk))
         meter, port, mport = start_meter(url, pport, tmp, extra=block_args, budget="small")
         try:
             cpu0, b0 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]

@@ -39,6 +39,9 @@ class MeterMetrics:
         self.block = Histogram(
             p + "reservation_bytes", "Size of each reservation granted (adaptive block sizing)",
             buckets=tuple(float(4**k * 1024) for k in range(1, 9)), registry=r)
+        self.block_wait = Counter(
+            p + "block_wait_seconds", "Seconds connections waited for their next reservation to commit (pipelining missed)",
+            registry=r)
         self.settlements = Counter(p + "settlements", "Connections that settled what they used", ["reason"], registry=r)
 
     def render(self) -> bytes:

@@ -39,6 +39,9 @@ WRITE_SLACK = WRITE_HIGH + READ_SIZE
 # the block drains, and never much more than the connection has just shown it forwards.
 GROW_TARGET = 0.25
 GROW_MAX = 4
+# ... or, when the ledger is slow, this many times the recent wait for a reservation, so that the
+# next block (asked for at half of the current one) commits before the current one drains.
+COMMIT_FACTOR = 4
 
 
 @dataclass
@@ -128,6 +131,7 @@ class Meter:
         self._tasks: list[asyncio.Task[Any]] = []
         self._signed_size = -1
         self._settler: asyncio.Task[None] | None = None
+        self._commit_wait = 0.0  # EWMA of the seconds from asking for a block to its grant
         self.metrics.outstanding.set_function(lambda: sum(c.holding()[0] for c in self._conns.values()))
         self.metrics.unforwarded.set_function(lambda: sum(c.holding()[1] for c in self._conns.values()))
         self._stopped = asyncio.Event()
@@ -441,14 +445,16 @@ class Meter:
         rel = [(r.id, r.used) for r in c.spent] + (releases or [])
         c.spent = []
         fut = asyncio.ensure_future(self._worker.op("settle", rel, self.config.budget, want, self.meter_id, c.id))
-        fut.add_done_callback(self._granted)
+        t0 = time.monotonic()
+        fut.add_done_callback(lambda f: self._granted(f, t0))
         c.nxt = fut
         return fut
 
-    def _granted(self, fut: asyncio.Future[Grant]) -> None:
+    def _granted(self, fut: asyncio.Future[Grant], t0: float) -> None:
         """Note a grant's totals as soon as it commits; a ledger failure fails closed at once."""
         if fut.cancelled():
             return
+        self._commit_wait = 0.8 * self._commit_wait + 0.2 * (time.monotonic() - t0)
         exc = fut.exception()
         if isinstance(exc, LedgerUnavailable):
             self._ledger_failed(exc)
@@ -462,13 +468,15 @@ class Meter:
 
     def _next_size(self, c: _Conn, now: float) -> int:
         """The size of the block to ask for next: what the current block's drain rate uses in
-        GROW_TARGET seconds, at most GROW_MAX x the current block, within [first block, ceiling]."""
+        GROW_TARGET seconds (or COMMIT_FACTOR x the recent wait for a reservation, if longer), at
+        most GROW_MAX x the current block, within [first block, ceiling]."""
         cfg = self.config
         cur = c.cur
         if cur is None:
             return c.block
         rate = cur.used / max(now - c.cur_since, 1e-4)
-        want = min(int(rate * GROW_TARGET), GROW_MAX * cur.amount, cfg.reserve_block)
+        horizon = max(GROW_TARGET, COMMIT_FACTOR * self._commit_wait)
+        want = min(int(rate * horizon), GROW_MAX * cur.amount, cfg.reserve_block)
         return max(cfg.first_block, want)
 
     async def _next_block(self, c: _Conn) -> None:
@@ -481,11 +489,13 @@ class Meter:
             c.cur = None
         fut = c.nxt if c.nxt is not None else self._ask(c, c.block)
         c.busy = True
+        t0 = time.monotonic()
         try:
             # shield: a cancelled pump must not cancel a commit whose grant _finish still has to release.
-            g = await asyncio.shield(fut)
+            g = fut.result() if fut.done() else await asyncio.shield(fut)
         finally:
             c.busy = False
+            self.metrics.block_wait.inc(time.monotonic() - t0)
         if c.nxt is fut:
             c.nxt = None
         if self.state == "ledger_down":  # another connection saw the ledger fail meanwhile
