@@ -8,7 +8,8 @@ Sections (all by default):
   the whole-run ratio, ramp included, is reported too), and the meter's CPU per GB;
 - small: 1 KB answers over 50 persistent connections: messages/s in a closed loop, and the
   latency at a paced --rate (messages/s over all connections) through the meter vs direct,
-  measured from each message's scheduled time;
+  measured from each message's scheduled time after --warmup seconds (new connections start
+  with 4 KiB blocks that grow meanwhile);
 - race: two meters on one PostgreSQL budget, 50 clients each pulling until the cap: bytes over;
 - rest: a few small answers on persistent connections, then idle: ledger used - bytes forwarded
   per open connection.
@@ -109,8 +110,9 @@ async def closed_loop(port: int, conns: int, seconds: float, size: int) -> float
     return n / (time.perf_counter() - t0)
 
 
-async def paced(port: int, conns: int, rate: float, seconds: float, size: int) -> list[float]:
-    """Latency (s) of answers requested at `rate` msgs/s over `conns` connections, from the scheduled send time."""
+async def paced(port: int, conns: int, rate: float, seconds: float, size: int, warmup: float) -> list[float]:
+    """Latency (s) of answers requested at `rate` msgs/s over `conns` connections, from the scheduled
+    send time, for the answers due after the first `warmup` seconds."""
     out: list[float] = []
     period = conns / rate
 
@@ -119,14 +121,15 @@ async def paced(port: int, conns: int, rate: float, seconds: float, size: int) -
         w.write(b"?")
         await r.readexactly(size)
         t0 = time.perf_counter() + 0.2 + phase
-        for i in range(int(seconds / period)):
+        for i in range(int((warmup + seconds) / period)):
             due = t0 + i * period
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             w.write(b"?")
             await r.readexactly(size)
-            out.append(time.perf_counter() - due)
+            if due >= t0 + warmup:
+                out.append(time.perf_counter() - due)
         w.close()
 
     rng = random.Random(1)
@@ -228,13 +231,15 @@ def bench_small(args, ledgers, pport, tmp, block_args) -> list[dict]:
     conns = 50
     for name, url in ledgers:
         d_rate = asyncio.run(closed_loop(pport, conns, args.seconds, args.chunk))
-        d_lat = asyncio.run(paced(pport, conns, args.rate, args.seconds, args.chunk))
+        d_lat = asyncio.run(paced(pport, conns, args.rate, args.seconds, args.chunk, args.warmup))
         meter, port, mport = start_meter(url, pport, tmp, extra=block_args, budget="small")
         try:
             cpu0, b0 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
             rate = asyncio.run(closed_loop(port, conns, args.seconds, args.chunk))
             cpu1, b1 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
-            lat = asyncio.run(paced(port, conns, args.rate, args.seconds, args.chunk))
+            w0 = metric(mport, "exfilguard_meter_block_wait_seconds_total")
+            lat = asyncio.run(paced(port, conns, args.rate, args.seconds, args.chunk, args.warmup))
+            w1 = metric(mport, "exfilguard_meter_block_wait_seconds_total")
         finally:
             stop_meter(meter)
         rows.append({
@@ -243,9 +248,11 @@ def bench_small(args, ledgers, pport, tmp, block_args) -> list[dict]:
             "meter_p50_ms": pct(lat, 50) * 1e3, "meter_p99_ms": pct(lat, 99) * 1e3,
             "added_p50_ms": (pct(lat, 50) - pct(d_lat, 50)) * 1e3, "added_p99_ms": (pct(lat, 99) - pct(d_lat, 99)) * 1e3,
             "meter_cpu_us_per_msg": (cpu1 - cpu0) / max(1, (b1 - b0) / args.chunk) * 1e6,
+            "paced_block_wait_s": w1 - w0,
         })
         print(f"small {name}: {rate:.0f} msgs/s (direct {d_rate:.0f}), meter CPU {rows[-1]['meter_cpu_us_per_msg']:.0f} us/msg; paced {args.rate:g}/s p99 "
-              f"{rows[-1]['meter_p99_ms']:.2f} ms (direct {rows[-1]['direct_p99_ms']:.2f})", flush=True)
+              f"{rows[-1]['meter_p99_ms']:.2f} ms (direct {rows[-1]['direct_p99_ms']:.2f}), "
+              f"waited for blocks {w1 - w0:.2f} s in all", flush=True)
     return rows
 
 

@@ -34,9 +34,9 @@ WRITE_HIGH = 64 * 1024  # the client transport's write-buffer high-water mark (d
 # Bytes counted as forwarded that may still sit in the meter's user-space write buffer, lost if it
 # is killed: the high-water mark plus one read (the crash over-count bound in docs/meter.md).
 WRITE_SLACK = WRITE_HIGH + READ_SIZE
-# A connection asks for a block its current drain rate uses in about this many seconds, at most
-# GROW_MAX times the block it drains now: long enough that the pipelined commit finishes before
-# the block drains, and never much more than the connection has just shown it forwards.
+# A connection asks for a block its drain rate uses in about this many seconds, at most GROW_MAX
+# times the last block: long enough that the pipelined commit finishes before the block drains,
+# and never much more than the connection has just shown it forwards.
 GROW_TARGET = 0.25
 GROW_MAX = 4
 # ... or, when the ledger is slow, this many times the recent wait for a reservation, so that the
@@ -469,14 +469,15 @@ class Meter:
     def _next_size(self, c: _Conn, now: float) -> int:
         """The size of the block to ask for next: what the current block's drain rate uses in
         GROW_TARGET seconds (or COMMIT_FACTOR x the recent wait for a reservation, if longer), at
-        most GROW_MAX x the current block, within [first block, ceiling]."""
+        most GROW_MAX x the largest of the current block and the last size asked, within
+        [first block, ceiling]."""
         cfg = self.config
         cur = c.cur
         if cur is None:
             return c.block
         rate = cur.used / max(now - c.cur_since, 1e-4)
         horizon = max(GROW_TARGET, COMMIT_FACTOR * self._commit_wait)
-        want = min(int(rate * horizon), GROW_MAX * cur.amount, cfg.reserve_block)
+        want = min(int(rate * horizon), GROW_MAX * max(c.block, cur.amount), cfg.reserve_block)
         return max(cfg.first_block, want)
 
     async def _next_block(self, c: _Conn) -> None:
@@ -484,7 +485,8 @@ class Meter:
         commit only when the pipelined one is not done yet); raise _Cut when the budget denies it."""
         if self.state == "ledger_down":
             raise LedgerUnavailable(self.down_reason or "ledger unavailable")
-        if c.cur is not None:  # drained (or abandoned unused by a settlement): settle with the next call
+        if c.cur is not None:  # drained: size the block after next by its drain rate; settle it with the next call
+            c.block = self._next_size(c, time.monotonic())
             c.spent.append(c.cur)
             c.cur = None
         fut = c.nxt if c.nxt is not None else self._ask(c, c.block)
@@ -508,6 +510,8 @@ class Meter:
         assert g.res is not None
         c.cur = _Res(g.res, g.granted)
         c.cur_since = time.monotonic()
+        # Pipelining: the next block commits while this one is forwarded.
+        self._ask(c, c.block)
 
     async def _settle_all(self, c: _Conn, want: int, reason: str) -> Grant | None:
         """Settle every reservation the connection holds at what it forwarded; with want > 0
@@ -583,11 +587,6 @@ class Meter:
                     bytes_out.inc(n)
                     c.settled = False
                     off += n
-                    # Pipelining: once half the block is forwarded, the next one commits meanwhile.
-                    if c.nxt is None and 2 * cur.used >= cur.amount:
-                        now = time.monotonic()
-                        c.block = self._next_size(c, now)
-                        self._ask(c, c.block)
                 c.last_out = time.monotonic()
                 await writer.drain()
         except _Cut:
