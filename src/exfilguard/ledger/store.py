@@ -380,10 +380,11 @@ class Ledger:
     def _settle(
         self, cur: Any, head: _Head, releases: Sequence[tuple[int, int]], budget: str, want: int, meter: str, conn: int
     ) -> Grant:
-        # Validate every release before applying any, so that a bad one leaves the transaction untouched.
+        # Validate every release before applying any, so that a bad one leaves the transaction
+        # untouched (a single release validates itself before it writes).
         if len({res for res, _ in releases}) != len(releases):
             raise ValueError("a reservation appears twice in one settlement")
-        for res, used in releases:
+        for res, used in releases if len(releases) > 1 else ():
             row = cur.execute(self._sql("SELECT amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
             if row is None or row[1] is not None or not 0 <= used <= int(row[0]):
                 raise ValueError(f"reservation {res} cannot settle at {used} bytes")

@@ -492,12 +492,15 @@ class Meter:
         fut = c.nxt if c.nxt is not None else self._ask(c, c.block)
         c.busy = True
         t0 = time.monotonic()
+        stalled = not fut.done()
         try:
             # shield: a cancelled pump must not cancel a commit whose grant _finish still has to release.
             g = fut.result() if fut.done() else await asyncio.shield(fut)
         finally:
             c.busy = False
             self.metrics.block_wait.inc(time.monotonic() - t0)
+        if stalled:  # the block drained before the next one committed: too small for this ledger, grow faster
+            c.block = min(self.config.reserve_block, GROW_MAX * c.block)
         if c.nxt is fut:
             c.nxt = None
         if self.state == "ledger_down":  # another connection saw the ledger fail meanwhile
