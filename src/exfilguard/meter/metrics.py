@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+
+
+class _LoopCounter:
+    """A counter bumped only from the event loop thread: a plain int, no lock per chunk forwarded."""
+
+    def __init__(self, name: str, doc: str):
+        self.name, self.doc, self.value = name, doc, 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+
+class _LoopCounters:
+    """Exposes _LoopCounters at scrape time (a collector of the registry)."""
+
+    def __init__(self, *counters: _LoopCounter):
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        for c in self.counters:
+            yield CounterMetricFamily(c.name, c.doc, value=c.value)
 
 
 class MeterMetrics:
@@ -13,8 +37,9 @@ class MeterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = "exfilguard_meter_"
-        self.bytes_out = Counter(p + "bytes_out", "Bytes forwarded from upstream (inside) to clients, metered", registry=r)
-        self.bytes_in = Counter(p + "bytes_in", "Bytes forwarded from clients to upstream, counted not capped", registry=r)
+        self.bytes_out = _LoopCounter(p + "bytes_out", "Bytes forwarded from upstream (inside) to clients, metered")
+        self.bytes_in = _LoopCounter(p + "bytes_in", "Bytes forwarded from clients to upstream, counted not capped")
+        r.register(_LoopCounters(self.bytes_out, self.bytes_in))
         self.reserved = Gauge(p + "reserved_bytes", "Bytes the ledger holds reserved against the cap (last seen)", registry=r)
         self.remaining = Gauge(p + "remaining_bytes", "Bytes the budget can still grant (cap and windows, last seen)", registry=r)
         self.denials = Counter(p + "denials", "Connections refused or cut", ["reason"], registry=r)
