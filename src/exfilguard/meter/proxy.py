@@ -40,7 +40,7 @@ WRITE_SLACK = WRITE_HIGH + READ_SIZE
 GROW_TARGET = 0.25
 GROW_MAX = 4
 # ... or, when the ledger is slow, this many times the recent wait for a reservation, so that the
-# next block (asked for at half of the current one) commits before the current one drains.
+# next block (asked for as the current one starts) commits before the current one drains.
 COMMIT_FACTOR = 4
 
 
