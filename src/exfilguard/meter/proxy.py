@@ -211,8 +211,8 @@ class Meter:
         for c in conns:
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*c.tasks, return_exceptions=True)
-        # Let every connection handler run its release.
-        for _ in range(50):
+        # Let every connection handler settle (its pipelined block may still be committing): up to 5 s.
+        for _ in range(500):
             if not self._conns:
                 break
             await asyncio.sleep(0.01)
