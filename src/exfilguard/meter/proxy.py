@@ -598,6 +598,8 @@ class Meter:
             self._ledger_failed(exc)
         except (ConnectionError, OSError) as exc:
             c.reason = c.reason or f"client gone ({type(exc).__name__})"
+        finally:
+            c.closing = True  # forwards no more: the settler must not reserve for it again
 
     async def _pump_in(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client -> upstream: counted and logged, not capped."""
