@@ -176,7 +176,7 @@ def stop_meter(p: subprocess.Popen) -> None:
 def metric(mport: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith((name + " ", name + "{")):
                 return float(line.split()[-1])
     return 0.0
 
@@ -273,7 +273,7 @@ def bench_race(args, pg_url, fport, tmp, block_args) -> dict:
         return n
 
     async def main() -> list[int]:
-        return list(await asyncio.gather(*[pull(port) for _, port, _ in meters for _ in range(50)]))
+        return list(await asyncio.gather(*[pull(m[1]) for m in meters for _ in range(50)]))
 
     t0 = time.perf_counter()
     try:

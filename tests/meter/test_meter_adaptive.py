@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import socketserver
@@ -44,8 +45,8 @@ def flood():
 
 
 def _cfg(url: str, upstream: str, **kw) -> MeterConfig:
-    base = dict(listen="127.0.0.1:0", upstream=upstream, ledger=url, cap=10**9, metrics="127.0.0.1:0",
-                health_interval=0.1, settle_idle=0.3)
+    base = {"listen": "127.0.0.1:0", "upstream": upstream, "ledger": url, "cap": 10**9, "metrics": "127.0.0.1:0",
+            "health_interval": 0.1, "settle_idle": 0.3}
     base.update(kw)
     return MeterConfig(**base)
 
@@ -107,8 +108,9 @@ def test_at_rest_the_ledger_counts_what_was_forwarded(url, echo):
                     f"exfilguard_meter_budget_outstanding_bytes {float(conns_n * FIRST)}"]
             await _until(lambda: all(w in m.metrics.render().decode() for w in want))
             metrics = m.metrics.render().decode()
-            cli = subprocess.run([sys.executable, "-m", "exfilguard.cli.main", "ledger", "status", "--ledger", url, "--json"],
-                                 capture_output=True, text=True, timeout=60)
+            cli = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "exfilguard.cli.main", "ledger", "status", "--ledger", url, "--json"],
+                capture_output=True, text=True, timeout=60, check=False)
             for _, w in conns:
                 w.close()
         finally:
@@ -249,7 +251,7 @@ def test_blocks_grow_while_draining_fast_and_shrink_when_traffic_slows(tmp_path)
     sizes = [e["amount"] for e in _events(url) if e["kind"] == "reserve"]
     assert sizes[0] == FIRST
     # Grows step by step: at most GROW_MAX x per block, GROW_MAX**2 x after the pump waited for a commit.
-    assert all(b <= GROW_MAX**2 * a for a, b in zip(sizes, sizes[1:]))
+    assert all(b <= GROW_MAX**2 * a for a, b in itertools.pairwise(sizes))
     assert len([s for s in sizes if s < ceiling]) >= 3
     assert max(sizes) == ceiling  # reached the ceiling while draining fast
     peak = sizes.index(ceiling)
