@@ -58,6 +58,15 @@ def test_bad_window_and_block(tmp_path, upstream):
     assert out.returncode == 2 and "--reserve-block" in out.stderr
 
 
+def test_bad_min_block_and_settle_idle(tmp_path, upstream):
+    out = _meter(tmp_path, "--min-block", "0", upstream=upstream)
+    assert out.returncode == 2 and "--min-block 0 must be a positive number of bytes" in out.stderr
+    out = _meter(tmp_path, "--min-block", "4KB2", upstream=upstream)
+    assert out.returncode == 2 and "--min-block '4KB2' is not a number of bytes" in out.stderr
+    out = _meter(tmp_path, "--settle-idle", "0", upstream=upstream)
+    assert out.returncode == 2 and "--settle-idle 0.0 must be a number of seconds" in out.stderr
+
+
 def test_unreachable_postgres(tmp_path, upstream):
     out = _meter(tmp_path, upstream=upstream, ledger=f"postgresql://nobody@127.0.0.1:{free_port()}/x")
     assert out.returncode == 4

@@ -17,7 +17,7 @@ def ledger_status(
     budget: Optional[str] = typer.Option(None, "--budget", help="Budget name (default: the only one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Print a budget's cap, used, reserved and remaining bytes and the tree head."""
+    """Print a budget's cap, forwarded, reserved, outstanding and remaining bytes and the tree head."""
     from exfilguard.ledger import open_ledger
 
     led = open_ledger(url, create=False)
@@ -29,8 +29,8 @@ def ledger_status(
         typer.echo(json.dumps(st.as_dict()))
         return
     typer.echo(
-        f"budget {st.budget}: cap {st.cap_bytes} B, reserved {st.reserved_bytes} B "
-        f"({st.outstanding_bytes} B in unsettled reservations), remaining {st.remaining_bytes} B\n"
+        f"budget {st.budget}: cap {st.cap_bytes} B, reserved {st.reserved_bytes} B = forwarded {st.forwarded_bytes} B "
+        f"(settled) + outstanding {st.outstanding_bytes} B (open reservations), remaining {st.remaining_bytes} B\n"
         f"tree size {st.tree_size}, root {st.root}"
     )
     for w in st.windows:

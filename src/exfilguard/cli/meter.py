@@ -19,7 +19,13 @@ def register(app: typer.Typer) -> None:
         cap: str = typer.Option(..., "--cap", help="Total bytes that may ever leave (e.g. 10GB, 500MiB). Fixed once the budget exists."),
         budget: str = typer.Option("default", "--budget", help="Budget name (meters that share a name share the cap)."),
         window: Optional[list[str]] = typer.Option(None, "--window", help="Rolling window DURATION=BYTES, e.g. 1h=50MB (repeatable)."),
-        reserve_block: str = typer.Option("64KiB", "--reserve-block", help="Bytes reserved per ledger commit."),
+        reserve_block: str = typer.Option(
+            "16MiB", "--reserve-block",
+            help="Largest reservation block (the ceiling of adaptive sizing; equal to --min-block for a fixed block). "
+                 "A crash over-counts at most two blocks per open connection.",
+        ),
+        min_block: str = typer.Option("4KiB", "--min-block", help="First reservation block of a connection, and what an idle one keeps."),
+        settle_idle: float = typer.Option(1.0, "--settle-idle", help="Seconds without traffic before a connection settles what it used."),
         signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 key (from `exfilguard keys new`) that signs tree heads."),
         metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT for Prometheus /metrics and JSON /status."),
         sth_interval: float = typer.Option(30.0, "--sth-interval", help="Seconds between signed tree heads."),
@@ -49,6 +55,8 @@ def register(app: typer.Typer) -> None:
             budget=budget,
             windows=tuple(parse_window(w) for w in window or ()),
             reserve_block=parse_size(reserve_block, "--reserve-block"),
+            min_block=parse_size(min_block, "--min-block"),
+            settle_idle=settle_idle,
             signing_key=signing_key,
             metrics=metrics,
             sth_interval=sth_interval,

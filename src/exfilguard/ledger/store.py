@@ -93,6 +93,8 @@ class BudgetStatus:
     tree_size: int
     root: str
     windows: list[dict[str, int]] = field(default_factory=list)
+    # Bytes that settled reservations say were forwarded (reserved - outstanding): at rest, what left.
+    forwarded_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +103,7 @@ class BudgetStatus:
             "used_bytes": self.used_bytes,
             "reserved_bytes": self.reserved_bytes,
             "remaining_bytes": self.remaining_bytes,
+            "forwarded_bytes": self.forwarded_bytes,
             "outstanding_bytes": self.outstanding_bytes,
             "tree_size": self.tree_size,
             "root": self.root,
@@ -505,6 +508,35 @@ class Ledger:
         self._append(cur, head, "release", budget=budget, meter=meter, res=res, used=used, returned=back, reserved=after)
         return back
 
+    def settle(
+        self, releases: Sequence[tuple[int, int]], budget: str, want: int = 0, meter: str = "", conn: int = 0
+    ) -> Grant:
+        """Settle each (reservation, used) and, when `want` > 0, reserve the next block: one transaction.
+
+        With want == 0 the Grant has no reservation and reports the budget's debit after the releases.
+        """
+        return self._write(lambda cur, head: self._settle(cur, head, releases, budget, want, meter, conn))
+
+    def _settle(
+        self, cur: Any, head: _Head, releases: Sequence[tuple[int, int]], budget: str, want: int, meter: str, conn: int
+    ) -> Grant:
+        # Validate every release before applying any, so that a bad one leaves the transaction
+        # untouched (a single release validates itself before it writes).
+        if len({res for res, _ in releases}) != len(releases):
+            raise ValueError("a reservation appears twice in one settlement")
+        for res, used in releases if len(releases) > 1 else ():
+            row = cur.execute(self._sql("SELECT amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
+            if row is None or row[1] is not None or not 0 <= used <= int(row[0]):
+                raise ValueError(f"reservation {res} cannot settle at {used} bytes")
+        for res, used in releases:
+            self._release(cur, head, res, used, meter)
+        if want > 0:
+            return self._reserve(cur, head, budget, want, meter, conn)
+        row = cur.execute(self._sql("SELECT cap_bytes, reserved_bytes FROM budgets WHERE name = ?"), (budget,)).fetchone()
+        if row is None:
+            raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
+        return Grant(None, 0, int(row[1]), int(row[0]) - int(row[1]), "")
+
     def record(self, kind: str, **fields: Any) -> int:
         """Append one event (meter_start, meter_stop, deny, ...); return its sequence number."""
         return self._write(lambda cur, head: self._append(cur, head, kind, **fields))
@@ -513,7 +545,8 @@ class Ledger:
         """Run several operations in one transaction (one durable commit).
 
         Each op is ("reserve", (budget, want, meter, conn)), ("release", (res, used, meter)),
-        ("renew", (res, used, budget, want, meter, conn)) or ("record", (kind, fields)). A ValueError in one op is returned in its slot; a database
+        ("renew", (res, used, budget, want, meter, conn)), ("settle", (releases, budget, want, meter, conn))
+        or ("record", (kind, fields)). A ValueError in one op is returned in its slot; a database
         failure fails the whole batch with LedgerUnavailable.
         """
 
@@ -529,6 +562,8 @@ class Ledger:
                         prev, used, budget, want, meter, conn = args
                         self._release(cur, head, prev, used, meter)
                         out.append(self._reserve(cur, head, budget, want, meter, conn))
+                    elif name == "settle":
+                        out.append(self._settle(cur, head, *args))
                     elif name == "record":
                         out.append(self._append(cur, head, args[0], **args[1]))
                     else:
@@ -734,6 +769,7 @@ class Ledger:
             tree_size=head.tree_size,
             root=head.root.hex(),
             windows=wins,
+            forwarded_bytes=int(reserved) - int(outstanding),
         )
 
     def entries(self, start: int = 0, chunk: int = 5000) -> Iterator[tuple[int, bytes]]:

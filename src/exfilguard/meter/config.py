@@ -9,7 +9,9 @@ from pathlib import Path
 from exfilguard.errors import ConfigError
 from exfilguard.ledger.store import Window
 
-DEFAULT_BLOCK = 64 * 1024
+DEFAULT_BLOCK = 16 * 2**20  # the largest reservation block (--reserve-block): the ceiling of adaptive sizing
+DEFAULT_MIN_BLOCK = 4 * 2**10  # the first block of a connection, and what an idle connection keeps reserved
+DEFAULT_SETTLE_IDLE = 1.0  # seconds without a forwarded byte before a connection settles what it used
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -65,7 +67,9 @@ class MeterConfig:
     cap: int
     budget: str = "default"
     windows: tuple[Window, ...] = ()
-    reserve_block: int = DEFAULT_BLOCK
+    reserve_block: int = DEFAULT_BLOCK  # the ceiling of a reservation block; == min_block for a fixed size
+    min_block: int = DEFAULT_MIN_BLOCK  # the first block; capped at reserve_block
+    settle_idle: float = DEFAULT_SETTLE_IDLE  # idle seconds before a connection settles and returns the rest
     signing_key: Path | None = None
     metrics: str | None = None
     sth_interval: float = 30.0  # seconds between signed tree heads (when the log grew)
@@ -74,6 +78,11 @@ class MeterConfig:
     probe_timeout: float = 5.0  # a write probe slower than this counts as a ledger failure
     upstream_connect_timeout: float = 5.0
     publish_heads: str | None = None  # DIR, http(s)://URL or "-": where every signed head also goes
+
+    @property
+    def first_block(self) -> int:
+        """The size of a connection's first block: min_block, never above the ceiling."""
+        return min(self.min_block, self.reserve_block)
 
     def validate(self) -> None:
         """Raise ConfigError when a value cannot work."""
@@ -85,6 +94,10 @@ class MeterConfig:
             raise ConfigError(f"--cap {self.cap!r} must be a non-negative number of bytes")
         if not isinstance(self.reserve_block, int) or self.reserve_block <= 0:
             raise ConfigError(f"--reserve-block {self.reserve_block!r} must be a positive number of bytes")
+        if not isinstance(self.min_block, int) or self.min_block <= 0:
+            raise ConfigError(f"--min-block {self.min_block!r} must be a positive number of bytes")
+        if not isinstance(self.settle_idle, (int, float)) or not 0 < self.settle_idle <= 3600:
+            raise ConfigError(f"--settle-idle {self.settle_idle!r} must be a number of seconds in (0, 3600]")
         if not self.budget or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.budget):
             raise ConfigError(f"--budget {self.budget!r} must be 1-64 letters, digits or _.:-")
         secs = [w.seconds for w in self.windows]
@@ -96,4 +109,4 @@ class MeterConfig:
             )
 
 
-__all__ = ["DEFAULT_BLOCK", "MeterConfig", "Window", "parse_duration", "parse_hostport", "parse_size", "parse_window"]
+__all__ = ["DEFAULT_BLOCK", "DEFAULT_MIN_BLOCK", "DEFAULT_SETTLE_IDLE", "MeterConfig", "Window", "parse_duration", "parse_hostport", "parse_size", "parse_window"]

@@ -30,20 +30,53 @@ from exfilguard.meter.worker import LedgerWorker
 
 log = logging.getLogger("exfilguard.meter")
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024  # one read from the upstream: fewer, larger copies for bulk
+WRITE_HIGH = 64 * 1024  # the client transport's write-buffer high-water mark (drain() waits above it)
+# Bytes counted as forwarded that may still sit in the meter's user-space write buffer, lost if it
+# is killed: the high-water mark plus one read (the crash over-count bound in docs/meter.md).
+WRITE_SLACK = WRITE_HIGH + READ_SIZE
+# A connection asks for a block its drain rate uses in about this many seconds, at most GROW_MAX
+# times the last block: long enough that the pipelined commit finishes before the block drains,
+# and never much more than the connection has just shown it forwards.
+GROW_TARGET = 0.25
+GROW_MAX = 4
+# ... or, when the ledger is slow, this many times the recent wait for a reservation, so that the
+# next block (asked for as the current one starts) commits before the current one drains.
+COMMIT_FACTOR = 4
 # A ledger that cannot be written or does not add up: either way, fail closed.
 LEDGER_FAILURES = (LedgerUnavailable, LedgerTampered)
 
 
 @dataclass
+class _Res:
+    """One committed reservation of a connection: `used` of its `amount` bytes forwarded so far."""
+
+    id: int
+    amount: int
+    used: int = 0
+
+
+@dataclass
 class _Conn:
-    """One proxied connection's accounting."""
+    """One proxied connection's accounting.
+
+    It holds at most two open reservations it may still forward from: `cur` (being forwarded)
+    and `nxt` (the next block, committing or committed while `cur` drains: pipelining). Blocks
+    it drained completely wait in `spent` until the next ledger call of this connection settles
+    them; they hold no unforwarded byte.
+    """
 
     id: int
     client: asyncio.StreamWriter
-    res: int | None = None  # the open reservation
-    res_amount: int = 0
-    res_used: int = 0
+    block: int = 0  # the size the next reservation asks for (adaptive)
+    cur: _Res | None = None
+    nxt: asyncio.Future[Grant] | None = None
+    spent: list[_Res] = field(default_factory=list)
+    cur_since: float = 0.0  # when cur became the block being forwarded (its drain rate)
+    last_out: float = 0.0  # when the last byte was forwarded (idle settlement)
+    settled: bool = True  # nothing forwarded since the connection last settled
+    busy: bool = False  # the pump waits for nxt; the settler keeps off
+    closing: bool = False
     bytes_out: int = 0
     bytes_in: int = 0
     reason: str = ""
@@ -52,7 +85,24 @@ class _Conn:
 
     @property
     def allowance(self) -> int:
-        return self.res_amount - self.res_used
+        return 0 if self.cur is None else self.cur.amount - self.cur.used
+
+    def granted_next(self) -> Grant | None:
+        """The next block if its commit finished with a grant, else None."""
+        if self.nxt is None or not self.nxt.done() or self.nxt.cancelled() or self.nxt.exception() is not None:
+            return None
+        g = self.nxt.result()
+        return g if g.granted > 0 else None
+
+    def holding(self) -> tuple[int, int]:
+        """(bytes in open reservations, of which not forwarded): what a crash now would leave counted."""
+        nxt = self.granted_next()
+        held = sum(r.amount for r in self.spent) + (nxt.granted if nxt else 0)
+        unfwd = nxt.granted if nxt else 0
+        if self.cur is not None:
+            held += self.cur.amount
+            unfwd += self.cur.amount - self.cur.used
+        return held, unfwd
 
 
 class _Cut(Exception):
@@ -86,6 +136,10 @@ class Meter:
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[Any]] = []
         self._signed_size = -1
+        self._settler: asyncio.Task[None] | None = None
+        self._commit_wait = 0.0  # EWMA of the seconds from asking for a block to its grant
+        self.metrics.outstanding.set_function(lambda: sum(c.holding()[0] for c in self._conns.values()))
+        self.metrics.unforwarded.set_function(lambda: sum(c.holding()[1] for c in self._conns.values()))
         self._stopped = asyncio.Event()
         self.bytes_out = 0
         self.bytes_in = 0
@@ -172,8 +226,8 @@ class Meter:
         for c in conns:
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*c.tasks, return_exceptions=True)
-        # Let every connection handler run its release.
-        for _ in range(50):
+        # Let every connection handler settle (its pipelined block may still be committing): up to 5 s.
+        for _ in range(500):
             if not self._conns:
                 break
             await asyncio.sleep(0.01)
@@ -226,6 +280,8 @@ class Meter:
         self.reserved_bytes = st.reserved_bytes
         self.remaining_bytes = st.remaining_bytes
         self.window_remaining = min((w["remaining_bytes"] for w in st.windows), default=None)
+        self.metrics.budget_forwarded.set(st.reserved_bytes - st.outstanding_bytes)
+        self.metrics.budget_outstanding.set(st.outstanding_bytes)
         self._publish()
 
     def _note_grant(self, g: Grant) -> None:
@@ -259,6 +315,8 @@ class Meter:
             "open_connections": len(self._conns),
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
+            "outstanding_bytes": sum(c.holding()[0] for c in self._conns.values()),
+            "unforwarded_reserved_bytes": sum(c.holding()[1] for c in self._conns.values()),
             "ledger_error": self.down_reason or None,
             "meter": self.meter_id,
         }
@@ -353,8 +411,9 @@ class Meter:
 
     # -- connections -------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        c = _Conn(next(self._ids), writer)
         cfg = self.config
+        c = _Conn(next(self._ids), writer, block=cfg.first_block, last_out=time.monotonic())
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
         if self.state not in ("ok", "exhausted"):
             self.metrics.denials.labels(reason=self.state).inc()
             log.warning("conn %d refused: %s%s", c.id, self.state, f" ({self.down_reason})" if self.down_reason else "")
@@ -362,10 +421,15 @@ class Meter:
             return
         self._conns[c.id] = c
         self.metrics.open_connections.inc()
+        if self._settler is None:
+            self._settler = asyncio.create_task(self._settle_loop())
+            self._tasks.append(self._settler)
         try:
+            # The first (small) block commits while the upstream connection opens.
+            self._ask(c, c.block)
             if self.state == "exhausted":
-                # Ask the ledger (another meter may have released bytes, a window may have moved).
-                await self._reserve(c)
+                # Wait for it (another meter may have released bytes, a window may have moved).
+                await self._next_block(c)
             host, port = parse_hostport(cfg.upstream, "--upstream")
             try:
                 ureader, uwriter = await asyncio.wait_for(
@@ -392,20 +456,18 @@ class Meter:
             await self._finish(c)
 
     async def _finish(self, c: _Conn) -> None:
+        c.closing = True
         for w in (c.upstream, c.client):
             if w is not None:
                 with contextlib.suppress(Exception):
                     w.close()
-        if c.res is not None and self.state != "ledger_down":
+        if self.state != "ledger_down":
             try:
-                await self._worker.op("release", c.res, c.res_used, self.meter_id)
-                self.remaining_bytes += c.allowance
-                self.reserved_bytes -= c.allowance
-                self._publish()
+                await self._settle_all(c, 0, "close")
             except LEDGER_FAILURES as exc:
                 self._ledger_failed(exc)
             except Exception as exc:  # noqa: BLE001
-                log.error("conn %d: release of reservation %s failed: %s", c.id, c.res, exc)
+                log.error("conn %d: settling its reservations failed: %s", c.id, exc)
         for w in (c.upstream, c.client):
             if w is not None:
                 with contextlib.suppress(Exception):
@@ -415,55 +477,168 @@ class Meter:
         log.info("conn %d closed: %d bytes out, %d bytes in%s", c.id, c.bytes_out, c.bytes_in,
                  f" ({c.reason})" if c.reason else "")
 
-    async def _reserve(self, c: _Conn) -> None:
-        """Get the connection a new block; raise _Cut when the budget has nothing left."""
+    # -- reservations: adaptive, pipelined, settled at rest ------------------------------
+    def _ask(self, c: _Conn, want: int, releases: list[tuple[int, int]] | None = None) -> asyncio.Future[Grant]:
+        """Start the ledger call that settles `releases` and this connection's spent blocks and
+        reserves `want` bytes (one transaction); it becomes `c.nxt`."""
+        rel = [(r.id, r.used) for r in c.spent] + (releases or [])
+        c.spent = []
+        fut = asyncio.ensure_future(self._worker.op("settle", rel, self.config.budget, want, self.meter_id, c.id))
+        t0 = time.monotonic()
+        fut.add_done_callback(lambda f: self._granted(f, t0))
+        c.nxt = fut
+        return fut
+
+    def _granted(self, fut: asyncio.Future[Grant], t0: float) -> None:
+        """Note a grant's totals as soon as it commits; a ledger failure fails closed at once."""
+        if fut.cancelled():
+            return
+        self._commit_wait = 0.8 * self._commit_wait + 0.2 * (time.monotonic() - t0)
+        exc = fut.exception()
+        if isinstance(exc, LEDGER_FAILURES):
+            self._ledger_failed(exc)
+        elif exc is not None:
+            log.error("reservation failed: %s", exc)
+        else:
+            g = fut.result()
+            if g.granted > 0:
+                self.metrics.block.observe(g.granted)
+            self._note_grant(g)
+
+    def _next_size(self, c: _Conn, now: float) -> int:
+        """The size of the block to ask for next: what the current block's drain rate uses in
+        GROW_TARGET seconds (or COMMIT_FACTOR x the recent wait for a reservation, if longer), at
+        most GROW_MAX x the largest of the current block and the last size asked, within
+        [first block, ceiling]."""
         cfg = self.config
+        cur = c.cur
+        if cur is None:
+            return c.block
+        rate = cur.used / max(now - c.cur_since, 1e-4)
+        horizon = max(GROW_TARGET, COMMIT_FACTOR * self._commit_wait)
+        want = min(int(rate * horizon), GROW_MAX * max(c.block, cur.amount), cfg.reserve_block)
+        return max(cfg.first_block, want)
+
+    async def _next_block(self, c: _Conn) -> None:
+        """Make the next committed reservation the connection's current block (waiting for its
+        commit only when the pipelined one is not done yet); raise _Cut when the budget denies it."""
         if self.state == "ledger_down":
             raise LedgerUnavailable(self.down_reason or "ledger unavailable")
-        if c.res is None:
-            g = await self._worker.op("reserve", cfg.budget, cfg.reserve_block, self.meter_id, c.id)
-        else:
-            g = await self._worker.op("renew", c.res, c.res_used, cfg.budget, cfg.reserve_block, self.meter_id, c.id)
-            c.res = None
+        if c.cur is not None:  # drained: size the block after next by its drain rate; settle it with the next call
+            c.block = self._next_size(c, time.monotonic())
+            c.spent.append(c.cur)
+            c.cur = None
+        fut = c.nxt if c.nxt is not None else self._ask(c, c.block)
+        c.busy = True
+        t0 = time.monotonic()
+        stalled = not fut.done()
+        try:
+            # shield: a cancelled pump must not cancel a commit whose grant _finish still has to release.
+            g = fut.result() if fut.done() else await asyncio.shield(fut)
+        finally:
+            c.busy = False
+            self.metrics.block_wait.inc(time.monotonic() - t0)
+        if stalled:  # the block drained before the next one committed: too small for this ledger, grow faster
+            c.block = min(self.config.reserve_block, GROW_MAX * c.block)
+        if c.nxt is fut:
+            c.nxt = None
         if self.state == "ledger_down":  # another connection saw the ledger fail meanwhile
             raise LedgerUnavailable(self.down_reason)
-        self._note_grant(g)
         if g.granted <= 0:
             c.reason = f"budget exhausted ({g.reason})"
             self.metrics.denials.labels(reason=g.reason.split(":")[0] or "cap").inc()
-            log.warning("conn %d cut: budget %r exhausted (%s) after %d bytes", c.id, cfg.budget, g.reason, c.bytes_out)
+            log.warning("conn %d cut: budget %r exhausted (%s) after %d bytes", c.id, self.config.budget, g.reason, c.bytes_out)
             raise _Cut()
-        c.res, c.res_amount, c.res_used = g.res, g.granted, 0
+        assert g.res is not None
+        c.cur = _Res(g.res, g.granted)
+        c.cur_since = time.monotonic()
+        # Pipelining: the next block commits while this one is forwarded.
+        self._ask(c, c.block)
+
+    async def _settle_all(self, c: _Conn, want: int, reason: str) -> Grant | None:
+        """Settle every reservation the connection holds at what it forwarded; with want > 0
+        reserve a fresh block in the same transaction (it becomes c.nxt)."""
+        rel: list[tuple[int, int]] = []
+        if c.nxt is not None:
+            fut, c.nxt = c.nxt, None
+            with contextlib.suppress(Exception):
+                g = await asyncio.shield(fut)
+                if g.granted > 0 and g.res is not None:
+                    rel.append((g.res, 0))
+        if c.cur is not None:
+            rel.append((c.cur.id, c.cur.used))
+            c.cur = None
+        if not rel and not c.spent and want <= 0:
+            return None
+        self.metrics.settlements.labels(reason=reason).inc()
+        return await self._ask(c, want, rel)
+
+    def _settle_idle(self, c: _Conn) -> None:
+        """Settle an idle connection and keep one first-size block reserved for its next answer."""
+        rel: list[tuple[int, int]] = []
+        nxt = c.granted_next()
+        if nxt is not None and nxt.res is not None:
+            rel.append((nxt.res, 0))
+        if c.cur is not None:
+            rel.append((c.cur.id, c.cur.used))
+        c.cur = None
+        c.block = self.config.first_block
+        c.settled = True
+        self.metrics.settlements.labels(reason="idle").inc()
+        self._ask(c, c.block, rel)
+
+    async def _settle_loop(self) -> None:
+        """Every quarter of --settle-idle, settle the connections idle for --settle-idle."""
+        idle = self.config.settle_idle
+        while True:
+            await asyncio.sleep(max(0.02, idle / 4))
+            if self.state not in ("ok", "exhausted"):
+                continue
+            now = time.monotonic()
+            for c in list(self._conns.values()):
+                if c.settled or c.busy or c.closing or now - c.last_out < idle:
+                    continue
+                if c.nxt is not None and not c.nxt.done():
+                    continue  # a commit for it is in flight; look again next round
+                self._settle_idle(c)
 
     async def _pump_out(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Upstream -> client, metered: each byte is written only out of a committed reservation."""
+        bytes_out = self.metrics.bytes_out
         try:
             while True:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     c.reason = c.reason or "upstream closed"
                     return
-                view = memoryview(data)
+                size = len(data)
                 off = 0
-                while off < len(view):
+                while off < size:
                     if c.allowance == 0:
-                        await self._reserve(c)
-                    n = min(c.allowance, len(view) - off)
+                        await self._next_block(c)
+                    cur = c.cur
+                    assert cur is not None
+                    n = min(cur.amount - cur.used, size - off)
                     if self.state == "ledger_down" or writer.transport.is_closing():
                         return
-                    writer.write(view[off : off + n])
-                    c.res_used += n
+                    writer.write(data if n == size else memoryview(data)[off : off + n])
+                    # Counted as used the moment it is handed to the transport: never less than what left.
+                    cur.used += n
                     c.bytes_out += n
                     self.bytes_out += n
-                    self.metrics.bytes_out.inc(n)
+                    bytes_out.inc(n)
+                    c.settled = False
                     off += n
-                    await writer.drain()
+                c.last_out = time.monotonic()
+                await writer.drain()
         except _Cut:
             return
         except LEDGER_FAILURES as exc:
             self._ledger_failed(exc)
         except (ConnectionError, OSError) as exc:
             c.reason = c.reason or f"client gone ({type(exc).__name__})"
+        finally:
+            c.closing = True  # forwards no more: the settler must not reserve for it again
 
     async def _pump_in(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client -> upstream: counted and logged, not capped."""
