@@ -103,14 +103,14 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int) -> d
     outside, port = lt.run(start_outside(codecs, tok, codecs.weak_fingerprint, ["k"], "127.0.0.1", mport, meter.status, config=cfg))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=3600)
     client.models.list()
-    client.completions.create(model="m", prompt="warm up", max_tokens=2, temperature=0)  # connect; HELLO
+    client.completions.create(model="smollm2", prompt="warm up", max_tokens=2, temperature=0)  # connect; HELLO
     base = meter.used
     detok = tok
 
     def one(i: int) -> tuple[int, str, float]:
         t = time.perf_counter()
         ttft, text, n = None, [], 0
-        stream = client.completions.create(model="m", prompt=prompts[i], max_tokens=args.max_tokens, seed=seeds[i],
+        stream = client.completions.create(model="smollm2", prompt=prompts[i], max_tokens=args.max_tokens, seed=seeds[i],
                                            temperature=args.temperature, stream=True, stream_options={"include_usage": True})
         for ch in stream:
             if ch.choices and ch.choices[0].text and ttft is None:

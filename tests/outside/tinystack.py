@@ -23,7 +23,7 @@ class TinyStack:
         self.inside = self.lt.run(start_inside(make_backend(self.model), self.codecs, tok, self.model.info.vocab_size))
         self.meter = StandInMeter(self.inside.port, cap)
         mport = self.lt.run(self.meter.start())
-        cfg = OutsideConfig(model_name="tiny-random", flush_every=flush_every, default_max_tokens=16)
+        cfg = OutsideConfig(model_name="tiny-random", flush_every=flush_every, default_max_tokens=16, max_context=4096)
         self.outside, self.port = self.lt.run(
             start_outside(self.codecs, tok, outside_fingerprint or fp, [KEY], "127.0.0.1", mport, self.meter.status, config=cfg)
         )
