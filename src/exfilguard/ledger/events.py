@@ -25,6 +25,11 @@ KINDS: dict[str, tuple[str, ...]] = {
     "release": ("budget", "meter", "res", "used", "returned", "reserved"),
     "deny": ("budget", "meter", "conn", "reason"),
     "cap_change": ("budget", "old_cap", "new_cap", "approvals"),
+    # API keys (ledger/apikeys.py): each key owns the budget "key:NAME"; its bytes are reserved
+    # and released there like a meter's, and bytes past its cap are recorded, never dropped.
+    "key_added": ("budget", "key", "key_id"),
+    "key_revoked": ("budget", "key"),
+    "key_overrun": ("budget", "key", "bytes"),
 }
 
 
