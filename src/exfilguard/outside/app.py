@@ -217,10 +217,10 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             async def send_logged(msg: dict[str, Any]) -> None:
                 if msg["type"] == "http.response.start":
                     status[0] = msg["status"]
-                await send(msg)
                 if msg["type"] == "http.response.body" and not msg.get("more_body") and not done[0]:
-                    done[0] = True
+                    done[0] = True  # logged before the last bytes go, so a client that saw the end can read it
                     log_access(scope, status[0], t0, info)
+                await send(msg)
 
             try:
                 await self.inner(scope, receive, send_logged)

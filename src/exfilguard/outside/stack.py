@@ -235,7 +235,7 @@ def serve_inside(strong_spec: str, weak_spec: str, listen: str, device: str = "c
     asyncio.run(main())
 
 
-def serve_outside(inside: str, weak_spec: str, listen: str, api_keys_file: str, meter_status: str | None,
+def serve_outside(inside: str, weak_spec: str, listen: str, api_keys_file: str | None, meter_status: str | None,
                   config: OutsideConfig) -> None:
     """`exfilguard outside`: load the weak model, serve the API until SIGINT/SIGTERM."""
     from exfilguard.outside.app import read_api_keys
@@ -244,7 +244,11 @@ def serve_outside(inside: str, weak_spec: str, listen: str, api_keys_file: str, 
 
     ihost, iport = parse_hostport(inside)
     host, port = parse_hostport(listen)
-    keys = read_api_keys(api_keys_file)
+    if api_keys_file is None and not config.keys_ledger:
+        from exfilguard.errors import ConfigError
+
+        raise ConfigError("no API keys: pass --api-keys FILE and/or --keys-ledger URL (exfilguard keys add makes keys)")
+    keys = read_api_keys(api_keys_file) if api_keys_file else []
     _, weak = load_models(None, weak_spec)
     codecs = RealCodecFactory(weak)
     probe = http_status_probe(meter_status) if meter_status else no_probe
@@ -324,12 +328,20 @@ class MeterProcess:
 
 
 def new_api_key(data_dir: Any) -> str:
-    """Create an API key and append it to DATA_DIR/api-keys (mode 0600)."""
+    """The API key in DATA_DIR/api-keys: the first one there, else a new one (mode 0600).
+
+    Reused across restarts, so `up` does not add a key at every start."""
     import os
     import secrets
     from pathlib import Path
 
     path = Path(data_dir) / "api-keys"
+    if path.is_file():
+        from exfilguard.outside.app import read_api_keys
+
+        existing = read_api_keys(path)
+        if existing:
+            return existing[0]
     key = "sk-exfilguard-" + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
@@ -377,12 +389,16 @@ def serve_up(strong_spec: str, weak_spec: str | None, cap: int | None, port: int
     signing_key = meter_signing_key(ddir)
     ledger_url = f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}"
     config.model_name = strong_spec if not strong_spec.startswith("openai:") else "exfilguard"
+    config.keys_ledger = config.keys_ledger or f"sqlite:///{(ddir / 'keys.sqlite').resolve()}"
+    if not isinstance(strong, str):
+        config.max_context = int(getattr(strong.model.config, "max_position_embeddings", config.max_context))
 
     async def main() -> None:
         inside = await start_inside(make_backend(strong), codecs, tok, vocab)
         meter = MeterProcess(inside.port, ledger_url, cap, signing_key=signing_key)
         await asyncio.to_thread(meter.start)
         outside = None
+        config.meter_status_url = meter.status_url
         try:
             outside, bound = await start_outside(codecs, tok, codecs.weak_fingerprint, keys, "127.0.0.1", meter.port,
                                                  http_status_probe(meter.status_url), "127.0.0.1", port, config)
