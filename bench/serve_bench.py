@@ -23,12 +23,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "outside"))
-CORPUS = ROOT.parent / "shared" / "data" / "smollm2_corpus_dev.jsonl"
+CORPUS = ROOT / "data" / "smollm2_corpus_dev_sample.jsonl"  # the repo's 60-row sample of the dev corpus
 
 
-def load_prompts(n: int) -> list[list[int]]:
+def load_prompts(n: int, corpus: Path = CORPUS) -> list[list[int]]:
     seen, out = set(), []
-    with open(CORPUS) as f:
+    with open(corpus) as f:
         for line in f:
             r = json.loads(line)
             if r["prompt_id"] in seen:
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--strong", default="smollm2")
     ap.add_argument("--weak", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--corpus", type=Path, default=CORPUS, help="dev corpus JSONL (default: the repo's 60-row sample)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -155,7 +156,7 @@ def main() -> None:
 
     weak_spec = resolve_weak_spec(args.weak, args.strong)
     strong, weak = load_models(args.strong, weak_spec, args.device)
-    prompts = load_prompts(args.requests)
+    prompts = load_prompts(args.requests, args.corpus)
     seeds = list(range(1000, 1000 + len(prompts)))
     outs, alone_s = strong_alone(strong, prompts, args.max_tokens, args.temperature, seeds)
     alone_toks = sum(len(o) for o in outs)

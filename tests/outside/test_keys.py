@@ -13,7 +13,7 @@ import openai
 import pytest
 from tinystack import TinyStack
 
-from exfilguard.ledger.apikeys import KeyStore, remaining_of
+from exfilguard.ledger.apikeys import KeyStore
 from exfilguard.ledger.store import open_ledger
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.protocol.wire import Kind, encode_frame
