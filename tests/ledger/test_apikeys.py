@@ -101,3 +101,17 @@ def test_tampered_key_budget_row_is_caught(store, tmp_path):
     db.commit()
     rep = verify_ledger(store.ledger)
     assert not rep.ok and "key:gil" in rep.problems[0]
+
+
+@pytest.mark.postgres
+def test_keys_on_postgresql(pg_url):
+    store = KeyStore(open_ledger(pg_url))
+    secret = store.add("pat", cap=100, windows=[Window(60, 70)])
+    k = store.lookup(secret)
+    g = store.reserve(k, 100)
+    assert g.granted == 70 and g.reason.startswith("window")
+    store.release(g.res, 65)
+    assert store.retry_after(k) is not None
+    store.revoke("pat")
+    assert store.lookup(secret) is None
+    assert verify_ledger(store.ledger).ok
