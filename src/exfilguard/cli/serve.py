@@ -35,13 +35,14 @@ def register(app: typer.Typer) -> None:
         flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
         flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
         model_name: str = typer.Option("smollm2", help="model id shown by /v1/models"),
+        max_context: int = typer.Option(8192, help="the strong model's context in tokens (prompt + answer); longer requests get 400"),
     ) -> None:
         """Outside API: OpenAI-compatible, decodes what crosses the meter."""
         from exfilguard.outside.app import OutsideConfig
         from exfilguard.outside.stack import resolve_weak_spec, serve_outside
 
         cfg = OutsideConfig(model_name=model_name, codec=codec, flush_every=flush_every, flush_ms=flush_ms,
-                            keys_ledger=keys_ledger, meter_status_url=meter_status)
+                            keys_ledger=keys_ledger, meter_status_url=meter_status, max_context=max_context)
         serve_outside(inside, resolve_weak_spec(weak, "smollm2"), listen, api_keys, meter_status, cfg)
 
     @app.command()
