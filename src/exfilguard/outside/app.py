@@ -143,6 +143,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 meter_cache["status"] = None
             meter_cache["at"] = time.monotonic()
         return meter_cache["status"]
+
     eos = set(int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
     app.state.connection = conn
 
