@@ -87,7 +87,6 @@ class _Stream:
     queue: asyncio.Queue[Frame | ExfilguardError]
     draining: bool = False  # the outside gave up on it; waiting for END/FAIL to free the slot
     on_bytes: Callable[[int], None] | None = None  # told the wire size of each frame of this slot
-    bytes: int = 0
 
 
 class InsideConnection:
@@ -182,10 +181,8 @@ class InsideConnection:
         if st is None:
             raise FrameCorrupt(f"protocol: {f.kind.name} frame for slot {f.slot}, which is not open")
         # Every frame of a slot crossed the meter for that answer, drained ones included.
-        size = len(encode_frame(f.kind, f.slot, f.payload))
-        st.bytes += size
         if st.on_bytes is not None:
-            st.on_bytes(size)
+            st.on_bytes(len(encode_frame(f.kind, f.slot, f.payload)))
         if st.draining:
             if f.kind in (Kind.END, Kind.FAIL):
                 del self._streams[f.slot]
