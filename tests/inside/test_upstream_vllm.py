@@ -70,7 +70,14 @@ def upstream_stack(vllm_url):
 
     from exfilguard.models.hf import load_tokenizer
     from exfilguard.outside.app import OutsideConfig
-    from exfilguard.outside.stack import LoopThread, load_models, make_backend, resolve_weak_spec, start_inside, start_outside
+    from exfilguard.outside.stack import (
+        LoopThread,
+        load_models,
+        make_backend,
+        resolve_weak_spec,
+        start_inside,
+        start_outside,
+    )
     from exfilguard.protocol.codec_adapter import RealCodecFactory
 
     spec = f"openai:{vllm_url}?model=smollm2"

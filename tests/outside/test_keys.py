@@ -11,7 +11,7 @@ import sys
 import httpx
 import openai
 import pytest
-from tinystack import TinyStack
+from tinystack import TinyStack, access_lines
 
 from exfilguard.ledger.apikeys import KeyStore
 from exfilguard.ledger.store import open_ledger
@@ -27,6 +27,18 @@ def add_key(url: str, name: str, *opts: str) -> str:
     r = cli("keys", "add", name, "--ledger", url, *opts)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().rpartition(" ")[2]
+
+
+def settled(store, key):
+    """The key's budget once no reservation is outstanding (the answer's close runs after the reply)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    st = store.status(key)
+    while st.outstanding_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+        st = store.status(key)
+    return st
 
 
 def test_keys_cli(tmp_path):
@@ -72,13 +84,16 @@ def test_key_bytes_are_what_crossed_the_meter_and_the_header_says_whats_left(key
     raw = c.completions.with_raw_response.create(model="tiny-random", prompt="Hello", max_tokens=12, seed=1, temperature=1.0)
     list(c.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=9,
                                    seed=2, temperature=1.0, stream=True))
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "exfilguard.access"][-2:]
+    n0 = len([r for r in caplog.records if r.name == "exfilguard.access"])
+    lines = access_lines(caplog, 2)
+    assert n0 >= 1
     assert [a["key"] for a in lines] == ["carol", "carol"]
+    assert [a["status"] for a in lines] == [200, 200] and lines[1]["completion_tokens"] == 9
     got = sum(a["meter_bytes"] for a in lines)
     hello = len(encode_frame(Kind.HELLO, 0, conn.hello.to_bytes())) if before == 0 else 0
     # every byte the outside received for these answers is charged to the key: no less, no more
     assert got == conn.bytes_in - before - hello
-    st = store.status(key)
+    st = settled(store, key)
     assert st.used_bytes == got and st.outstanding_bytes == 0
     left = int(raw.headers["x-exfilguard-key-budget-remaining"])
     assert left == 100_000 - lines[0]["meter_bytes"]
@@ -100,7 +115,7 @@ def test_spent_key_cap_is_429_that_says_do_not_retry(keyed):
     assert e.value.body["type"] == "key_budget_exhausted" and "dave" in e.value.message
     assert e.value.response.headers["x-should-retry"] == "false"
     store = KeyStore(open_ledger(keyed.keys_url))
-    st = store.status(store.lookup(secret))
+    st = settled(store, store.lookup(secret))
     assert st.used_bytes <= st.cap_bytes == 120
     assert st.outstanding_bytes == 0
     # another key is not affected
@@ -168,3 +183,21 @@ def test_up_reuses_its_api_key(tmp_path):
     assert a == b
     assert (tmp_path / "api-keys").read_text().splitlines() == [a]
     assert (tmp_path / "api-keys").stat().st_mode & 0o077 == 0
+
+
+def test_client_hanging_up_mid_stream_still_settles_its_key(keyed, caplog):
+    caplog.set_level(logging.INFO, logger="exfilguard.access")
+    secret = add_key(keyed.keys_url, "ivy", "--cap", "1MB")
+    store = KeyStore(open_ledger(keyed.keys_url))
+    key = store.lookup(secret)
+    with httpx.stream("POST", keyed.base_url + "/completions", headers={"Authorization": f"Bearer {secret}"}, timeout=60,
+                      json={"model": "tiny-random", "prompt": "x", "max_tokens": 3000, "stream": True, "seed": 1}) as r:
+        assert r.status_code == 200
+        for _ in zip(range(4), r.iter_lines()):
+            pass
+    (line,) = access_lines(caplog, 1)
+    assert line["status"] == 499 and line["key"] == "ivy"
+    st = settled(store, key)
+    assert st.outstanding_bytes == 0  # the reservation for 3000 tokens was settled, not left hanging
+    assert 0 < st.used_bytes < 4 * 3000
+    assert st.used_bytes >= line["meter_bytes"]  # late frames are charged too, never fewer

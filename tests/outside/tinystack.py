@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 from standin_meter import StandInMeter
 
 from exfilguard.protocol.codec_adapter import RealCodecFactory
 
 KEY = "sk-test-key"
+
+
+def access_lines(caplog, n: int) -> list[dict]:
+    """The last n access-log lines, waiting for them: a streamed answer logs (and settles its key's
+    bytes) after its client has read [DONE] and hung up."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "exfilguard.access"]
+        if len(lines) >= n or time.monotonic() > deadline:
+            return lines[-n:]
+        time.sleep(0.05)
 
 
 class TinyStack:

@@ -139,7 +139,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 async with httpx.AsyncClient(timeout=2.0) as c:
                     d = (await c.get(cfg.meter_status_url)).json()
                 meter_cache["status"] = d if isinstance(d, dict) else None
-            except Exception:
+            except (httpx.HTTPError, ValueError, OSError):  # meter down or not JSON: no figure, no failure
                 meter_cache["status"] = None
             meter_cache["at"] = time.monotonic()
         return meter_cache["status"]
@@ -220,6 +220,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                     status[0] = msg["status"]
                 if msg["type"] == "http.response.body" and not msg.get("more_body") and not done[0]:
                     done[0] = True  # logged before the last bytes go, so a client that saw the end can read it
+                    info.pop("complete", None)
                     log_access(scope, status[0], t0, info)
                 await send(msg)
 
@@ -227,7 +228,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 await self.inner(scope, receive, send_logged)
             finally:
                 if not done[0]:
-                    log_access(scope, 499 if status[0] == 200 else status[0], t0, info)
+                    gone = status[0] == 200 and not info.pop("complete", False)
+                    log_access(scope, 499 if gone else status[0], t0, info)
 
     app.add_middleware(AccessLog)
 
@@ -373,6 +375,15 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             if account is not None:
                 await account.cover(cfg.key_bytes_per_token * 64)
 
+        async def close() -> None:
+            """Stop the inside generating for this answer and settle its key's bytes.
+
+            Shielded by callers: a client that hangs up cancels the response task, and the key's
+            reservations must still be settled."""
+            await tokens.aclose()
+            if account is not None:
+                await account.settle()
+
         if not s.stream:
             parts = []
             try:
@@ -382,10 +393,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                     if text.finish_reason is not None:
                         break
             finally:
-                await tokens.aclose()
-                if account is not None:
-                    await account.settle()
                 noted()
+                await asyncio.shield(close())
             parts.append(text.finish())
             noted()
             content = "".join(parts)
@@ -423,10 +432,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         except StopAsyncIteration:
             first_ids = []
         except BaseException:
-            await tokens.aclose()
-            if account is not None:
-                await account.settle()
             noted()
+            await asyncio.shield(close())
             raise
         headers = {"Cache-Control": "no-cache", **await budget_headers(key)}
 
@@ -449,7 +456,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                     tail = text.finish("error")
                     if tail:
                         yield chunk(tail, None)
-                    note(request, error=exc.error_type)
+                    note(request, error=exc.error_type, complete=True)
                     yield "data: " + json.dumps(error_body(exc)) + "\n\n"
                     return
                 tail = text.finish()
@@ -460,13 +467,13 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                     u = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                          "model": model, "choices": [], "usage": usage()}
                     yield "data: " + json.dumps(u) + "\n\n"
+                # The client may hang up as soon as it reads [DONE]: the answer was whole all the same.
+                note(request, complete=True)
                 yield "data: [DONE]\n\n"
             finally:
                 # Client gone or answer done: either way stop the inside generating for it.
-                await tokens.aclose()
-                if account is not None:
-                    await account.settle()
                 noted()
+                await asyncio.shield(close())
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
