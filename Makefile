@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast bench clean postgres-deps browser-deps
+.PHONY: install up test test-fast bench clean postgres-deps browser-deps vllm-deps
 
 install: $(STAMP)
 
@@ -35,8 +35,13 @@ browser-deps:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null); }
 
-test: install postgres-deps browser-deps
-	$(VENV)/bin/pytest -q
+# vLLM's CPU build in .vllm/ (its own venv + SmolLM2 as an HF folder) for the tests marked vllm.
+VLLM_DIR ?= .vllm
+vllm-deps: install
+	bash scripts/vllm_setup.sh $(VLLM_DIR)
+
+test: install postgres-deps browser-deps vllm-deps
+	EXFILGUARD_VLLM=$(VLLM_DIR) $(VENV)/bin/pytest -q
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not integration and not slow"

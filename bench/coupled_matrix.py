@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strong", default="smollm2")
     ap.add_argument("--weak", action="append", required=True, help="weak-model spec (repeat)")
-    ap.add_argument("--prompts", type=Path, required=True)
+    ap.add_argument("--prompts", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "smollm2_corpus_dev_sample.jsonl")
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, action="append", required=True, help="repeat")

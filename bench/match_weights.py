@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from tqdm import tqdm
 from exfilguard.models import load_model
 from exfilguard.models import match as M
 from exfilguard.models.distill import first_per_temperature, read_corpus
+
+_ROOT = Path(__file__).resolve().parent.parent
 
 LN2 = math.log(2)
 
@@ -76,8 +79,8 @@ def hit_rates(rows):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fit", required=True, help="corpus to fit on (the training corpus)")
-    ap.add_argument("--eval", required=True, help="corpus to measure on (the dev file)")
+    ap.add_argument("--fit", default=str(_ROOT / "data" / "smollm2_train.jsonl.gz"), help="corpus to fit on (the training corpus)")
+    ap.add_argument("--eval", default=str(_ROOT / "data" / "smollm2_corpus_dev_sample.jsonl"), help="corpus to measure on (the dev file; default: the 60-row sample in the repo)")
     ap.add_argument("--eval-limit", type=int, default=0, help="first N rows per temperature (0: all)")
     ap.add_argument("--model", default="student:src/exfilguard/data/default_student/student.npz")
     ap.add_argument("--speed", type=int, default=0, help="also time N incremental steps alone and mixed")

@@ -23,12 +23,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "outside"))
-CORPUS = ROOT.parent / "shared" / "data" / "smollm2_corpus_dev.jsonl"
+CORPUS = ROOT / "data" / "smollm2_corpus_dev_sample.jsonl"  # the repo's 60-row sample of the dev corpus
 
 
-def load_prompts(n: int) -> list[list[int]]:
+def load_prompts(n: int, corpus: Path = CORPUS) -> list[list[int]]:
     seen, out = set(), []
-    with open(CORPUS) as f:
+    with open(corpus) as f:
         for line in f:
             r = json.loads(line)
             if r["prompt_id"] in seen:
@@ -103,14 +103,14 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int) -> d
     outside, port = lt.run(start_outside(codecs, tok, codecs.weak_fingerprint, ["k"], "127.0.0.1", mport, meter.status, config=cfg))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=3600)
     client.models.list()
-    client.completions.create(model="m", prompt="warm up", max_tokens=2, temperature=0)  # connect; HELLO
+    client.completions.create(model="smollm2", prompt="warm up", max_tokens=2, temperature=0)  # connect; HELLO
     base = meter.used
     detok = tok
 
     def one(i: int) -> tuple[int, str, float]:
         t = time.perf_counter()
         ttft, text, n = None, [], 0
-        stream = client.completions.create(model="m", prompt=prompts[i], max_tokens=args.max_tokens, seed=seeds[i],
+        stream = client.completions.create(model="smollm2", prompt=prompts[i], max_tokens=args.max_tokens, seed=seeds[i],
                                            temperature=args.temperature, stream=True, stream_options={"include_usage": True})
         for ch in stream:
             if ch.choices and ch.choices[0].text and ttft is None:
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--strong", default="smollm2")
     ap.add_argument("--weak", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--corpus", type=Path, default=CORPUS, help="dev corpus JSONL (default: the repo's 60-row sample)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -155,7 +156,7 @@ def main() -> None:
 
     weak_spec = resolve_weak_spec(args.weak, args.strong)
     strong, weak = load_models(args.strong, weak_spec, args.device)
-    prompts = load_prompts(args.requests)
+    prompts = load_prompts(args.requests, args.corpus)
     seeds = list(range(1000, 1000 + len(prompts)))
     outs, alone_s = strong_alone(strong, prompts, args.max_tokens, args.temperature, seeds)
     alone_toks = sum(len(o) for o in outs)

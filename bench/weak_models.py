@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from exfilguard.models import load_model
-from exfilguard.models.distill import evaluate, first_per_temperature, format_table, read_corpus
+from exfilguard.models.distill import (
+    evaluate,
+    first_per_temperature,
+    format_table,
+    read_corpus,
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dev", required=True)
+    ap.add_argument("--dev", default=str(Path(__file__).resolve().parent.parent / "data" / "smollm2_corpus_dev_sample.jsonl"))
     ap.add_argument("--model", action="append", required=True, help="model spec (repeat)")
     ap.add_argument("--device", default="cpu", help="device for transformer models (the n-gram is CPU)")
     ap.add_argument("--limit", type=int, default=0, help="first N dev rows per temperature (0: all)")

@@ -157,3 +157,33 @@ class WrongBudget(ApprovalRefused):
     """The request is for another budget or another ledger than the one it is applied to."""
 
     error_type = "wrong_budget"
+
+
+class ModelNotFound(ExfilguardError):
+    """A request names a model this server does not serve (OpenAI's 404 `model_not_found`)."""
+
+    http_status = 404
+    error_type = "invalid_request_error"
+    error_code = "model_not_found"
+
+    def __init__(self, model: str, served: list[str]):
+        super().__init__(f"The model `{model}` does not exist; this server serves {', '.join(served)} (GET /v1/models lists it)")
+        self.param = "model"
+
+
+class KeyBudgetExhausted(BudgetExhausted):
+    """An API key's own budget (its cap or one of its windows) has no bytes left."""
+
+    error_type = "key_budget_exhausted"
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds until a window frees bytes; None: only a new cap helps
+
+
+class RequestTooLarge(ExfilguardError):
+    """A request body is larger than the outside accepts."""
+
+    http_status = 413
+    error_type = "invalid_request_error"
+    error_code = "request_too_large"

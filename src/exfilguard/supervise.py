@@ -81,10 +81,18 @@ def check_port_free(port: int, what: str) -> None:
 
 
 def new_api_key(data_dir: Path) -> str:
-    """Create an API key and append it to DATA_DIR/api-keys (mode 0600)."""
+    """The API key in DATA_DIR/api-keys: the first one there, else a new one (mode 0600).
+
+    Reused across restarts, so `up` does not add a key at every start."""
     import secrets
 
+    from exfilguard.outside.app import read_api_keys
+
     path = Path(data_dir) / "api-keys"
+    if path.is_file():
+        existing = read_api_keys(path)
+        if existing:
+            return existing[0]
     key = "sk-exfilguard-" + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
@@ -215,6 +223,7 @@ class Supervisor:
             *exe, "outside", "--inside", f"127.0.0.1:{self.meter_port}", "--weak", cfg.weak, "--listen", f"127.0.0.1:{cfg.port}",
             "--api-keys", str(cfg.data_dir / "api-keys"), "--meter-status", self.status_url, "--codec", cfg.codec,
             "--flush-every", str(cfg.flush_every), "--flush-ms", str(cfg.flush_ms), "--model-name", cfg.model_name,
+            "--keys-ledger", f"sqlite:///{(cfg.data_dir / 'keys.sqlite').resolve()}",
         ]
         self.meter = Child("meter", meter, lambda c: _status_ok(self.status_url))
         self.inside = Child("inside", inside, lambda c: c.seen.is_set())

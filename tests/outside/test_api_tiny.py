@@ -18,7 +18,7 @@ def test_chat_and_completion(tiny_stack):
 
 def test_seed_reproducible_streaming_equals_plain(tiny_stack):
     c = tiny_stack.client()
-    kw = dict(model="m", prompt="Once upon", max_tokens=10, seed=42, temperature=1.0)
+    kw = dict(model="tiny-random", prompt="Once upon", max_tokens=10, seed=42, temperature=1.0)
     a = c.completions.create(**kw).choices[0].text
     b = c.completions.create(**kw).choices[0].text
     chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
@@ -31,14 +31,14 @@ def test_seed_reproducible_streaming_equals_plain(tiny_stack):
 def test_chat_refuses_egress_params(tiny_stack, param):
     c = tiny_stack.client()
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=4, **param)
+        c.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x"}], max_tokens=4, **param)
     assert "egress" in e.value.message
 
 
 @pytest.mark.parametrize("param", [{"echo": True}, {"best_of": 2}, {"suffix": "x"}, {"logprobs": 1}])
 def test_completions_refuses_egress_params(tiny_stack, param):
     with pytest.raises(openai.BadRequestError) as e:
-        tiny_stack.client().completions.create(model="m", prompt="x", max_tokens=4, **param)
+        tiny_stack.client().completions.create(model="tiny-random", prompt="x", max_tokens=4, **param)
     assert "egress" in e.value.message
 
 
@@ -62,7 +62,7 @@ def test_concurrent_clients_match_alone(tiny_stack):
     c = tiny_stack.client()
 
     def one(i):
-        return c.completions.create(model="m", prompt=f"n{i}", max_tokens=6, seed=i, temperature=1.0).choices[0].text
+        return c.completions.create(model="tiny-random", prompt=f"n{i}", max_tokens=6, seed=i, temperature=1.0).choices[0].text
 
     alone = [one(i) for i in range(4)]
     with ThreadPoolExecutor(12) as ex:

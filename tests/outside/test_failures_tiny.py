@@ -16,14 +16,14 @@ def test_cap_exhausted_mid_stream_then_429():
         c = s.client()
         got = []
         with pytest.raises(openai.APIError) as e:
-            for ch in c.completions.create(model="m", prompt="Hello there", max_tokens=200, seed=1, temperature=1.0, stream=True):
+            for ch in c.completions.create(model="tiny-random", prompt="Hello there", max_tokens=200, seed=1, temperature=1.0, stream=True):
                 if ch.choices:
                     got.append(ch.choices[0].text)
         assert "egress budget" in str(e.value.message)
         assert "".join(got)  # what the cap covered arrived first
         assert s.meter.used <= s.meter.cap
         with pytest.raises(openai.RateLimitError) as e2:
-            c.completions.create(model="m", prompt="x", max_tokens=4)
+            c.completions.create(model="tiny-random", prompt="x", max_tokens=4)
         assert e2.value.body["type"] == "egress_budget_exhausted"
     finally:
         s.close()
@@ -33,10 +33,10 @@ def test_meter_down_is_503():
     s = TinyStack()
     try:
         c = s.client()
-        assert c.completions.create(model="m", prompt="x", max_tokens=3, seed=1).usage.completion_tokens == 3
+        assert c.completions.create(model="tiny-random", prompt="x", max_tokens=3, seed=1).usage.completion_tokens == 3
         s.lt.run(s.meter.stop())
         with pytest.raises(openai.InternalServerError) as e:
-            c.completions.create(model="m", prompt="x", max_tokens=3)
+            c.completions.create(model="tiny-random", prompt="x", max_tokens=3)
         assert e.value.status_code == 503
         assert e.value.body["type"] == "upstream_unavailable"
     finally:
@@ -64,7 +64,7 @@ def test_weak_model_mismatch_is_500_naming_both():
     s = TinyStack(outside_fingerprint="0" * 64)
     try:
         with pytest.raises(openai.InternalServerError) as e:
-            s.client().completions.create(model="m", prompt="x", max_tokens=3)
+            s.client().completions.create(model="tiny-random", prompt="x", max_tokens=3)
         assert e.value.status_code == 500
         assert "0" * 64 in e.value.message and s.model.info.fingerprint[:16] in e.value.message
     finally:

@@ -24,7 +24,7 @@ def test_metrics_count_the_tokens_of_each_answer(tiny_stack):
     assert after["exfilguard_outside_tokens_total"] - before["exfilguard_outside_tokens_total"] == r.usage.completion_tokens
     assert after["exfilguard_outside_bytes_in_total"] > before["exfilguard_outside_bytes_in_total"]
     # Streamed answers count the same way.
-    chunks = list(c.completions.create(model="m", prompt="Once", max_tokens=6, seed=1, temperature=1.0, stream=True,
+    chunks = list(c.completions.create(model="tiny-random", prompt="Once", max_tokens=6, seed=1, temperature=1.0, stream=True,
                                        stream_options={"include_usage": True}))
     again = _counters(tiny_stack.base_url)
     assert again["exfilguard_outside_tokens_total"] - after["exfilguard_outside_tokens_total"] == chunks[-1].usage.completion_tokens

@@ -17,7 +17,7 @@ bench = typer.Typer(help="Benchmarks that print figures (bits per token, tokens/
 
 @bench.command("codec")
 def bench_codec(
-    corpus: Path = typer.Option(..., "--corpus", help="JSONL corpus (the format of smollm2_corpus_dev.jsonl)."),
+    corpus: Path = typer.Option(Path("data/smollm2_corpus_dev_sample.jsonl"), "--corpus", help="JSONL corpus (the format of smollm2_corpus_dev.jsonl; default: the 60-row sample in the repo)."),
     weak: Optional[str] = typer.Option(None, "--weak", help="Weak-model spec for the model codec (e.g. smollm2)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Generations per temperature (default: all)."),
     codec: Optional[list[str]] = typer.Option(None, "--codec", help="Codecs to run (repeatable; default: all)."),

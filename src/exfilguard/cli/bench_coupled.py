@@ -15,7 +15,7 @@ def add_commands(bench: typer.Typer) -> None:
     def bench_coupled(
         strong: str = typer.Option(..., "--strong", help="Strong-model spec (e.g. smollm2)."),
         weak: str = typer.Option(..., "--weak", help="Weak-model spec (smollm2, default, ngram:PATH, ...)."),
-        prompts: Path = typer.Option(..., "--prompts", help="JSONL file with prompt_ids (e.g. smollm2_corpus_dev.jsonl)."),
+        prompts: Path = typer.Option(Path("data/smollm2_corpus_dev_sample.jsonl"), "--prompts", help="JSONL file with prompt_ids (default: the 60-row dev sample in the repo)."),
         limit: int = typer.Option(5, "--limit", help="Distinct prompts to generate from."),
         max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens to generate per prompt (at most)."),
         temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature (0: greedy)."),

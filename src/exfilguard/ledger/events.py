@@ -28,6 +28,11 @@ KINDS: dict[str, tuple[str, ...]] = {
     # a budget's k-of-n approver set: keys = sorted hex raw Ed25519 public keys; the first set
     # of a budget has request null and no approvals, every later one carries both
     "approvers_set": ("budget", "threshold", "keys", "approvals", "request"),
+    # API keys (ledger/apikeys.py): each key owns the budget "key:NAME"; its bytes are reserved
+    # and released there like a meter's, and bytes past its cap are recorded, never dropped.
+    "key_added": ("budget", "key", "key_id"),
+    "key_revoked": ("budget", "key"),
+    "key_overrun": ("budget", "key", "bytes"),
 }
 
 

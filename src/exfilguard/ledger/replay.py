@@ -204,6 +204,10 @@ HANDLERS: dict[str, Callable[[LedgerState, dict[str, Any]], None]] = {
     "approvers_set": _budget_change,
     "meter_start": _budget_only,
     "meter_stop": _budget_only,
+    # API keys (ledger/apikeys.py): bookkeeping on the key's own budget; no totals change
+    "key_added": _budget_only,
+    "key_revoked": _budget_only,
+    "key_overrun": _budget_only,
 }
 
 

@@ -26,6 +26,7 @@ class Sampling:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    max_tokens_given: bool = False
 
 
 def _num(body: dict[str, Any], name: str, lo: float, hi: float, default: Any, integer: bool = False) -> Any:
@@ -58,11 +59,64 @@ def refuse_egress_params(body: dict[str, Any]) -> None:
         raise RequestInvalid(f"'suffix' is not supported: {_EGRESS}", "suffix")
 
 
+_UNSUPPORTED = "exfilguard does not support it, and ignoring it would change what the client gets"
+
+# Parameters whose presence (with a value other than its no-op) changes the answer a client
+# expects; served without them, the client would silently get something else.
+_NOOP: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),  # only meaningful with tools, refused above
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,),
+    "add_special_tokens": (None,),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None, []),
+}
+
+
+def refuse_unsupported_params(body: dict[str, Any]) -> None:
+    """400 naming the first parameter that would change the answer and that exfilguard does not honour."""
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text" and len(rf) == 1):
+        kind = rf.get("type") if isinstance(rf, dict) else rf
+        raise RequestInvalid(f"'response_format' of type {kind!r} is not supported: {_UNSUPPORTED} (only 'text')",
+                             "response_format")
+    for name, noops in _NOOP.items():
+        if name in body and not any(type(body[name]) is type(v) and body[name] == v or body[name] is v for v in noops):
+            raise RequestInvalid(f"'{name}' is not supported: {_UNSUPPORTED}", name)
+
+
 def parse_sampling(body: Any, default_max_tokens: int, max_max_tokens: int) -> Sampling:
     """Validate the fields both endpoints share; RequestInvalid names the bad field."""
     if not isinstance(body, dict):
         raise RequestInvalid("the request body must be a JSON object", "body")
     refuse_egress_params(body)
+    refuse_unsupported_params(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestInvalid("'model' must be a string", "model")
@@ -107,7 +161,25 @@ def parse_sampling(body: Any, default_max_tokens: int, max_max_tokens: int) -> S
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestInvalid("'user' must be a string", "user")
-    return Sampling(model, int(max_tokens), temperature, top_p, seed, seed_given, stop, bool(stream), include_usage, user)
+    return Sampling(model, int(max_tokens), temperature, top_p, seed, seed_given, stop, bool(stream), include_usage, user,
+                    max_tokens_given=mt is not None)
+
+
+def fit_context(s: Sampling, prompt_tokens: int, max_context: int, param: str) -> None:
+    """Refuse up front what cannot fit the context (as vLLM does); clamp a defaulted max_tokens to the room left."""
+    if prompt_tokens >= max_context:
+        raise RequestInvalid(
+            f"This model's maximum context length is {max_context} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input {param}.", param)
+    room = max_context - prompt_tokens
+    if s.max_tokens > room:
+        if not s.max_tokens_given:
+            s.max_tokens = room
+            return
+        raise RequestInvalid(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {s.max_tokens}. This model's maximum context "
+            f"length is {max_context} tokens and your request has {prompt_tokens} input tokens "
+            f"({s.max_tokens} > {max_context} - {prompt_tokens}).", "max_tokens")
 
 
 def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -13,17 +14,28 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exfilguard.errors import ExfilguardError, RequestInvalid
+from exfilguard.errors import (
+    BudgetExhausted,
+    ExfilguardError,
+    KeyBudgetExhausted,
+    ModelNotFound,
+    RequestInvalid,
+    RequestTooLarge,
+)
 from exfilguard.outside.api import (
     Sampling,
     TextAssembler,
+    fit_context,
     parse_messages,
     parse_prompt,
     parse_sampling,
 )
 from exfilguard.outside.client import InsideConnection
+from exfilguard.outside.keys import KeyAccount
 from exfilguard.protocol.wire import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -40,7 +52,16 @@ class OutsideConfig:
     default_max_tokens: int = 256
     max_max_tokens: int = 4096
     max_prompt_tokens: int = 8192
-    meter_status_url: str | None = None  # the meter's /status: /health reports meter, ledger and budget from it
+    max_context: int = 8192  # the strong model's context (prompt + answer); SmolLM2's by default
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    keys_ledger: str | None = None  # ledger URL holding API keys and their budgets (exfilguard keys add)
+    meter_status_url: str | None = None  # the meter's JSON /status: /health (meter, ledger, budget) and the budget header
+    key_bytes_per_token: int = 4  # bytes reserved in a key's budget per token of max_tokens (topped up as needed)
+    window_retry_after: int = 60  # Retry-After (s) when the meter's window, not its cap, is spent
+    access_log: bool = True  # one JSON line per request on the exfilguard.access logger (stderr)
+
+
+ACCESS_LOG = "exfilguard.access"
 
 
 def read_api_keys(path: str | Path) -> list[str]:
@@ -59,10 +80,17 @@ def error_body(exc: ExfilguardError) -> dict[str, Any]:
         "error": {
             "message": str(exc),
             "type": exc.error_type,
-            "code": exc.error_type,
+            "code": getattr(exc, "error_code", exc.error_type),
             "param": getattr(exc, "param", None),
         }
     }
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error response in OpenAI's shape for errors that are not exfilguard's (404, 405, 422, 500)."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
 class _Unauthorized(ExfilguardError):
@@ -82,19 +110,131 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         yield
         await conn.close()
 
-    app = FastAPI(title="exfilguard outside", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="exfilguard outside", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     keys = [k.encode() for k in api_keys]
+    store = None
+    if cfg.keys_ledger:
+        from exfilguard.ledger.apikeys import KeyStore
+        from exfilguard.ledger.store import open_ledger
+
+        store = KeyStore(open_ledger(cfg.keys_ledger))
+    access = logging.getLogger(ACCESS_LOG)
+    if cfg.access_log and not access.handlers:
+        import sys
+
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(h)
+        access.setLevel(logging.INFO)
+    meter_cache: dict[str, Any] = {"at": 0.0, "status": None}
+
+    async def meter_status() -> dict[str, Any] | None:
+        """The meter's JSON status, at most half a second old (None when there is no meter URL or it is down)."""
+        if not cfg.meter_status_url:
+            return None
+        if time.monotonic() - meter_cache["at"] > 0.5:
+            import httpx
+
+            try:
+                async with httpx.AsyncClient(timeout=2.0) as c:
+                    d = (await c.get(cfg.meter_status_url)).json()
+                meter_cache["status"] = d if isinstance(d, dict) else None
+            except (httpx.HTTPError, ValueError, OSError):  # meter down or not JSON: no figure, no failure
+                meter_cache["status"] = None
+            meter_cache["at"] = time.monotonic()
+        return meter_cache["status"]
+
     eos = set(int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
     app.state.connection = conn
 
-    def error_response(exc: ExfilguardError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=exc.http_status)
+    async def error_headers(exc: ExfilguardError) -> dict[str, str]:
+        """429s say when to retry: Retry-After when a window frees bytes, x-should-retry: false when a cap is spent."""
+        if isinstance(exc, KeyBudgetExhausted):
+            if exc.retry_after is not None:
+                return {"Retry-After": str(exc.retry_after)}
+            return {"x-should-retry": "false"}
+        if isinstance(exc, BudgetExhausted):
+            st = await meter_status()
+            if st is not None and isinstance(st.get("cap_remaining_bytes"), int) and st["cap_remaining_bytes"] > 0:
+                return {"Retry-After": str(cfg.window_retry_after)}
+            return {"x-should-retry": "false"}
+        return {}
+
+    async def error_response(exc: ExfilguardError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=exc.http_status, headers=await error_headers(exc))
 
     @app.exception_handler(ExfilguardError)
     async def _on_error(request: Request, exc: ExfilguardError) -> JSONResponse:
-        return error_response(exc)
+        return await error_response(exc)
 
-    def check_key(request: Request) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        msg = {404: f"no route {request.method} {request.url.path}; this server serves /v1/chat/completions, "
+                    "/v1/completions, /v1/models and /health",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return openai_error(exc.status_code, msg, "invalid_request_error", codes.get(exc.status_code),
+                            headers=dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return openai_error(422, f"invalid request: {first.get('msg', 'validation failed')}", "invalid_request_error",
+                            "invalid_value", param)
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return openai_error(500, "internal error in the outside API; see its log", "server_error", "internal_error")
+
+    def log_access(scope: dict[str, Any], status: int, t0: float, info: dict[str, Any]) -> None:
+        a: dict[str, Any] = {"ts": round(time.time(), 3), "method": scope.get("method"), "path": scope.get("path"),
+                             "status": status, "key": None, "model": None, "prompt_tokens": None,
+                             "completion_tokens": None, "meter_bytes": None, "bits_per_token": None}
+        a.update(info)
+        a["latency_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        n, b = a.get("completion_tokens"), a.get("meter_bytes")
+        if isinstance(n, int) and n > 0 and isinstance(b, int):
+            a["bits_per_token"] = round(8 * b / n, 3)
+        access.info(json.dumps(a, separators=(",", ":"), ensure_ascii=False))
+
+    class AccessLog:
+        """ASGI middleware: one JSON line per request, written when its last body byte is sent
+        (for a streamed answer, when the stream ends; a client that left logs status 499)."""
+
+        def __init__(self, inner: Any):
+            self.inner = inner
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or not cfg.access_log:
+                await self.inner(scope, receive, send)
+                return
+            t0, info = time.monotonic(), {}
+            scope.setdefault("state", {})["access"] = info
+            status, done = [500], [False]
+
+            async def send_logged(msg: dict[str, Any]) -> None:
+                if msg["type"] == "http.response.start":
+                    status[0] = msg["status"]
+                if msg["type"] == "http.response.body" and not msg.get("more_body") and not done[0]:
+                    done[0] = True  # logged before the last bytes go, so a client that saw the end can read it
+                    info.pop("complete", None)
+                    log_access(scope, status[0], t0, info)
+                await send(msg)
+
+            try:
+                await self.inner(scope, receive, send_logged)
+            finally:
+                if not done[0]:
+                    gone = status[0] == 200 and not info.pop("complete", False)
+                    log_access(scope, 499 if gone else status[0], t0, info)
+
+    app.add_middleware(AccessLog)
+
+    async def check_key(request: Request) -> Any:
+        """The caller's key: an ApiKey from the keys ledger (own budget), or None for a key from the API-keys file."""
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         ok = False
@@ -102,12 +242,26 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             t = token.strip().encode()
             for k in keys:  # no early exit: compare against every key
                 ok |= hmac.compare_digest(t, k)
-        if not ok:
-            raise _Unauthorized("missing or unknown API key: send 'Authorization: Bearer <key>' with a key from the API-keys file")
+            if ok:
+                note(request, key="api-keys-file")
+                return None
+            if store is not None:
+                found = await asyncio.to_thread(store.lookup, token.strip())
+                if found is not None:
+                    note(request, key=found.name)
+                    return found
+        raise _Unauthorized("missing or unknown API key: send 'Authorization: Bearer <key>' with a key from "
+                            "`exfilguard keys add` or the API-keys file")
 
     async def body_of(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise RequestTooLarge(f"the request body has {declared} bytes; the limit is {cfg.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > cfg.max_body_bytes:
+            raise RequestTooLarge(f"the request body has {len(raw)} bytes; the limit is {cfg.max_body_bytes}")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise RequestInvalid("the request body is not valid JSON", "body") from None
         if not isinstance(body, dict):
@@ -120,9 +274,10 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         offered = conn.codecs.names
         return "coupled" if "coupled" in offered else "model"
 
-    def gen_request(prompt_ids: list[int], s: Sampling) -> GenerationRequest:
+    def gen_request(prompt_ids: list[int], s: Sampling, param: str) -> GenerationRequest:
         if len(prompt_ids) > cfg.max_prompt_tokens:
-            raise RequestInvalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {cfg.max_prompt_tokens}", "messages")
+            raise RequestInvalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {cfg.max_prompt_tokens}", param)
+        fit_context(s, len(prompt_ids), cfg.max_context, param)
         # A non-streaming answer is read whole anyway, so it is sent as one chunk: every flush
         # costs a chunk record and a frame (~6-8 bytes) that only buys time to first token.
         return GenerationRequest(
@@ -156,13 +311,48 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        check_key(request)
+        await check_key(request)
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "exfilguard"}]}
 
+    def note(request: Request, **kw: Any) -> None:
+        """Add fields to this request's access-log line."""
+        request.scope.setdefault("state", {}).setdefault("access", {}).update(kw)
+
+    async def budget_headers(key: Any) -> dict[str, str]:
+        """x-exfilguard-budget-remaining: the bytes this caller can still get (its key's budget and the
+        meter's global one, whichever is smaller), with each part in its own header."""
+        out: dict[str, str] = {}
+        parts = []
+        st = await meter_status()
+        if st is not None and isinstance(st.get("remaining_bytes"), int):
+            out["x-exfilguard-global-budget-remaining"] = str(st["remaining_bytes"])
+            parts.append(st["remaining_bytes"])
+        if key is not None and store is not None:
+            from exfilguard.ledger.apikeys import remaining_of
+
+            try:
+                kr = remaining_of(await asyncio.to_thread(store.status, key))
+            except ExfilguardError:
+                kr = None
+            if kr is not None:
+                out["x-exfilguard-key-budget-remaining"] = str(kr)
+                parts.append(kr)
+        if parts:
+            out["x-exfilguard-budget-remaining"] = str(max(0, min(parts)))
+        return out
+
+    def check_model(s: Sampling) -> str:
+        served = [cfg.model_name]
+        if s.model is not None and s.model not in served:
+            raise ModelNotFound(s.model, served)
+        return s.model or cfg.model_name
+
     async def run(request: Request, chat: bool) -> Any:
-        check_key(request)
+        key = await check_key(request)
         body = await body_of(request)
         s = parse_sampling(body, cfg.default_max_tokens, cfg.max_max_tokens)
+        model = check_model(s)
+        note(request, model=model, stream=s.stream)
         if chat:
             msgs = parse_messages(body)
             prompt_ids = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -174,27 +364,58 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             vocab = len(tokenizer)
             if any(not 0 <= t < vocab for t in prompt_ids):
                 raise RequestInvalid("'prompt' holds a token id outside the vocabulary", "prompt")
-        req = gen_request(prompt_ids, s)
+        note(request, prompt_tokens=len(prompt_ids))
+        req = gen_request(prompt_ids, s, "messages" if chat else "prompt")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        model = s.model or cfg.model_name
         text = TextAssembler(tokenizer, s.stop, eos)
-        tokens = conn.generate(req, weak_fingerprint)
+        account = KeyAccount(store, key) if key is not None and store is not None else None
+        if account is not None:
+            # A bound on the answer's bytes, topped up if frames exceed it; 64 for frame overhead.
+            await account.open(cfg.key_bytes_per_token * req.max_tokens + 64)
+        meter_bytes = [0]
+
+        def counted(n: int) -> None:
+            meter_bytes[0] += n
+            if account is not None:
+                account.add(n)
+
+        tokens = conn.generate(req, weak_fingerprint, counted)
 
         def usage() -> dict[str, int]:
             n = text.completion_tokens
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        def noted() -> None:
+            note(request, completion_tokens=text.completion_tokens, meter_bytes=meter_bytes[0],
+                 finish_reason=text.finish_reason)
+
+        async def cover() -> None:
+            if account is not None:
+                await account.cover(cfg.key_bytes_per_token * 64)
+
+        async def close() -> None:
+            """Stop the inside generating for this answer and settle its key's bytes.
+
+            Shielded by callers: a client that hangs up cancels the response task, and the key's
+            reservations must still be settled."""
+            await tokens.aclose()
+            if account is not None:
+                await account.settle()
 
         if not s.stream:
             parts = []
             try:
                 async for ids in tokens:
                     parts.append(text.push(ids))
+                    await cover()
                     if text.finish_reason is not None:
                         break
             finally:
-                await tokens.aclose()
+                noted()
+                await asyncio.shield(close())
             parts.append(text.finish())
+            noted()
             content = "".join(parts)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": text.finish_reason, "logprobs": None}
@@ -202,8 +423,9 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             else:
                 choice = {"index": 0, "text": content, "finish_reason": text.finish_reason, "logprobs": None}
                 obj = "text_completion"
-            return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage(),
-                    "system_fingerprint": weak_fingerprint[:16]}
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                                 "usage": usage(), "system_fingerprint": weak_fingerprint[:16]},
+                                headers=await budget_headers(key))
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
@@ -225,11 +447,14 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         # Wait for the first tokens before committing to 200, so early errors get their status.
         try:
             first_ids = await tokens.__anext__()
+            await cover()
         except StopAsyncIteration:
             first_ids = []
         except BaseException:
-            await tokens.aclose()
+            noted()
+            await asyncio.shield(close())
             raise
+        headers = {"Cache-Control": "no-cache", **await budget_headers(key)}
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -243,12 +468,14 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                             delta = text.push(ids)
                             if delta:
                                 yield chunk(delta, None)
+                            await cover()
                             if text.finish_reason is not None:
                                 break
                 except ExfilguardError as exc:
                     tail = text.finish("error")
                     if tail:
                         yield chunk(tail, None)
+                    note(request, error=exc.error_type, complete=True)
                     yield "data: " + json.dumps(error_body(exc)) + "\n\n"
                     return
                 tail = text.finish()
@@ -259,12 +486,15 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                     u = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                          "model": model, "choices": [], "usage": usage()}
                     yield "data: " + json.dumps(u) + "\n\n"
+                # The client may hang up as soon as it reads [DONE]: the answer was whole all the same.
+                note(request, complete=True)
                 yield "data: [DONE]\n\n"
             finally:
                 # Client gone or answer done: either way stop the inside generating for it.
-                await tokens.aclose()
+                noted()
+                await asyncio.shield(close())
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:

@@ -86,6 +86,7 @@ def status_from_json(d: Any) -> str:
 class _Stream:
     queue: asyncio.Queue[Frame | ExfilguardError]
     draining: bool = False  # the outside gave up on it; waiting for END/FAIL to free the slot
+    on_bytes: Callable[[int], None] | None = None  # told the wire size of each frame of this slot
 
 
 class InsideConnection:
@@ -180,6 +181,9 @@ class InsideConnection:
             raise FrameCorrupt("protocol: second HELLO")
         if st is None:
             raise FrameCorrupt(f"protocol: {f.kind.name} frame for slot {f.slot}, which is not open")
+        # Every frame of a slot crossed the meter for that answer, drained ones included.
+        if st.on_bytes is not None:
+            st.on_bytes(len(encode_frame(f.kind, f.slot, f.payload)))
         if st.draining:
             if f.kind in (Kind.END, Kind.FAIL):
                 del self._streams[f.slot]
@@ -202,8 +206,12 @@ class InsideConnection:
             self._writer.close()
 
     # -- one answer ---------------------------------------------------------------------------
-    async def generate(self, req: GenerationRequest, weak_fingerprint: str) -> AsyncIterator[list[int]]:
-        """Send one request; yield decoded, verified token ids as they arrive."""
+    async def generate(self, req: GenerationRequest, weak_fingerprint: str,
+                       on_bytes: Callable[[int], None] | None = None) -> AsyncIterator[list[int]]:
+        """Send one request; yield decoded, verified token ids as they arrive.
+
+        `on_bytes` is told the wire size of every frame of this answer as it arrives (the bytes
+        the meter counted for it), including frames that arrive after the answer was given up."""
         if self._writer is None or self._dead is not None:
             await self._connect()
         assert self.hello is not None
@@ -213,7 +221,7 @@ class InsideConnection:
         slot = next((s for s in range(self.max_streams) if s not in self._streams), None)
         if slot is None:
             raise UpstreamUnavailable("too many answers in flight on the inside connection; retry later")
-        st = _Stream(asyncio.Queue())
+        st = _Stream(asyncio.Queue(), on_bytes=on_bytes)
         self._streams[slot] = st
         decoder = self.codecs.decoder(req.codec, req.prompt_ids, req.seed, req.temperature, req.top_p)
         finished = False
