@@ -60,6 +60,7 @@ class UpConfig:
     flush_ms: float = 0.0
     device: str = "cpu"
     model_name: str = "exfilguard"
+    dashboard_port: int = 0  # the read-only operator dashboard on 127.0.0.1 (0: not started)
     ready_timeout: float = 600.0  # model loading on a small machine
 
 
@@ -182,6 +183,14 @@ def _describe(rc: int) -> str:
     return f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
 
 
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def _status_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as resp:
@@ -231,6 +240,17 @@ class Supervisor:
         self.outside = Child("outside", outside, lambda c: c.seen.is_set())
         self.outside.expect = "outside API on"
         self.children = [self.meter, self.inside, self.outside]  # start order; stop in reverse
+        self.dashboard: Child | None = None
+        if cfg.dashboard_port:
+            dash = [
+                *exe, "dashboard", "--ledger", cfg.ledger, "--meter-metrics", self.metrics_url,
+                "--tokens-metrics", f"http://127.0.0.1:{cfg.port}/metrics", "--public-key", f"{cfg.signing_key}.pub",
+                "--listen", f"127.0.0.1:{cfg.dashboard_port}",
+            ]
+            page = f"http://127.0.0.1:{cfg.dashboard_port}/api/state"
+            self.dashboard = Child("dashboard", dash, lambda c: c.seen.is_set() and _http_ok(page))
+            self.dashboard.expect = "exfilguard dashboard on"
+            self.children.append(self.dashboard)
 
     def _start(self, c: Child, timeout: float) -> None:
         """Start one child and wait until it is ready; raise ChildFailed when it exits first."""
@@ -263,6 +283,8 @@ class Supervisor:
             self.outside.start()
             self._wait_ready(self.inside, self.cfg.ready_timeout)
             self._wait_ready(self.outside, self.cfg.ready_timeout)
+            if self.dashboard is not None:  # reads the ledger and both /metrics; loads no model
+                self._start(self.dashboard, 60.0)
         except BaseException:
             self.stop_all()
             raise
@@ -294,8 +316,9 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """Outside, then meter (it settles reservations and signs a head), then inside."""
-        for c in (self.outside, self.meter, self.inside):
-            c.stop()
+        for c in (self.dashboard, self.outside, self.meter, self.inside):
+            if c is not None:
+                c.stop()
 
 
 def serve_up(cfg: UpConfig, api_key: str) -> None:
@@ -312,6 +335,8 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
     print(f"processes: meter pid {sup.meter.pid}, inside pid {sup.inside.pid}, outside pid {sup.outside.pid} "
           f"(supervisor pid {os.getpid()})", flush=True)
     print(f"meter status {sup.status_url}, metrics {sup.metrics_url}", flush=True)
+    if sup.dashboard is not None:
+        print(f"dashboard http://127.0.0.1:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
     ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
     print(f"strong {cfg.strong}, weak {cfg.weak}, cap {cfg.cap} bytes, block {cfg.reserve_block} bytes, ledger {ledger_shown} "
           f"(tree heads signed with {cfg.signing_key}; audit: exfilguard ledger verify --ledger "
@@ -328,7 +353,7 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
 def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_dir: str, *, ledger: str | None = None,
               reserve_block: str | None = None, windows: list[str] | None = None, signing_key: Path | None = None,
               metrics: str | None = None, publish_heads: str | None = None, codec: str = "auto", flush_every: int = 16,
-              flush_ms: float = 0.0, device: str = "cpu") -> UpConfig:
+              flush_ms: float = 0.0, device: str = "cpu", dashboard_port: int = 0) -> UpConfig:
     """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise."""
     from exfilguard.ledger.keys import load_private_key
     from exfilguard.meter.config import DEFAULT_BLOCK, parse_size, parse_window
@@ -360,12 +385,16 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is out of range")
     check_port_free(port, "the API port")
+    if dashboard_port:
+        if not 0 < dashboard_port < 65536 or dashboard_port == port:
+            raise ConfigError(f"--dashboard-port {dashboard_port} is out of range or the API's port")
+        check_port_free(dashboard_port, "the dashboard port")
     return UpConfig(
         strong=strong, weak=weak_spec, cap=cap_bytes, port=port, data_dir=ddir,
         ledger=ledger or f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", signing_key=key.resolve(),
         reserve_block=block, windows=list(windows or ()), metrics=metrics or "", publish_heads=publish_heads,
         codec=codec, flush_every=flush_every, flush_ms=flush_ms, device=device,
-        model_name=strong if not strong.startswith("openai:") else "exfilguard",
+        model_name=strong if not strong.startswith("openai:") else "exfilguard", dashboard_port=dashboard_port,
     )
 
 

@@ -45,7 +45,7 @@ def test_up_serves_signs_and_stops_cleanly(tmp_path: Path) -> None:
     port = _free_port()
     data = tmp_path / "data"
     proc = subprocess.Popen(
-        [EXE, "up", "--port", str(port), "--data-dir", str(data)],
+        [EXE, "up", "--port", str(port), "--data-dir", str(data), "--dashboard-port", str(_free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     out: list[str] = []

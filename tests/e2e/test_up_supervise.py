@@ -123,12 +123,12 @@ def _spend(url: str, key: str) -> int:
 
 
 def test_up_three_processes_supervised(tmp_path):
-    port = _free_port()
+    port, dport = _free_port(), _free_port()
     data = tmp_path / "data"
     # The shipped student as the weak model: it predicts tiny-random's tokens badly, so answers cost bytes
     # and the budget can be spent; the 500-byte block bounds what each kill -9 of the meter leaves reserved.
     up = Up("--strong", "tiny-random", "--weak", "default", "--cap", "4000", "--reserve-block", "500",
-            "--port", str(port), "--data-dir", str(data))
+            "--port", str(port), "--data-dir", str(data), "--dashboard-port", str(dport))
     try:
         up.wait_for("Ctrl-C stops")
         text = up.text()
@@ -147,6 +147,12 @@ def test_up_three_processes_supervised(tmp_path):
         assert "torch" in maps["inside"] and "torch" not in maps["meter"]
         with urllib.request.urlopen(status_url, timeout=5) as r:
             assert json.loads(r.read())["state"] == "ok"
+        # The operator dashboard is a fourth child: no model, reads the ledger and the meter's metrics.
+        dpid = int(re.search(rf"dashboard http://127\.0\.0\.1:{dport}/ \(pid (\d+)\)", text).group(1))
+        assert _ppid(dpid) == up.proc.pid and "torch" not in Path(f"/proc/{dpid}/maps").read_text()
+        state = _poll(lambda: (lambda st: st if st.get("budgets") else None)(
+            json.loads(urllib.request.urlopen(f"http://127.0.0.1:{dport}/api/state", timeout=10).read())), "dashboard state")
+        assert [b["cap_bytes"] for b in state["budgets"] if b["budget"] == "default"] == [4000], state["budgets"]
 
         assert _answer(url, key)
         code, body = _health(port)

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, help="port of the API on 127.0.0.1"),
         data_dir: str = typer.Option(".exfilguard", help="ledger, meter key and API keys live here"),
         ledger: Optional[str] = typer.Option(None, "--ledger", help="Ledger URL (default: sqlite:///DATA_DIR/ledger.sqlite)."),
-        reserve_block: Optional[str] = typer.Option(None, "--reserve-block", help="Bytes the meter reserves per ledger commit (default 64KiB); at most this much is lost to a crash."),
+        reserve_block: Optional[str] = typer.Option(None, "--reserve-block", help="Largest block the meter reserves per ledger commit (blocks adapt from 4 KiB up to it; default 16MiB); a crash can leave at most two blocks per open connection counted but unused."),
         window: Optional[list[str]] = typer.Option(None, "--window", help="Rolling window DURATION=BYTES, e.g. 1h=50MB (repeatable)."),
         signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 key that signs tree heads (default: DATA_DIR/meter-key, made on first use)."),
         metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT of the meter's /metrics and /status (default: a free port, printed)."),
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
         flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
         device: str = typer.Option("cpu", help="torch device for a local strong model"),
+        dashboard_port: int = typer.Option(8050, "--dashboard-port", help="port of the read-only operator dashboard on 127.0.0.1 (0: none)"),
     ) -> None:
         """Start meter, inside and outside as three supervised processes; print the base URL, an API key and the meter's status URL."""
         from exfilguard.supervise import new_api_key, serve_up, up_config
@@ -70,6 +71,6 @@ def register(app: typer.Typer) -> None:
         cfg = up_config(
             strong, weak, cap, port, data_dir, ledger=ledger, reserve_block=reserve_block, windows=window,
             signing_key=signing_key, metrics=metrics, publish_heads=publish_heads, codec=codec,
-            flush_every=flush_every, flush_ms=flush_ms, device=device,
+            flush_every=flush_every, flush_ms=flush_ms, device=device, dashboard_port=dashboard_port,
         )
         serve_up(cfg, new_api_key(cfg.data_dir))
