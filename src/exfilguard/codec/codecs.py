@@ -236,11 +236,20 @@ class WeakModelState(CodecState):
     _teacher_forced: bool | None = None  # decided on first use
 
     def _use_teacher_forced(self) -> bool:
-        """The codec's teacher_forced flag, unless the weak model has an exact integer table
-        (n-gram): only the incremental session gives that table, and the decoder codes with it."""
+        """The codec's teacher_forced flag, unless the weak model has an exact integer table that
+        only its incremental session gives (the n-gram): the decoder codes with that table. An
+        exact model with a batched pass (score_frequencies: the exact student) gives the same
+        integers either way, so there the flag holds and batching cannot desync."""
         if self._teacher_forced is None:
-            self._teacher_forced = bool(self.codec.teacher_forced) and self.model.session(self.prompt[:1]).frequencies() is None
+            want = bool(self.codec.teacher_forced)
+            if want and self.model.session(self.prompt[:1]).frequencies() is not None:
+                want = self.exact_batched()
+            self._teacher_forced = want
         return self._teacher_forced
+
+    def exact_batched(self) -> bool:
+        """Whether the weak model computes its exact tables in one teacher-forced pass."""
+        return self.model.score_frequencies(self.prompt[:1], [0]) is not None
 
 
 class _ModelState(WeakModelState):
@@ -299,6 +308,13 @@ class _ModelState(WeakModelState):
             rows, self._levels = self._levels, []
             return rows
         t = time.perf_counter()
+        exact = self.model.score_frequencies(self.prompt + self.history, list(tokens))
+        if exact is not None:  # the session's integers, bit for bit: code them as they are
+            self.codec.stats.model_s += time.perf_counter() - t
+            if self.codec.measure_ideal:
+                picked = exact[np.arange(len(tokens)), np.asarray(tokens)].astype(np.float64)
+                self.codec.stats.ideal_bits += float((Q.PRECISION - np.log2(picked)).sum())
+            return list(exact)
         logits = self.model.score_fast(self.prompt + self.history, list(tokens))
         t2 = time.perf_counter()
         self.codec.stats.model_s += t2 - t

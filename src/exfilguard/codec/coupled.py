@@ -259,8 +259,10 @@ class _CoupledState(WeakModelState):
         """One batched pass over a chunk (encoder only)."""
         t0 = time.perf_counter()
         logits = self.model.score_fast(self.prompt + self.history, tokens)
+        # Exact models: the batched tables and logits are the session's, bit for bit.
+        freqs = self.model.score_frequencies(self.prompt + self.history, tokens)
         self.codec.stats.model_s += time.perf_counter() - t0
-        return [self._levels(row, len(self.history) + i) for i, row in enumerate(logits)]
+        return [self._levels(row, len(self.history) + i, None if freqs is None else freqs[i]) for i, row in enumerate(logits)]
 
     # -- encoder
     def observe(self, token: int) -> None:
