@@ -58,6 +58,19 @@ I16 = (1 << 15) - 1
 XCLIP = 1 << (FX + 14)  # residual magnitude clip: |x| < 2**26, so sum x**2 over d <= 2**11 < 2**63
 HCLIP = 1 << (FH + 14)
 MAX_POSITIONS = 8192
+ROW_BLOCK = 64  # rows per matrix product: a batch of up to 64 rows reaches BLAS as one product
+
+
+@dataclass(frozen=True)
+class Features:
+    """Final hidden states as int8 codes a [rows, d] with per-row scales am * 2**ae."""
+
+    a: np.ndarray
+    am: np.ndarray
+    ae: np.ndarray
+
+    def __getitem__(self, rows: slice) -> Features:
+        return Features(self.a[rows], self.am[rows], self.ae[rows])
 
 
 @dataclass(frozen=True)
@@ -135,12 +148,19 @@ def _norm_quant8(x: np.ndarray, gain: np.ndarray, eps_q: int) -> tuple[np.ndarra
 
 @dataclass
 class _Linear:
-    """int8 weights [out, in] as float32 (exact), per-output-channel scales (m < 2**25, e)."""
+    """int8 weights [out, in] as float32 (exact), per-output-channel scales (m < 2**25, e).
+
+    At run time the channel scales share the largest exponent E: m'_j = m_j >> (E - e_j), so a
+    row needs one shift, not one per entry (a channel 2**-k below the largest keeps 24 - k bits)."""
 
     w: np.ndarray  # float32, integer-valued, |w| <= 127
     m: np.ndarray  # int64 [out]
     e: np.ndarray  # int64 [out]
     name: str
+
+    def __post_init__(self) -> None:
+        self.top_e = int(self.e.max())
+        self.m_common = self.m >> np.minimum(self.top_e - self.e, 62)
 
     def check(self, act_max: int = 127) -> None:
         """The product bound: |sum_i w_ji a_i| <= max|w| * 127 * d_in < 2**24 (float32 exact)."""
@@ -156,12 +176,12 @@ class _Linear:
     def __call__(self, a: np.ndarray, am: np.ndarray, ae: np.ndarray, frac: int) -> np.ndarray:
         """Rows a [t, in] (int8 codes, scale am * 2**ae) -> int64 [t, out] at `frac` bits."""
         out = np.empty((a.shape[0], self.w.shape[0]), dtype=np.int64)
-        for lo in range(0, a.shape[0], 32):  # row blocks keep the [rows, out] temporaries small
-            hi = lo + 32
-            acc = (self.w @ a[lo:hi].astype(np.float32).T).T.astype(np.int64)  # exact: bound checked at load
-            mm = (am[lo:hi, None] * self.m[None, :]) >> 24  # < 2**50 >> 24 = 2**26
-            sh = -(ae[lo:hi, None] + self.e[None, :] + (24 + frac))
-            out[lo:hi] = _rshift_round(acc * mm, sh)  # |acc| < 2**24, mm < 2**26: < 2**50
+        for lo in range(0, a.shape[0], ROW_BLOCK):  # row blocks keep the [rows, out] temporaries small
+            hi = lo + ROW_BLOCK
+            acc = (a[lo:hi].astype(np.float32) @ self.w.T).astype(np.int64)  # exact: bound checked at load
+            p = (acc * self.m_common) >> 20  # |acc| < 2**24, m' < 2**25: < 2**49 >> 20 = 2**29
+            sh = -(ae[lo:hi, None] + (self.top_e + 20 + frac))  # one shift per row
+            out[lo:hi] = _rshift_round(p * am[lo:hi, None], sh)  # < 2**29 * 2**25 = 2**54
         return out
 
 
@@ -268,15 +288,16 @@ class ExactStudentModel(LanguageModel):
         den = p.sum(axis=-1).T[:, :, None]  # [t, h, 1], >= 2**16
         return (2 * num + den) // (2 * den)
 
-    def forward(self, seqs: Sequence[tuple[Sequence[int], int, list[list[np.ndarray]]]]) -> list[np.ndarray]:
-        """Logits (int64 at FL bits) for several sequences at once: each is (new ids, start
-        position, per-layer [k, v] cache, extended in place). The matrix products run over
-        every row of every sequence together; the result for each row does not depend on that."""
+    def forward(self, seqs: Sequence[tuple[Sequence[int], int, list[list[np.ndarray]]]]) -> list[Features]:
+        """Final features (int8 codes and scales; `logits` turns them into logits) for several
+        sequences at once: each is (new ids, start position, per-layer [k, v] cache, extended in
+        place). The matrix products run over every row of every sequence together; the result
+        for each row does not depend on that."""
         c = self.config
         lens = [len(ids) for ids, _, _ in seqs]
         ids = np.array([int(t) for s in seqs for t in s[0]], dtype=np.int64)
         if ids.size == 0:
-            return [np.zeros((0, c.vocab_size), dtype=np.int64) for _ in seqs]
+            return [Features(np.zeros((0, c.d_model), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in seqs]
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise ValueError("token id outside the student's vocabulary")
         pos = np.concatenate([np.arange(st, st + n) for (_, st, _), n in zip(seqs, lens)])
@@ -312,17 +333,30 @@ class ExactStudentModel(LanguageModel):
             a, am, ae = _quant8(hm, FH)
             x = np.clip(x + b["down"](a, am, ae, FX), -XCLIP, XCLIP)
         a, am, ae = _norm_quant8(x, self.norm, self.eps_q)
-        logits = self.head(a, am, ae, FL)
-        return [logits[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
+        return [Features(a[lo:hi], am[lo:hi], ae[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def logits(self, f: Features) -> np.ndarray:
+        """Integer logits (int64 at FL bits) of features: the tied-embedding head."""
+        return self.head(f.a, f.am, f.ae, FL)
+
+    def tables(self, f: Features) -> np.ndarray:
+        """uint32 tables [rows, vocab] of features, computed in blocks of rows."""
+        out = np.empty((f.a.shape[0], self.config.vocab_size), dtype=np.uint32)
+        for lo in range(0, f.a.shape[0], ROW_BLOCK):
+            out[lo : lo + ROW_BLOCK] = self.table(self.logits(f[lo : lo + ROW_BLOCK]))
+        return out
 
     def table(self, logits: np.ndarray) -> np.ndarray:
         """Rows of integer logits -> uint32 frequencies, each row summing to exactly 2**24, every entry >= 1."""
         lg = np.atleast_2d(logits)
         n = lg.shape[-1]
         dist = np.minimum(lg.max(axis=-1, keepdims=True) - lg, self.exp_table.size - 1)
-        e = self.exp_table[dist]  # <= 2**30
+        e = self.exp_table[dist]  # <= 2**30; the top entry is 2**30, so the row sum S >= 2**30
         free = (1 << FREQ_BITS) - n
-        f = 1 + (e * free) // e.sum(axis=-1, keepdims=True)  # e * free < 2**30 * 2**24
+        # f = 1 + e * free / S, the division as one reciprocal per row: R = floor(free * 2**34 / S)
+        # <= 2**24 * 2**34 / 2**30 = 2**28, e * R < 2**58; rounding down keeps sum(f) <= 2**24.
+        recip = (free << 34) // e.sum(axis=-1, keepdims=True)
+        f = 1 + ((e * recip) >> 34)
         top = np.argmax(lg, axis=-1)  # first maximum: ties go to the lowest id
         f[np.arange(f.shape[0]), top] += (1 << FREQ_BITS) - f.sum(axis=-1)
         return f.astype(np.uint32)
@@ -339,12 +373,12 @@ class ExactStudentModel(LanguageModel):
         """score_frequencies for several (prefix, tokens) pairs in one batch."""
         seqs = [(list(p) + list(t)[:-1] if len(t) else list(p), 0, []) for p, t in pairs]
         out = self.forward(seqs)
-        return [self.table(lg[len(p) - 1 :]) if len(t) else np.zeros((0, self.config.vocab_size), np.uint32) for lg, (p, t) in zip(out, pairs)]
+        return [self.tables(f[len(p) - 1 :]) if len(t) else np.zeros((0, self.config.vocab_size), np.uint32) for f, (p, t) in zip(out, pairs)]
 
     def score_logits(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """Integer logits (as exact float32 values at FL bits) before each of token_ids."""
         seq = list(prefix_ids) + list(token_ids)[:-1]
-        lg = self.forward([(seq, 0, [])])[0][len(prefix_ids) - 1 :]
+        lg = self.logits(self.forward([(seq, 0, [])])[0][len(prefix_ids) - 1 :])
         return (lg / (1 << FL)).astype(np.float32)
 
     def score(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
@@ -374,7 +408,7 @@ class ExactStudentSession(Session):
             return
         out = self._m.forward([([int(t) for t in token_ids], self._len, self._cache)])[0]
         self._len += len(token_ids)
-        self._logits = out[-1]
+        self._logits = self._m.logits(out[-1:])[0]  # the head for the last row only
         self._freqs = None
 
     def feed(self, token_id: int) -> None:
