@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exfilguard.codec import quantizer as Q
-from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState, register_codec
+from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState
 from exfilguard.codec.gumbel import gumbel_noise, validate_seed
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.errors import ConfigError, FrameCorrupt, RequestInvalid
@@ -385,4 +385,3 @@ def _coupled_codec(weak_model: Any = None, **options: Any) -> CoupledCodec:
     return CoupledCodec(weak_model, **options)
 
 
-register_codec("coupled", COUPLED_CODEC_ID, _coupled_codec, True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from exfilguard.codec.codecs import Codec, codec_ids, codec_name
+from exfilguard.codec.codecs import Codec
 from exfilguard.codec.frame import (
     MAX_STREAM_TOKENS,
     Header,
@@ -24,6 +24,7 @@ from exfilguard.codec.frame import (
     raw_resend,
 )
 from exfilguard.codec.rangecoding import PayloadUndecodable
+from exfilguard.codec.registry import codec_ids, codec_name
 from exfilguard.errors import Desync, FrameCorrupt, ModelMismatch
 
 

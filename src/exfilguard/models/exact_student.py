@@ -526,13 +526,3 @@ def _default_loader(path: str, options: Any) -> LanguageModel:
     from exfilguard.models.match import MatchModel
 
     return MatchModel(load_exact_student(DEFAULT_EXACT_STUDENT, f"exact:{DEFAULT_EXACT_STUDENT}"), spec="default")
-
-
-def _register() -> None:
-    from exfilguard.models.specs import register_kind
-
-    register_kind("exact", _loader)
-    register_kind("default", _default_loader)
-
-
-_register()

@@ -23,9 +23,18 @@ from exfilguard.models.hf import HFOptions
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# kind -> loader(path, options). Weak-model kinds made by `distill` register themselves here.
+# kind -> loader(path, options). The registry imports its parts (never the reverse): the
+# built-in weak-model kinds below, each a loader function in its module, imported on first use
+# (so loading smollm2 imports no distillation code); others may add kinds with register_kind.
 Loader = Callable[[str, HFOptions], LanguageModel]
 _EXTRA_KINDS: dict[str, Loader] = {}
+_BUILTIN_KINDS: dict[str, tuple[str, str]] = {
+    "ngram": ("exfilguard.models.ngram", "_loader"),
+    "student": ("exfilguard.models.student", "_loader"),
+    "default-float": ("exfilguard.models.student", "_default_float_loader"),
+    "exact": ("exfilguard.models.exact_student", "_loader"),
+    "default": ("exfilguard.models.exact_student", "_default_loader"),
+}
 
 
 def register_kind(kind: str, loader: Loader) -> None:
@@ -48,13 +57,17 @@ def smollm2_path() -> Path:
 
 
 def _ensure_builtin_kinds() -> None:
-    # Imported lazily so that loading smollm2 does not import the distillation code.
-    for mod in ("exfilguard.models.ngram", "exfilguard.models.student", "exfilguard.models.exact_student"):
+    """Import the built-in kinds' modules and add their loaders (a missing module is skipped)."""
+    for kind, (mod, name) in _BUILTIN_KINDS.items():
+        if kind in _EXTRA_KINDS:
+            continue
         try:
-            importlib.import_module(mod)
+            module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+            continue
+        _EXTRA_KINDS[kind] = getattr(module, name)
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> LanguageModel:

@@ -262,13 +262,3 @@ def _default_float_loader(path: str, options: Any) -> LanguageModel:
 
     inner = load_student(DEFAULT_STUDENT, f"student:{DEFAULT_STUDENT}", getattr(options, "device", "cpu"))
     return MatchModel(inner, spec="default-float")
-
-
-def _register() -> None:
-    from exfilguard.models.specs import register_kind
-
-    register_kind("student", _loader)
-    register_kind("default-float", _default_float_loader)
-
-
-_register()

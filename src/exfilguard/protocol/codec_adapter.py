@@ -69,12 +69,8 @@ class RealCodecFactory:
     """Encoders and decoders of exfilguard.codec over one weak model."""
 
     def __init__(self, weak: Any, options: dict[str, dict[str, Any]] | None = None):
-        from exfilguard.codec import codec_names
+        from exfilguard.codec import codec_names  # the registry lists every codec, coupled too
 
-        try:
-            import exfilguard.codec.coupled  # noqa: F401  (registers itself when present)
-        except ModuleNotFoundError:
-            pass
         self.weak = weak
         self.weak_fingerprint = str(weak.info.fingerprint)
         self.names = tuple(codec_names())
