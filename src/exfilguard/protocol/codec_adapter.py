@@ -59,12 +59,6 @@ class _Decoder:
         return []
 
 
-def _exact_batched(weak: Any) -> bool:
-    """Whether the weak model has exact tables from a batched pass (bit-identical to its sessions)."""
-    probe = getattr(weak, "score_frequencies", None)
-    return probe is not None and probe([1], [0]) is not None
-
-
 class RealCodecFactory:
     """Encoders and decoders of exfilguard.codec over one weak model."""
 
@@ -77,10 +71,9 @@ class RealCodecFactory:
         # Encoders stay incremental (as the decoder is) by default: a batched teacher-forced
         # encoder is faster but its last-bit float differences desynced 2-10% of 16-token chunks
         # with the default student (docs/coupled.md), and every raw resend crosses the meter.
-        # An exact weak model (the exact student) gives the same integers either way, so its
-        # encoders run batched: one teacher-forced pass per chunk.
-        if options is None and _exact_batched(weak):
-            options = {"model": {"teacher_forced": True}, "coupled": {"teacher_forced": True}}
+        # An exact weak model (the exact student) gives the same integers either way, so for it
+        # options={"model": {"teacher_forced": True}, ...} cannot desync; it stays opt-in because a
+        # teacher-forced chunk recomputes the whole prefix (slower than incremental with streaming).
         self._options = options or {}
         self._codecs: dict[str, Any] = {}
 
