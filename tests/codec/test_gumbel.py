@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import decimal
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exfilguard.codec.gumbel import (
+    G_FRAC,
     MAX_SEED,
+    gumbel_fixed,
     gumbel_noise,
+    gumbel_of_bits,
+    ln_fixed,
     sample_token,
     tempered_logprobs,
     uniform_bits,
@@ -28,6 +36,37 @@ def test_pinned_bits() -> None:
     ]
     assert [int(v) for v in uniform_bits(MAX_SEED, 7, 2)] == [0x697A05729B1FCC8C, 0x9F387BE2F3B7F937]
     np.testing.assert_allclose(gumbel_noise(1, 0, 3), [-0.780631599638213, -1.6644822343341223, 1.0420963362527584], rtol=1e-12)
+    # The integer noise itself: the same on every machine (no libm), pinned like the bits.
+    assert [int(v) for v in gumbel_fixed(1, 0, 4)] == [-219728261327768, -468510098144498, 293324041977002, 360258481787180]
+    assert [int(v) for v in gumbel_fixed(MAX_SEED, 12345, 3)] == [245681020211011, 759211431781327, -4690049861692]
+
+
+_CTX = decimal.Context(prec=60)
+
+
+def _ref_gumbel(x: int) -> decimal.Decimal:
+    u = _CTX.divide(decimal.Decimal(2 * x + 1), decimal.Decimal(2**54))
+    return -_CTX.ln(-_CTX.ln(u))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 2**62 - 1), min_size=1, max_size=30))
+def test_fixed_point_log_is_within_2_pow_minus_44(ns) -> None:
+    got = ln_fixed(np.array(ns, dtype=np.int64))
+    for n, g in zip(ns, got):
+        assert abs(_CTX.ln(decimal.Decimal(n)) * 2**G_FRAC - int(g)) < 2**4
+
+
+EDGES = [0, 1, 2, 2**52, 2**53 - 1, 2**53 - 2, 2**53 - 2**43 - 1, 2**53 - 2**43, 2**53 - 2**43 + 1, 2**53 - 2**20]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 2**53 - 1), st.integers(2**53 - 2**45, 2**53 - 1), st.sampled_from(EDGES)), min_size=1, max_size=30))
+def test_integer_gumbel_is_within_2_pow_minus_36(xs) -> None:
+    """Both branches (and their border at U = 1 - 2**-10) against a 60-digit decimal reference."""
+    got = gumbel_of_bits(np.array(xs, dtype=np.int64))
+    for x, g in zip(xs, got):
+        assert abs(_ref_gumbel(x) * 2**G_FRAC - int(g)) < 2 ** (G_FRAC - 36), x
 
 
 def test_prefix_stable_and_positions_independent() -> None:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from fakes import FakeModel
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from exfilguard.codec import Decoder, Encoder, decode_stream, encode_stream, get_codec
@@ -216,20 +216,22 @@ def test_fuzz_parser_never_crashes(data, name):
             pass
 
 
+edits = st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 2000), st.integers(0, 255)), min_size=1, max_size=4)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_fuzz_mutated_streams_never_yield_wrong_tokens(data):
-    tokens = data.draw(token_lists)
-    name = data.draw(st.sampled_from(["raw", "model"]))
+@given(token_lists, st.sampled_from(["raw", "model"]), flushes, edits)
+# Found by this fuzzer on a fresh clone: constriction raised a bare AssertionError.
+@example([0], "model", None, [("insert", 4, 128), ("insert", 4, 162)])
+def test_fuzz_mutated_streams_never_yield_wrong_tokens(tokens, name, flush, ops):
     c = codec(name)
-    stream = bytearray(encode_stream(c, tokens, PROMPT, flush_every=data.draw(flushes)))
-    for _ in range(data.draw(st.integers(1, 4))):
-        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
-        i = data.draw(st.integers(0, max(len(stream) - 1, 0)))
+    stream = bytearray(encode_stream(c, tokens, PROMPT, flush_every=flush))
+    for op, at, value in ops:
+        i = at % max(len(stream), 1)
         if op == "flip" and stream:
-            stream[i] ^= data.draw(st.integers(1, 255))
+            stream[i] ^= value or 0xFF
         elif op == "insert":
-            stream.insert(i, data.draw(st.integers(0, 255)))
+            stream.insert(i, value)
         elif stream:
             del stream[i]
     try:
@@ -237,6 +239,16 @@ def test_fuzz_mutated_streams_never_yield_wrong_tokens(data):
     except (FrameCorrupt, ModelMismatch):
         return
     assert out == tokens
+
+
+def test_range_decoder_garbage_is_frame_corrupt():
+    """The fuzzer's find: two bytes inserted into a one-token model stream give a Desync, not AssertionError."""
+    c = codec("model")
+    stream = bytearray(encode_stream(c, [0], PROMPT))
+    stream.insert(4, 128)
+    stream.insert(4, 162)
+    with pytest.raises(FrameCorrupt):
+        decode_stream(c, bytes(stream), PROMPT)
 
 
 # ------------------------------------------------------------------ desync and raw resend

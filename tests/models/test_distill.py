@@ -114,6 +114,25 @@ def test_cli_end_to_end_student(tmp_path, slice20):
     assert len(rows) == 20
 
 
+def test_cli_quantises_a_student_into_an_exact_one(tmp_path, slice20):
+    src, out = tmp_path / "st.npz", tmp_path / "st_exact.npz"
+    r = CliRunner().invoke(_cli(), ["distill", "--corpus", str(slice20), "--kind", "student", "--size", "tiny", "--kl", "0", "--steps", "2", "--batch-size", "2", "--out", str(src), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(_cli(), ["distill", "--kind", "exact", "--from", str(src), "--out", str(out), "--eval", str(slice20), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "exact student" in r.output and f"exact:{out}" in r.output and "T=0.7" in r.output
+    from exfilguard.models.exact_student import load_exact_student
+
+    assert load_exact_student(out).session([1, 2]).frequencies().sum(dtype=np.int64) == 1 << 24
+
+
+def test_cli_exact_without_from_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(_cli(), ["distill", "--kind", "exact", "--out", str(tmp_path / "x.npz")])
+    from exfilguard.errors import ConfigError
+
+    assert isinstance(r.exception, ConfigError) and "--from" in str(r.exception)  # main() maps it to exit 2
+
+
 def test_first_per_temperature_keeps_order_and_counts_each_temperature():
     rows = [Row((1,), (i,), t) for i, t in enumerate([0.0, 0.7, 0.0, 1.0, 0.0, 0.7, 0.7])]
     kept = first_per_temperature(rows, 2)

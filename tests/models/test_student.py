@@ -58,12 +58,12 @@ def test_unknown_file_is_a_config_error(tmp_path):
 
 
 @pytest.mark.skipif(not DEFAULT_STUDENT.is_file(), reason="the shipped student is missing")
-def test_default_spec_is_the_shipped_student_with_the_match_model():
+def test_default_float_spec_is_the_shipped_student_with_the_match_model():
     from exfilguard.models.match import MatchModel
 
-    m = load_model("default")
+    m = load_model("default-float")
     bare = load_model(f"student:{DEFAULT_STUDENT}")
-    assert m.info.spec == "default" and isinstance(m, MatchModel)
+    assert m.info.spec == "default-float" and isinstance(m, MatchModel)
     assert m.fingerprint == MatchModel(bare).fingerprint != bare.fingerprint
     assert m.inner.net.num_params() > 5_000_000
     # "a b c a b" predicts "c": the mixture lifts it above what the bare student gives it

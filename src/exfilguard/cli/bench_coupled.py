@@ -28,7 +28,7 @@ def add_commands(bench: typer.Typer) -> None:
         from exfilguard.codec.coupled_bench import CoupledBenchConfig, run
 
         cfg = CoupledBenchConfig(strong, weak, prompts, limit, max_tokens, temperature, top_p, seed)
-        from exfilguard.cli.bench import progress_reporter
+        from exfilguard.cli.progress import progress_reporter
 
         with progress_reporter(as_json) as progress:
             result = run(cfg, progress)

@@ -11,6 +11,7 @@ import typer
 class Kind(str, Enum):
     ngram = "ngram"
     student = "student"
+    exact = "exact"
 
 
 class Size(str, Enum):
@@ -24,8 +25,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def distill(
-        corpus: list[Path] = typer.Option(..., "--corpus", help="JSON-lines corpus (prompt_ids, token_ids; .gz ok). Repeat for more files."),
-        kind: Kind = typer.Option(..., "--kind", help="ngram: integer Kneser-Ney counts; student: a small transformer."),
+        corpus: list[Path] = typer.Option([], "--corpus", help="JSON-lines corpus (prompt_ids, token_ids; .gz ok). Repeat for more files."),
+        kind: Kind = typer.Option(..., "--kind", help="ngram: integer Kneser-Ney counts; student: a small transformer; exact: quantise the float student --from into an exact (integer) one."),
+        from_student: Path | None = typer.Option(None, "--from", help="--kind exact: the float student .npz to quantise."),
         out: Path = typer.Option(..., "--out", help="Where to write the weak model (.npz)."),
         strong: str = typer.Option("smollm2", "--strong", help="Strong-model spec: teacher logits (KL) and --generate samples."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -46,6 +48,24 @@ def register(app: typer.Typer) -> None:
         """Make a weak model that imitates the strong one: an n-gram or a student transformer."""
         from exfilguard.models import distill as d
 
+        if kind is Kind.exact:
+            from exfilguard.errors import ConfigError
+            from exfilguard.models.exact_student import load_exact_student, quantize_student
+            from exfilguard.models.student import load_student
+
+            if from_student is None:
+                raise ConfigError("--kind exact needs --from FLOAT_STUDENT.npz (post-training quantisation)")
+            quantize_student(from_student, out)
+            result = load_exact_student(out)
+            typer.echo(f"wrote {out}: exact student from {from_student}, fingerprint {result.info.short_fingerprint}")
+            if eval_path is not None:
+                dev = d.read_corpus([eval_path])
+                typer.echo(d.format_table(d.evaluate([load_student(from_student), result], dev, progress=progress)))
+            return
+        if not corpus:
+            from exfilguard.errors import ConfigError
+
+            raise ConfigError(f"--kind {kind.value} needs at least one --corpus file")
         rows = d.read_corpus(corpus, limit or None)
         typer.echo(f"corpus: {len(rows)} generations, {sum(len(r.token_ids) for r in rows)} tokens")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,11 @@
 """exfilguard.codec: the stream format, the codecs (raw, zstd, zstd-dict, zstd-ids, model)
 and the deterministic quantizer shared with the coupled codec. See docs/format.md."""
 
-from exfilguard.codec.codecs import (
-    Codec,
-    CodecState,
-    ModelCodec,
-    codec_ids,
-    codec_name,
-    codec_names,
-    get_codec,
-    load_zstd_dict,
-    register_codec,
-)
+from exfilguard.codec.codecs import Codec, CodecState, ModelCodec, load_zstd_dict
 from exfilguard.codec.frame import Header, Record, parse_header, parse_record
 from exfilguard.codec.quantizer import QuantizedDist, from_frequencies, levels, quantize
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
+from exfilguard.codec.registry import codec_ids, codec_name, codec_names, get_codec, register_codec
 from exfilguard.codec.stream import Decoder, Encoder, decode_stream, encode_stream
 
 __all__ = [

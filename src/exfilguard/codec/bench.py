@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from exfilguard.codec.codecs import Codec, ModelCodec, get_codec
+from exfilguard.codec.codecs import Codec, ModelCodec
+from exfilguard.codec.registry import get_codec
 from exfilguard.codec.stream import Decoder, Encoder
 from exfilguard.errors import ConfigError, Desync, FrameCorrupt
 

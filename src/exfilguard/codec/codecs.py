@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar
@@ -236,11 +236,20 @@ class WeakModelState(CodecState):
     _teacher_forced: bool | None = None  # decided on first use
 
     def _use_teacher_forced(self) -> bool:
-        """The codec's teacher_forced flag, unless the weak model has an exact integer table
-        (n-gram): only the incremental session gives that table, and the decoder codes with it."""
+        """The codec's teacher_forced flag, unless the weak model has an exact integer table that
+        only its incremental session gives (the n-gram): the decoder codes with that table. An
+        exact model with a batched pass (score_frequencies: the exact student) gives the same
+        integers either way, so there the flag holds and batching cannot desync."""
         if self._teacher_forced is None:
-            self._teacher_forced = bool(self.codec.teacher_forced) and self.model.session(self.prompt[:1]).frequencies() is None
+            want = bool(self.codec.teacher_forced)
+            if want and self.model.session(self.prompt[:1]).frequencies() is not None:
+                want = self.exact_batched()
+            self._teacher_forced = want
         return self._teacher_forced
+
+    def exact_batched(self) -> bool:
+        """Whether the weak model computes its exact tables in one teacher-forced pass."""
+        return self.model.score_frequencies(self.prompt[:1], [0]) is not None
 
 
 class _ModelState(WeakModelState):
@@ -299,6 +308,13 @@ class _ModelState(WeakModelState):
             rows, self._levels = self._levels, []
             return rows
         t = time.perf_counter()
+        exact = self.model.score_frequencies(self.prompt + self.history, list(tokens))
+        if exact is not None:  # the session's integers, bit for bit: code them as they are
+            self.codec.stats.model_s += time.perf_counter() - t
+            if self.codec.measure_ideal:
+                picked = exact[np.arange(len(tokens)), np.asarray(tokens)].astype(np.float64)
+                self.codec.stats.ideal_bits += float((Q.PRECISION - np.log2(picked)).sum())
+            return list(exact)
         logits = self.model.score_fast(self.prompt + self.history, list(tokens))
         t2 = time.perf_counter()
         self.codec.stats.model_s += t2 - t
@@ -391,26 +407,7 @@ def ideal_bits(logits: np.ndarray, tokens: Sequence[int]) -> float:
     return float((lse - picked).sum() / np.log(2))
 
 
-# ---------------------------------------------------------------- registry
-
-# name -> (codec id, factory(weak_model, **options)). `coupled` registers itself here.
-_REGISTRY: dict[str, tuple[int, Callable[..., Codec], bool]] = {}
-
-
-def register_codec(name: str, codec_id: int, factory: Callable[..., Codec], uses_model: bool) -> None:
-    """Make a codec available to get_codec and to the stream parser (4-bit id, unique)."""
-    for other, (cid, _, _) in _REGISTRY.items():
-        if cid == codec_id and other != name:
-            raise ValueError(f"codec id {codec_id} is taken by {other!r}")
-    _REGISTRY[name] = (codec_id, factory, uses_model)
-
-
-register_codec("raw", 0, lambda weak_model=None, **kw: RawCodec(), False)
-register_codec("zstd", 1, lambda weak_model=None, **kw: ZstdCodec(), False)
-register_codec("zstd-dict", 2, lambda weak_model=None, **kw: ZstdDictCodec(), False)
-register_codec("model", 3, lambda weak_model=None, **kw: _model_codec(weak_model, **kw), True)
-register_codec("zstd-ids", 5, lambda weak_model=None, **kw: ZstdIdsCodec(), False)
-# Reserved for the coupled codec (registers itself when imported).
+# The coupled codec's id (the registry, codec/registry.py, lists every codec and its id).
 COUPLED_CODEC_ID = 4
 
 
@@ -418,33 +415,3 @@ def _model_codec(weak_model: Any, **options: Any) -> ModelCodec:
     if weak_model is None:
         raise ConfigError("the `model` codec needs a weak model (e.g. --weak smollm2)")
     return ModelCodec(weak_model, **options)
-
-
-def codec_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def codec_ids() -> dict[int, bool]:
-    """codec id -> whether its header carries a fingerprint prefix."""
-    ids = {cid: uses for cid, _, uses in _REGISTRY.values()}
-    ids.setdefault(COUPLED_CODEC_ID, True)
-    return ids
-
-
-def codec_name(codec_id: int) -> str:
-    for name, (cid, _, _) in _REGISTRY.items():
-        if cid == codec_id:
-            return name
-    return "coupled" if codec_id == COUPLED_CODEC_ID else f"#{codec_id}"
-
-
-def get_codec(name: str, weak_model: Any = None, **options: Any) -> Codec:
-    """A codec by name: raw, zstd, zstd-dict, zstd-ids, model (needs weak_model), coupled."""
-    if name == "coupled" and name not in _REGISTRY:
-        try:
-            import exfilguard.codec.coupled  # noqa: F401  (registers itself)
-        except ModuleNotFoundError:
-            pass
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown codec {name!r}; expected one of: {', '.join(codec_names())}")
-    return _REGISTRY[name][1](weak_model=weak_model, **options)

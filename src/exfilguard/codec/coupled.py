@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exfilguard.codec import quantizer as Q
-from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState, register_codec
+from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState
 from exfilguard.codec.gumbel import gumbel_noise, validate_seed
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.errors import ConfigError, FrameCorrupt, RequestInvalid
@@ -259,8 +259,10 @@ class _CoupledState(WeakModelState):
         """One batched pass over a chunk (encoder only)."""
         t0 = time.perf_counter()
         logits = self.model.score_fast(self.prompt + self.history, tokens)
+        # Exact models: the batched tables and logits are the session's, bit for bit.
+        freqs = self.model.score_frequencies(self.prompt + self.history, tokens)
         self.codec.stats.model_s += time.perf_counter() - t0
-        return [self._levels(row, len(self.history) + i) for i, row in enumerate(logits)]
+        return [self._levels(row, len(self.history) + i, None if freqs is None else freqs[i]) for i, row in enumerate(logits)]
 
     # -- encoder
     def observe(self, token: int) -> None:
@@ -383,4 +385,3 @@ def _coupled_codec(weak_model: Any = None, **options: Any) -> CoupledCodec:
     return CoupledCodec(weak_model, **options)
 
 
-register_codec("coupled", COUPLED_CODEC_ID, _coupled_codec, True)

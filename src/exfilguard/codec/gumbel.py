@@ -10,17 +10,23 @@ alone, so the outside can predict the inside's sampling choice without any bits 
 The integers U come from numpy's Philox bit generator, whose raw output stream is fixed by
 NEP 19 and computed in integer arithmetic: bit-identical on every platform. The position sits in
 the second counter word so positions never share counter blocks (a position in the first word
-would make the noise at p+1 the noise at p shifted by four entries). The float transform uses
-numpy's float64 log, deterministic on one machine but not guaranteed identical across libm /
-SIMD builds: the sampler only needs it for reproducibility, and the coupled codec quantizes
-the perturbed scores so that last-bit differences almost never change what it codes.
+would make the noise at p+1 the noise at p shifted by four entries). The transform to G is
+integer arithmetic too (`gumbel_fixed`): a natural log of int64 values from a 1024-entry table
+of reciprocals and their logs (computed once in `decimal`, the same everywhere) plus four
+series terms, carried out so that G comes out in fixed point with 48 fractional bits, within
+2**-36 of the true -log(-log(U)); U close to 1 takes the series of -log(1 - v), so G keeps its
+relative precision in the far tail. No libm call: the noise is the same integers on every
+machine, and as float64 (`gumbel_noise`) the same floats (an int64 to float64 conversion is correctly
+rounded and a product with a power of two exact, in any IEEE-754 arithmetic).
 
 ``position`` is the index of the generated token (0 for the first token after the prompt).
 """
 
 from __future__ import annotations
 
+import decimal
 import numbers
+from functools import lru_cache
 
 import numpy as np
 
@@ -67,9 +73,93 @@ def uniform_noise(seed: int, position: int, vocab: int) -> np.ndarray:
     return (x.astype(np.float64) + 0.5) * _TWO_M53
 
 
+G_FRAC = 48  # gumbel_fixed's fractional bits
+_LN_TABLE_BITS = 10
+
+
+@lru_cache(maxsize=1)
+def _ln_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Rinv, lnc, kln2): Rinv[i] = round(2**31 / c_i), c_i = 1 + i / 1024; lnc[i] = ln(2**31 / Rinv[i])
+    and kln2[k] = k ln 2 (k < 128), both at G_FRAC bits, each rounded once. Computed in decimal:
+    identical on every platform."""
+    ctx = decimal.Context(prec=50, rounding=decimal.ROUND_HALF_EVEN)
+    one = decimal.Decimal(1 << G_FRAC)
+    n = 1 << _LN_TABLE_BITS
+    rinv, lnc = [], []
+    for i in range(n):
+        r = int(ctx.divide(decimal.Decimal(1 << 31) * n, decimal.Decimal(n + i)).to_integral_value(decimal.ROUND_HALF_EVEN))
+        rinv.append(r)
+        lnc.append(int(ctx.multiply(ctx.ln(ctx.divide(decimal.Decimal(1 << 31), decimal.Decimal(r))), one).to_integral_value(decimal.ROUND_HALF_EVEN)))
+    ln2 = ctx.ln(decimal.Decimal(2))
+    kln2 = [int(ctx.multiply(ctx.multiply(ln2, decimal.Decimal(k)), one).to_integral_value(decimal.ROUND_HALF_EVEN)) for k in range(128)]
+    return np.array(rinv, dtype=np.int64), np.array(lnc, dtype=np.int64), np.array(kln2, dtype=np.int64)
+
+
+_POW2 = np.array([1 << k for k in range(63)], dtype=np.int64)
+
+
+def _bitlen(n: np.ndarray) -> np.ndarray:
+    """Bit length of int64 values in [1, 2**62], exactly (a float's exponent field, corrected in integers)."""
+    b = (n.astype(np.float64).view(np.int64) >> 52) - 1022  # may be one too high after rounding up
+    return np.where(_POW2[b - 1] > n, b - 1, b)
+
+
+def ln_fixed(n: np.ndarray) -> np.ndarray:
+    """ln(n) at G_FRAC fractional bits for int64 n in [1, 2**62), within 2**-45; integer arithmetic."""
+    rinv_t, lnc_t, kln2 = _ln_tables()
+    n = np.asarray(n, dtype=np.int64)
+    b = _bitlen(n)
+    m = n * _POW2[62 - b]  # the mantissa: [2**61, 2**62)
+    i = (m >> (61 - _LN_TABLE_BITS)) - (1 << _LN_TABLE_BITS)
+    rinv = rinv_t[i]  # (2**30, 2**31]
+    # r = (m / 2**61) * (rinv / 2**31), within [1 - 2**-30, 1 + 2**-10); t = r - 1 at 2**-61,
+    # from m = mh * 2**31 + ml so that no product exceeds 2**62.
+    mh, ml = m >> 31, m & ((1 << 31) - 1)
+    t61 = (mh * rinv - (1 << 61)) + ((ml * rinv) >> 31)
+    t40 = t61 >> 21  # |t| < 2**-10 * 2**40 = 2**30
+    t48 = t61 >> 13
+    t2 = (t40 * t40) >> 32  # t**2 at 2**-48: < 2**60 before the shift
+    t3 = (t2 * t40) >> 40  # < 2**28 * 2**30
+    t4 = (t2 * t2) >> 48  # < 2**56
+    ln_r = t48 - t2 // 2 + t3 // 3 - t4 // 4  # ln(1 + t); the next term is below 2**-50
+    return kln2[b - 1] + lnc_t[i] + ln_r
+
+
+def gumbel_fixed(seed: int, position: int, vocab: int) -> np.ndarray:
+    """Standard Gumbel noise -log(-log(U)) as int64 at G_FRAC fractional bits; integers only.
+
+    U = (2X + 1) / 2**54 for the top 53 bits X of each Philox word (as uniform_noise)."""
+    return gumbel_of_bits((uniform_bits(seed, position, vocab) >> np.uint64(11)).astype(np.int64))
+
+
+def gumbel_of_bits(x: np.ndarray) -> np.ndarray:
+    """-log(-log((2x + 1) / 2**54)) at G_FRAC bits for int64 x in [0, 2**53), within 2**-36."""
+    _, _, kln2 = _ln_tables()
+    big = np.int64(1) << 53
+    nn = 2 * x + 1  # U * 2**54, odd, < 2**54
+    # U < 1 - 2**-10: -log U = 54 ln2 - ln N at 2**-48, >= 2**-10, so its relative error is
+    # below 2**-36; then G = -ln(L1) = 48 ln2 - ln(L1 * 2**48).
+    tail = nn >= 2 * big - (1 << 44)
+    l1 = kln2[54] - ln_fixed(np.where(tail, 1, nn))
+    out = kln2[G_FRAC] - ln_fixed(np.maximum(l1, 1))
+    if tail.any():  # about one entry in 2**10
+        # U > 1 - 2**-10: v = V / 2**54 with V = 2**54 - N < 2**44, and -log(1 - v) = v * S,
+        # S = 1 + v/2 + v**2/3 + v**3/4 (next term < 2**-42), so G = 114 ln2 - ln V - ln(S * 2**60).
+        vv = 2 * big - nn[tail]
+        v60 = vv << 6
+        v40 = vv >> 14
+        v2 = (v40 * v40) >> 20  # v**2 at 2**-60 (< 2**60 before the shift)
+        v3 = (((v40 * v40) >> 40) * v40) >> 20
+        s60 = (np.int64(1) << 60) + v60 // 2 + v2 // 3 + v3 // 4
+        out[tail] = kln2[114] - ln_fixed(vv) - ln_fixed(s60)
+    return out
+
+
 def gumbel_noise(seed: int, position: int, vocab: int) -> np.ndarray:
-    """Standard Gumbel noise (float64 [vocab]) for one generation position; counter-based."""
-    return -np.log(-np.log(uniform_noise(seed, position, vocab)))
+    """Standard Gumbel noise (float64 [vocab]) for one generation position; counter-based.
+
+    gumbel_fixed as float64: the same floats on every machine."""
+    return gumbel_fixed(seed, position, vocab).astype(np.float64) * 2.0**-G_FRAC
 
 
 def tempered_logprobs(logits: np.ndarray, temperature: float, top_p: float = 1.0) -> np.ndarray:

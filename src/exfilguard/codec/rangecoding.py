@@ -37,14 +37,26 @@ def _encode_one(enc, dist: QuantizedDist, model, token: int) -> None:  # noqa: A
         enc.encode(dist.tail_index(token), _Uniform(dist.tail_size))
 
 
+class PayloadUndecodable(FrameCorrupt):
+    """A chunk's range-coded payload is not valid under the weak model (garbage, or a desync)."""
+
+
+def _decode_symbol(dec, model) -> int:  # noqa: ANN001
+    """One symbol; every constriction failure (it raises AssertionError, ValueError, ...) as PayloadUndecodable."""
+    try:
+        return int(dec.decode(model))
+    except Exception as exc:  # constriction's errors have no common base; all mean "not our payload"
+        raise PayloadUndecodable(f"range decoder rejected the payload: {type(exc).__name__}: {exc}") from exc
+
+
 def _decode_one(dec, dist: QuantizedDist, model=None) -> int:  # noqa: ANN001
-    sym = int(dec.decode(model if model is not None else _model(dist)))
+    sym = _decode_symbol(dec, model if model is not None else _model(dist))
     k = dist.order.size
     if sym < k:
         return int(dist.order[sym])
     if dist.tail_size < 1:
-        raise FrameCorrupt("escape symbol decoded where the model has no tail")
-    idx = int(dec.decode(_Uniform(dist.tail_size))) if dist.tail_size >= 2 else 0
+        raise PayloadUndecodable("escape symbol decoded where the model has no tail")
+    idx = _decode_symbol(dec, _Uniform(dist.tail_size)) if dist.tail_size >= 2 else 0
     return dist.tail_token(idx)
 
 
@@ -57,7 +69,7 @@ def _decodes_to(payload: bytes, steps: list[tuple[QuantizedDist, int]], models: 
     dec = _queue.RangeDecoder(_words(payload))
     try:
         return all(_decode_one(dec, dist, m) == tok for (dist, tok), m in zip(steps, models))
-    except Exception:  # a candidate tail that decodes to nonsense
+    except PayloadUndecodable:  # a candidate tail that decodes to nonsense
         return False
 
 
@@ -89,7 +101,10 @@ class StepDecoder:
     """Decodes one token at a time from a payload; the caller supplies each distribution."""
 
     def __init__(self, payload: bytes):
-        self._dec = _queue.RangeDecoder(_words(payload))
+        try:
+            self._dec = _queue.RangeDecoder(_words(payload))
+        except Exception as exc:  # constriction refusing the word array
+            raise PayloadUndecodable(f"range decoder rejected the payload: {exc}") from exc
 
     def decode(self, dist: QuantizedDist) -> int:
         return _decode_one(self._dec, dist)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from exfilguard.codec.codecs import Codec, codec_ids, codec_name
+from exfilguard.codec.codecs import Codec
 from exfilguard.codec.frame import (
     MAX_STREAM_TOKENS,
     Header,
@@ -23,6 +23,8 @@ from exfilguard.codec.frame import (
     parse_record,
     raw_resend,
 )
+from exfilguard.codec.rangecoding import PayloadUndecodable
+from exfilguard.codec.registry import codec_ids, codec_name
 from exfilguard.errors import Desync, FrameCorrupt, ModelMismatch
 
 
@@ -203,12 +205,12 @@ class Decoder:
                     raise FrameCorrupt(f"stream claims more than {MAX_STREAM_TOKENS} tokens")
                 try:
                     ids = self._state.decode_chunk(rec.param, rec.payload, n) if n else []
+                except PayloadUndecodable:  # every range-decoder failure: the chunk is resendable
+                    ids = None
                 except FrameCorrupt:
                     raise
-                except Exception as exc:  # constriction rejecting garbage, etc.
-                    ids = None
-                    if not isinstance(exc, (ValueError, RuntimeError, IndexError, OverflowError)):
-                        raise
+                except (ValueError, RuntimeError, IndexError, OverflowError, AssertionError):
+                    ids = None  # a codec's own decoder rejecting garbage (zstd, ids out of range)
                 want = crc32(self.tokens + (ids or [])) if rec.last else crc16(ids or [])
                 if ids is None or len(ids) != n or want != rec.check:
                     self._awaiting = (self.chunk_index, rec)

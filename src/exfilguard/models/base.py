@@ -82,6 +82,12 @@ class LanguageModel(ABC):
             s.feed(int(t))
         return out
 
+    def score_frequencies(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray | None:
+        """Exact integer tables before each of `token_ids` ([n, vocab], as Session.frequencies)
+        in one batched pass, bit-identical to the incremental session's; None when the model has
+        no such pass (float models, and exact ones that only compute them incrementally)."""
+        return None
+
     def score_fast(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits in as few passes as possible; NOT guaranteed bit-identical to
         the incremental path. For measurement (ideal bits, KL), never for coding."""

@@ -314,7 +314,7 @@ def _save_checkpoint(path: Path, fingerprint: str, net: Any, opt: Any, step: int
 def ideal_bits(model: Any, rows: Sequence[Row], progress: bool = False) -> tuple[float, int]:
     """Total -log2 q(token) over the generated tokens of `rows`, and the token count.
 
-    Models with exact frequencies (the n-gram) are scored on them (what the codec codes);
+    Models with exact frequencies (the n-gram, the exact student) are scored on them (what the codec codes);
     the others on a batched teacher-forced pass (score_fast), close to the incremental path."""
     from tqdm import tqdm
 
@@ -322,8 +322,12 @@ def ideal_bits(model: Any, rows: Sequence[Row], progress: bool = False) -> tuple
     for r in tqdm(rows, desc=model.info.spec, unit="gen", disable=not progress):
         if not r.token_ids:
             continue
-        s = model.session(r.prompt_ids) if hasattr(model, "order") else None
-        if s is not None:
+        f = model.score_frequencies(r.prompt_ids, r.token_ids)
+        s = model.session(r.prompt_ids) if f is None and hasattr(model, "order") else None
+        if f is not None:  # exact integer tables in one batched pass (the exact student)
+            picked = f[np.arange(len(r.token_ids)), np.asarray(r.token_ids)].astype(np.float64)
+            bits += float((math.log2(1 << 24) - np.log2(picked)).sum())
+        elif s is not None:
             for t in r.token_ids:
                 f = s.frequencies()
                 bits += math.log2(int(f.sum())) - math.log2(int(f[t]))

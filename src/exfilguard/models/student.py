@@ -251,24 +251,14 @@ def _loader(path: str, options: Any) -> LanguageModel:
     return load_student(path, f"student:{path}", getattr(options, "device", "cpu"))
 
 
-def _default_loader(path: str, options: Any) -> LanguageModel:
+def _default_float_loader(path: str, options: Any) -> LanguageModel:
+    """`default-float`: the shipped float student mixed with the match model (for measurement;
+    `default` is its exact version, models/exact_student.py)."""
     if not DEFAULT_STUDENT.is_file():
         raise ConfigError(
             f"the default student is missing ({DEFAULT_STUDENT}); remake it with the command in docs/distill.md"
         )
     from exfilguard.models.match import MatchModel
 
-    # `default` is the shipped student mixed with the match model (docs/distill.md has the
-    # figures); the bare student stays reachable as student:PATH.
     inner = load_student(DEFAULT_STUDENT, f"student:{DEFAULT_STUDENT}", getattr(options, "device", "cpu"))
-    return MatchModel(inner, spec="default")
-
-
-def _register() -> None:
-    from exfilguard.models.specs import register_kind
-
-    register_kind("student", _loader)
-    register_kind("default", _default_loader)
-
-
-_register()
+    return MatchModel(inner, spec="default-float")

@@ -63,18 +63,17 @@ class RealCodecFactory:
     """Encoders and decoders of exfilguard.codec over one weak model."""
 
     def __init__(self, weak: Any, options: dict[str, dict[str, Any]] | None = None):
-        from exfilguard.codec import codec_names
+        from exfilguard.codec import codec_names  # the registry lists every codec, coupled too
 
-        try:
-            import exfilguard.codec.coupled  # noqa: F401  (registers itself when present)
-        except ModuleNotFoundError:
-            pass
         self.weak = weak
         self.weak_fingerprint = str(weak.info.fingerprint)
         self.names = tuple(codec_names())
         # Encoders stay incremental (as the decoder is) by default: a batched teacher-forced
         # encoder is faster but its last-bit float differences desynced 2-10% of 16-token chunks
         # with the default student (docs/coupled.md), and every raw resend crosses the meter.
+        # An exact weak model (the exact student) gives the same integers either way, so for it
+        # options={"model": {"teacher_forced": True}, ...} cannot desync; it stays opt-in because a
+        # teacher-forced chunk recomputes the whole prefix (slower than incremental with streaming).
         self._options = options or {}
         self._codecs: dict[str, Any] = {}
 

@@ -1,0 +1,528 @@
+"""The exact student: the student transformer in integer arithmetic, the same table everywhere.
+
+Its next-token table is a pure function of (file, token ids): every step is integer arithmetic
+(numpy int64, with the bound on each product stated beside it) or a float matrix product whose
+operands are small integers, where every partial sum is an integer below 2**24 (float32) or
+2**53 (float64) and so exact in any summation order, on any BLAS, thread count or batch shape.
+No libm call at run time: SiLU, exp and RoPE come from tables stored in the file, RMSNorm uses
+an integer square root. The result is integer frequencies summing to exactly 2**24
+(`Session.frequencies`), which the codec codes as they are.
+
+Arithmetic (made by `quantize_student` from a float student; docs/distill.md):
+- weights: int8, symmetric, one scale per output channel; scales are (mantissa, exponent)
+  pairs, mantissa < 2**25, so a scale is applied as a multiply and a shift.
+- activations into every matrix product: int8 with one scale per token (absmax / 127); for
+  RMSNorm the scale includes 1/rms, with rms from an integer square root.
+- residual stream: int64 fixed point with FX fractional bits; q, k, v: FQ bits, clipped to int16;
+  gate/up: FH bits; logits: FL bits (1/256 nat), turned into frequencies by the exp table.
+- attention: integer scores q.k, integer softmax weights exp(-(max - s)) from the table (2**16
+  at the top), output = sum p v / sum p, rounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exfilguard.errors import ConfigError
+from exfilguard.models.base import LanguageModel, ModelInfo, Session
+from exfilguard.models.fingerprint import fingerprint
+from exfilguard.models.npzfile import read_model_npz
+
+FORMAT = "exfilguard-exact-student-v1"
+INFERENCE_PATH_VERSION = "exact-student-v1"
+DEFAULT_EXACT_STUDENT = Path(__file__).resolve().parent.parent / "data" / "default_student" / "student_exact.npz"
+FREQ_BITS = 24  # frequencies sum to exactly 2**24 (models/base.py Session.frequencies)
+
+F32_EXACT = 1 << 24  # every integer of magnitude <= 2**24 is a float32
+F64_EXACT = 1 << 53
+
+FX = 12  # residual stream fractional bits
+FQ = 8  # q, k, v fractional bits (clipped to int16)
+FH = 10  # gate / up fractional bits
+FL = 8  # logit fractional bits: the exp table's index step is 1/256 nat
+GQ = 12  # RMSNorm gain fractional bits
+ROPE_BITS = 14  # cos / sin tables: round(2**14 * cos)
+EXP_BITS = 30  # exp table: round(2**30 * exp(-i / 2**FL))
+ATT_SHIFT = EXP_BITS - 16  # attention weights: the exp table >> 14, at most 2**16
+SILU_RANGE = 16  # silu table covers [-16, 16] at step 2**-8; beyond: 0 or identity
+SILU_STEP_BITS = 8
+I16 = (1 << 15) - 1
+XCLIP = 1 << (FX + 14)  # residual magnitude clip: |x| < 2**26, so sum x**2 over d <= 2**11 < 2**63
+HCLIP = 1 << (FH + 14)
+MAX_POSITIONS = 8192
+ROW_BLOCK = 64  # rows per matrix product: a batch of up to 64 rows reaches BLAS as one product
+
+
+@dataclass(frozen=True)
+class Features:
+    """Final hidden states as int8 codes a [rows, d] with per-row scales am * 2**ae."""
+
+    a: np.ndarray
+    am: np.ndarray
+    ae: np.ndarray
+
+    def __getitem__(self, rows: slice) -> Features:
+        return Features(self.a[rows], self.am[rows], self.ae[rows])
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """Shape of an exact student (the float student's config plus the tables' sizes)."""
+
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    d_ff: int
+    max_positions: int = MAX_POSITIONS
+
+
+# ------------------------------------------------------------------ integer helpers
+
+
+def _rshift_round(v: np.ndarray, sh: np.ndarray | int) -> np.ndarray:
+    """round(v / 2**sh) (half up) for sh >= 1, v * 2**-sh for sh <= 0; int64, elementwise."""
+    sh = np.asarray(sh, dtype=np.int64)
+    if sh.size and int(sh.min()) >= 1:  # the usual case: a plain rounding right shift
+        right = np.minimum(sh, 62)
+        return (v + (np.int64(1) << (right - 1))) >> right
+    right = np.clip(sh, 1, 62)
+    down = (v + (np.int64(1) << (right - 1))) >> right
+    up = np.left_shift(v, np.clip(-sh, 0, 62))
+    return np.where(sh >= 1, down, up)
+
+
+def _bitlen(v: np.ndarray) -> np.ndarray:
+    """Bit length of non-negative int64 values < 2**53 (frexp of an exactly representable float is exact)."""
+    if v.size and int(v.max()) >= F64_EXACT:
+        raise ValueError("bit length of a value >= 2**53")
+    return np.frexp(v.astype(np.float64))[1].astype(np.int64)
+
+
+def isqrt(n: np.ndarray) -> np.ndarray:
+    """floor(sqrt(n)) of non-negative int64 values < 2**62, exactly (a float guess, fixed in integers)."""
+    n = np.asarray(n, dtype=np.int64)
+    r = np.sqrt(n.astype(np.float64)).astype(np.int64)
+    for _ in range(4):  # the guess is within 1 of the answer; each pass moves it by at most 1
+        r = np.where(r * r > n, r - 1, r)
+        r = np.where((r + 1) * (r + 1) <= n, r + 1, r)
+    return r
+
+
+def _quant8(z: np.ndarray, frac: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of z (int64 at `frac` bits, |z| < 2**53) as int8 codes a and a per-row scale (m, e):
+    z ~ a * m * 2**e. m < 2**25."""
+    amax = np.maximum(np.abs(z).max(axis=-1), 1)
+    a = (2 * 127 * z + amax[:, None]) // (2 * amax[:, None])  # round(127 z / amax): |2*127*z| < 2**61
+    k = 31 - _bitlen(amax)  # amax << k has 31 bits, so (amax << k) // 127 < 2**25
+    m = np.where(k >= 0, np.left_shift(amax, np.maximum(k, 0)), np.right_shift(amax, np.maximum(-k, 0))) // 127
+    return a, m, -k - frac
+
+
+def _norm_quant8(x: np.ndarray, gain: np.ndarray, eps_q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RMSNorm(x) * gain as int8 codes and per-row scale (m, e), from the residual x (FX bits)."""
+    d = x.shape[-1]
+    ms = (x * x).sum(axis=-1) // d + eps_q  # |x| < 2**26: x*x < 2**52, sum over d <= 2048 < 2**63
+    # Normalise ms to 60 or 61 bits by an even shift so the root keeps ~30 bits.
+    k2 = ((60 - _bitlen(ms)) // 2) * 2
+    msn = np.where(k2 >= 0, np.left_shift(ms, np.maximum(k2, 0)), np.right_shift(ms, np.maximum(-k2, 0)))
+    r = isqrt(msn)  # rms * 2**(FX + k2/2), < 2**31
+    z = x * gain  # < 2**26 * 2**17 = 2**43 (gain < 2**17, checked at load)
+    amax = np.maximum(np.abs(z).max(axis=-1), 1)
+    a = (2 * 127 * z + amax[:, None]) // (2 * amax[:, None])
+    # scale = amax * 2**-(FX+GQ) / (127 * r * 2**-(FX + k2/2)) = amax / (127 r) * 2**(k2/2 - GQ)
+    den = 127 * r  # < 2**38
+    k = 24 + _bitlen(den) - _bitlen(amax)  # (amax << k) has <= 24 + 38 = 62 bits
+    num = np.where(k >= 0, np.left_shift(amax, np.maximum(k, 0)), np.right_shift(amax, np.maximum(-k, 0)))
+    m = num // den  # < 2**25
+    return a, m, -k + k2 // 2 - GQ
+
+
+@dataclass
+class _Linear:
+    """int8 weights [out, in] as float32 (exact), per-output-channel scales (m < 2**25, e).
+
+    At run time the channel scales share the largest exponent E: m'_j = m_j >> (E - e_j), so a
+    row needs one shift, not one per entry (a channel 2**-k below the largest keeps 24 - k bits)."""
+
+    w: np.ndarray  # float32, integer-valued, |w| <= 127
+    m: np.ndarray  # int64 [out]
+    e: np.ndarray  # int64 [out]
+    name: str
+
+    def __post_init__(self) -> None:
+        self.top_e = int(self.e.max())
+        self.m_common = self.m >> np.minimum(self.top_e - self.e, 62)
+
+    def check(self, act_max: int = 127) -> None:
+        """The product bound: |sum_i w_ji a_i| <= max|w| * 127 * d_in < 2**24 (float32 exact)."""
+        bound = int(np.abs(self.w).max()) * act_max * self.w.shape[1]
+        if bound >= F32_EXACT:
+            raise ConfigError(
+                f"exact student: {self.name} has a float32 product bound {bound} >= 2**24 "
+                f"(in dimension {self.w.shape[1]}); it would not be exact: refusing the model"
+            )
+        if int(self.m.max(initial=0)) >= 1 << 25 or int(self.m.min(initial=0)) < 0:
+            raise ConfigError(f"exact student: {self.name} has a scale mantissa outside [0, 2**25)")
+
+    def __call__(self, a: np.ndarray, am: np.ndarray, ae: np.ndarray, frac: int) -> np.ndarray:
+        """Rows a [t, in] (int8 codes, scale am * 2**ae) -> int64 [t, out] at `frac` bits."""
+        out = np.empty((a.shape[0], self.w.shape[0]), dtype=np.int64)
+        for lo in range(0, a.shape[0], ROW_BLOCK):  # row blocks keep the [rows, out] temporaries small
+            hi = lo + ROW_BLOCK
+            acc = (a[lo:hi].astype(np.float32) @ self.w.T).astype(np.int64)  # exact: bound checked at load
+            p = (acc * self.m_common) >> 20  # |acc| < 2**24, m' < 2**25: < 2**49 >> 20 = 2**29
+            sh = -(ae[lo:hi, None] + (self.top_e + 20 + frac))  # one shift per row
+            out[lo:hi] = _rshift_round(p * am[lo:hi, None], sh)  # < 2**29 * 2**25 = 2**54
+        return out
+
+
+# ------------------------------------------------------------------ the model
+
+
+class ExactStudentModel(LanguageModel):
+    """An exact student loaded for inference (numpy only; no torch)."""
+
+    def __init__(self, spec: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]):
+        self.config = ExactConfig(**meta["config"])
+        c = self.config
+        self.eps_q = int(meta["eps_q"])
+        self.inv_sqrt_hd_q = int(meta["inv_sqrt_hd_q"])  # round(2**16 / sqrt(head dim))
+        self.hd = c.d_model // c.n_head
+        a = arrays
+
+        def lin(name: str) -> _Linear:
+            return _Linear(a[name + ".q"].astype(np.float32), a[name + ".m"].astype(np.int64), a[name + ".e"].astype(np.int64), name)
+
+        self.embed_q = a["embed.q"]  # int8 [V, d]
+        self.embed_m = a["embed.m"].astype(np.int64)
+        self.embed_e = a["embed.e"].astype(np.int64)
+        self.head = _Linear(self.embed_q.astype(np.float32), self.embed_m, self.embed_e, "head (tied embedding)")
+        self.blocks = []
+        for i in range(c.n_layer):
+            p = f"blocks.{i}."
+            self.blocks.append(
+                {
+                    "norm1": a[p + "norm1.g"].astype(np.int64),
+                    "qkv": lin(p + "qkv"),
+                    "proj": lin(p + "proj"),
+                    "norm2": a[p + "norm2.g"].astype(np.int64),
+                    "gate_up": lin(p + "gate_up"),
+                    "down": lin(p + "down"),
+                }
+            )
+        self.norm = a["norm.g"].astype(np.int64)
+        self.rope_cos = a["rope.cos"].astype(np.int64)
+        self.rope_sin = a["rope.sin"].astype(np.int64)
+        self.exp_table = a["exp"].astype(np.int64)
+        self.silu_table = a["silu"].astype(np.int64)
+        self._check()
+        fp = fingerprint(
+            a, _tokenizer_digest(), {"kind": "exact-student", "format": FORMAT, "path": INFERENCE_PATH_VERSION, "meta": json.dumps(meta, sort_keys=True)}
+        )
+        self.info = ModelInfo(spec=spec, fingerprint=fp, vocab_size=c.vocab_size, eos_token_ids=(2,))
+
+    def _check(self) -> None:
+        """Every bound the exactness rests on, checked once; ConfigError names the one that fails."""
+        c = self.config
+        for b in self.blocks:
+            for name in ("qkv", "proj", "gate_up", "down"):
+                b[name].check()
+        self.head.check()
+        # scores q.k: |q|, |k| <= 2**15 - 1 (clipped), hd terms, float64.
+        if I16 * I16 * self.hd >= F64_EXACT:
+            raise ConfigError(f"exact student: head dimension {self.hd} breaks the float64 bound of q.k")
+        # p @ v: p <= 2**16, |v| <= 2**15 - 1, at most max_positions terms, float64.
+        if (1 << 16) * I16 * c.max_positions >= F64_EXACT:
+            raise ConfigError(f"exact student: {c.max_positions} positions break the float64 bound of p @ v")
+        for g in [b["norm1"] for b in self.blocks] + [b["norm2"] for b in self.blocks] + [self.norm]:
+            if int(np.abs(g).max()) >= 1 << 17:
+                raise ConfigError("exact student: an RMSNorm gain is >= 32 (the product x * gain would overflow)")
+        if self.rope_cos.shape != (c.max_positions, self.hd // 2) or self.rope_sin.shape != self.rope_cos.shape:
+            raise ConfigError("exact student: RoPE tables do not match the config")
+        if int(self.exp_table[0]) != 1 << EXP_BITS or self.silu_table.size != 2 * SILU_RANGE * (1 << SILU_STEP_BITS) + 1:
+            raise ConfigError("exact student: exp / silu tables are malformed")
+        if self.embed_q.shape != (c.vocab_size, c.d_model):
+            raise ConfigError("exact student: embedding does not match the config")
+
+    # -- the forward pass, row-wise: the same integers for any batch or split into steps
+    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """x [t, h, hd] at positions pos [t]: the half-split rotation from the stored tables."""
+        h2 = self.hd // 2
+        cos = self.rope_cos[pos][:, None, :]
+        sin = self.rope_sin[pos][:, None, :]
+        x1, x2 = x[..., :h2], x[..., h2:]
+        out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # < 2**15 * 2**14 * 2
+        return np.clip(_rshift_round(out, ROPE_BITS), -I16, I16)
+
+    def _silu(self, g: np.ndarray) -> np.ndarray:
+        """silu at FH bits: the table at step 2**-8 inside [-16, 16]; 0 below, identity above."""
+        step = FH - SILU_STEP_BITS
+        idx = _rshift_round(g, step)
+        lim = SILU_RANGE << SILU_STEP_BITS
+        val = self.silu_table[np.clip(idx, -lim, lim) + lim]
+        return np.where(idx > lim, g, np.where(idx < -lim, 0, val))
+
+    def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+        """One sequence: queries q [t, h, hd] at absolute positions qpos over keys k, v [s, h, hd]
+        (key j at position j); causal. Returns [t, h, hd] at FQ bits."""
+        s = k.shape[0]
+        # Float64 product of integers |.| < 2**15 over hd terms: < 2**36, exact (checked at load).
+        sc = np.einsum("thd,shd->hts", q.astype(np.float64), k.astype(np.float64)).astype(np.int64)
+        sc = _rshift_round(sc * self.inv_sqrt_hd_q, 16 + 2 * FQ - FL)  # < 2**36 * 2**16: at FL bits
+        allowed = np.arange(s)[None, None, :] <= qpos[None, :, None]
+        sc = np.where(allowed, sc, np.iinfo(np.int64).min // 4)
+        top = sc.max(axis=-1, keepdims=True)
+        idx = np.minimum(top - sc, self.exp_table.size - 1)
+        p = np.where(allowed & (top - sc < self.exp_table.size - 1), self.exp_table[idx] >> ATT_SHIFT, 0)  # <= 2**16
+        # p @ v in float64: p <= 2**16, |v| < 2**15, s <= max_positions terms: < 2**53 (checked at load).
+        num = np.einsum("hts,shd->thd", p.astype(np.float64), v.astype(np.float64)).astype(np.int64)
+        den = p.sum(axis=-1).T[:, :, None]  # [t, h, 1], >= 2**16
+        return (2 * num + den) // (2 * den)
+
+    def forward(self, seqs: Sequence[tuple[Sequence[int], int, list[list[np.ndarray]]]]) -> list[Features]:
+        """Final features (int8 codes and scales; `logits` turns them into logits) for several
+        sequences at once: each is (new ids, start position, per-layer [k, v] cache, extended in
+        place). The matrix products run over every row of every sequence together; the result
+        for each row does not depend on that."""
+        c = self.config
+        lens = [len(ids) for ids, _, _ in seqs]
+        ids = np.array([int(t) for s in seqs for t in s[0]], dtype=np.int64)
+        if ids.size == 0:
+            return [Features(np.zeros((0, c.d_model), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in seqs]
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise ValueError("token id outside the student's vocabulary")
+        pos = np.concatenate([np.arange(st, st + n) for (_, st, _), n in zip(seqs, lens)])
+        if pos.max() >= c.max_positions:
+            raise ConfigError(f"exact student: context of {int(pos.max()) + 1} tokens exceeds its {c.max_positions} positions")
+        bounds = np.cumsum([0] + lens)
+        x = _rshift_round(self.embed_q[ids].astype(np.int64) * self.embed_m[ids, None], -(self.embed_e[ids, None] + FX))
+        x = np.clip(x, -XCLIP, XCLIP)
+        h, hd, d = c.n_head, self.hd, c.d_model
+        for li, b in enumerate(self.blocks):
+            a, am, ae = _norm_quant8(x, b["norm1"], self.eps_q)
+            qkv = np.clip(b["qkv"](a, am, ae, FQ), -I16, I16).reshape(-1, 3, h, hd)
+            q = self._rope(qkv[:, 0], pos)
+            k = self._rope(qkv[:, 1], pos)
+            v = qkv[:, 2]
+            y = np.empty((ids.size, h, hd), dtype=np.int64)
+            for si, (_, st, cache) in enumerate(seqs):
+                lo, hi = bounds[si], bounds[si + 1]
+                if len(cache) <= li:
+                    cache.append([np.zeros((0, h, hd), dtype=np.int64)] * 2)
+                kc = np.concatenate([cache[li][0], k[lo:hi]])
+                vc = np.concatenate([cache[li][1], v[lo:hi]])
+                if kc.shape[0] != st + (hi - lo):
+                    raise ValueError("cache length does not match the start position")
+                cache[li] = [kc, vc]
+                y[lo:hi] = self._attend(q[lo:hi], kc, vc, pos[lo:hi])
+            a, am, ae = _quant8(y.reshape(-1, d), FQ)
+            x = np.clip(x + b["proj"](a, am, ae, FX), -XCLIP, XCLIP)
+            a, am, ae = _norm_quant8(x, b["norm2"], self.eps_q)
+            gu = np.clip(b["gate_up"](a, am, ae, FH), -HCLIP, HCLIP)
+            g, u = gu[:, : c.d_ff], gu[:, c.d_ff :]
+            hm = _rshift_round(self._silu(g) * u, FH)  # < 2**24 * 2**24: at FH bits
+            a, am, ae = _quant8(hm, FH)
+            x = np.clip(x + b["down"](a, am, ae, FX), -XCLIP, XCLIP)
+        a, am, ae = _norm_quant8(x, self.norm, self.eps_q)
+        return [Features(a[lo:hi], am[lo:hi], ae[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def logits(self, f: Features) -> np.ndarray:
+        """Integer logits (int64 at FL bits) of features: the tied-embedding head."""
+        return self.head(f.a, f.am, f.ae, FL)
+
+    def tables(self, f: Features) -> np.ndarray:
+        """uint32 tables [rows, vocab] of features, computed in blocks of rows."""
+        out = np.empty((f.a.shape[0], self.config.vocab_size), dtype=np.uint32)
+        for lo in range(0, f.a.shape[0], ROW_BLOCK):
+            out[lo : lo + ROW_BLOCK] = self.table(self.logits(f[lo : lo + ROW_BLOCK]))
+        return out
+
+    def table(self, logits: np.ndarray) -> np.ndarray:
+        """Rows of integer logits -> uint32 frequencies, each row summing to exactly 2**24, every entry >= 1."""
+        lg = np.atleast_2d(logits)
+        n = lg.shape[-1]
+        dist = np.minimum(lg.max(axis=-1, keepdims=True) - lg, self.exp_table.size - 1)
+        e = self.exp_table[dist]  # <= 2**30; the top entry is 2**30, so the row sum S >= 2**30
+        free = (1 << FREQ_BITS) - n
+        # f = 1 + e * free / S, the division as one reciprocal per row: R = floor(free * 2**34 / S)
+        # <= 2**24 * 2**34 / 2**30 = 2**28, e * R < 2**58; rounding down keeps sum(f) <= 2**24.
+        recip = (free << 34) // e.sum(axis=-1, keepdims=True)
+        f = 1 + ((e * recip) >> 34)
+        top = np.argmax(lg, axis=-1)  # first maximum: ties go to the lowest id
+        f[np.arange(f.shape[0]), top] += (1 << FREQ_BITS) - f.sum(axis=-1)
+        return f.astype(np.uint32)
+
+    # -- the LanguageModel interface
+    def session(self, prefix_ids: Sequence[int]) -> ExactStudentSession:
+        return ExactStudentSession(self, prefix_ids)
+
+    def score_frequencies(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        """Tables before each of token_ids in one teacher-forced pass; bit-identical to the session's."""
+        return self.score_frequencies_many([(prefix_ids, token_ids)])[0]
+
+    def score_frequencies_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
+        """score_frequencies for several (prefix, tokens) pairs in one batch."""
+        seqs = [(list(p) + list(t)[:-1] if len(t) else list(p), 0, []) for p, t in pairs]
+        out = self.forward(seqs)
+        return [self.tables(f[len(p) - 1 :]) if len(t) else np.zeros((0, self.config.vocab_size), np.uint32) for f, (p, t) in zip(out, pairs)]
+
+    def score_logits(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        """Integer logits (as exact float32 values at FL bits) before each of token_ids."""
+        seq = list(prefix_ids) + list(token_ids)[:-1]
+        lg = self.logits(self.forward([(seq, 0, [])])[0][len(prefix_ids) - 1 :])
+        return (lg / (1 << FL)).astype(np.float32)
+
+    def score(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        """Logits in one pass: bit-identical to the incremental path (the arithmetic is exact)."""
+        return self.score_logits(prefix_ids, token_ids)
+
+    def score_fast(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        return self.score_logits(prefix_ids, token_ids)
+
+
+class ExactStudentSession(Session):
+    """Incremental decoding: one row per step over an integer KV cache."""
+
+    def __init__(self, model: ExactStudentModel, prefix_ids: Sequence[int]):
+        if len(prefix_ids) == 0:
+            raise ValueError("a session needs at least one prefix token (the prompt or BOS)")
+        self._m = model
+        self._cache: list[list[np.ndarray]] = []
+        self._len = 0
+        self._logits: np.ndarray | None = None
+        self._freqs: np.ndarray | None = None
+        self.feed_many(prefix_ids)
+
+    def feed_many(self, token_ids: Sequence[int]) -> None:
+        """Several tokens in one pass (the same integers as one at a time)."""
+        if not len(token_ids):
+            return
+        out = self._m.forward([([int(t) for t in token_ids], self._len, self._cache)])[0]
+        self._len += len(token_ids)
+        self._logits = self._m.logits(out[-1:])[0]  # the head for the last row only
+        self._freqs = None
+
+    def feed(self, token_id: int) -> None:
+        self.feed_many([int(token_id)])
+
+    def int_logits(self) -> np.ndarray:
+        assert self._logits is not None
+        return self._logits
+
+    def logits(self) -> np.ndarray:
+        """The integer logits as float32 (exact: |logit| * 2**FL < 2**24 in practice; a power-of-two division)."""
+        return (self.int_logits() / (1 << FL)).astype(np.float32)
+
+    def frequencies(self) -> np.ndarray:
+        if self._freqs is None:
+            self._freqs = self._m.table(self.int_logits())[0]
+        return self._freqs
+
+    @property
+    def length(self) -> int:
+        return self._len
+
+
+# ------------------------------------------------------------------ quantisation (float student -> exact)
+
+
+def _scale_pairs(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive float64 scales as (mantissa in [2**23, 2**24), exponent): s ~ m * 2**e."""
+    mant, ex = np.frexp(np.asarray(s, dtype=np.float64))  # s = mant * 2**ex, mant in [0.5, 1)
+    m = np.round(mant * (1 << 24)).astype(np.int64)
+    return m, (ex - 24).astype(np.int64)
+
+
+def _quant_weight(w: np.ndarray) -> dict[str, np.ndarray]:
+    s = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+    q = np.clip(np.round(w / s[:, None]), -127, 127).astype(np.int8)
+    m, e = _scale_pairs(s)
+    return {"q": q, "m": m.astype(np.int32), "e": e.astype(np.int16)}
+
+
+def quantize_student(float_path: str | Path, out: str | Path, max_positions: int = MAX_POSITIONS) -> dict[str, Any]:
+    """Post-training quantisation of a float student .npz into an exact student .npz; its meta."""
+    from exfilguard.models.student import FORMAT as FLOAT_FORMAT
+
+    meta, arrays = read_model_npz(float_path, "student", FLOAT_FORMAT)
+    cfg = meta["config"]
+    d, nh = int(cfg["d_model"]), int(cfg["n_head"])
+    hd = d // nh
+    w = {k: v.astype(np.float64) for k, v in arrays.items()}
+    outa: dict[str, np.ndarray] = {}
+    for k, v in _quant_weight(w["embed.weight"]).items():
+        outa[f"embed.{k}"] = v
+
+    def gain(g: np.ndarray) -> np.ndarray:
+        return np.round(g * (1 << GQ)).astype(np.int32)
+
+    for i in range(int(cfg["n_layer"])):
+        p = f"blocks.{i}."
+        for name in ("qkv", "proj", "gate_up", "down"):
+            for k, v in _quant_weight(w[p + name + ".weight"]).items():
+                outa[f"{p}{name}.{k}"] = v
+        outa[p + "norm1.g"] = gain(w[p + "norm1.weight"])
+        outa[p + "norm2.g"] = gain(w[p + "norm2.weight"])
+    outa["norm.g"] = gain(w["norm.weight"])
+    # Tables, computed here once in float64 and stored: never recomputed from libm at run time.
+    theta = float(cfg["rope_theta"])
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    ang = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]
+    outa["rope.cos"] = np.round(np.cos(ang) * (1 << ROPE_BITS)).astype(np.int16)
+    outa["rope.sin"] = np.round(np.sin(ang) * (1 << ROPE_BITS)).astype(np.int16)
+    n_exp = 24 << FL  # exp(-24) * 2**30 < 0.05: beyond it the weight is 0
+    outa["exp"] = np.round(np.exp(-np.arange(n_exp, dtype=np.float64) / (1 << FL)) * (1 << EXP_BITS)).astype(np.int64)
+    lim = SILU_RANGE << SILU_STEP_BITS
+    g = np.arange(-lim, lim + 1, dtype=np.float64) / (1 << SILU_STEP_BITS)
+    outa["silu"] = np.round(g / (1.0 + np.exp(-g)) * (1 << FH)).astype(np.int32)
+    new_meta = {
+        "format": FORMAT,
+        "config": asdict(ExactConfig(int(cfg["vocab_size"]), d, int(cfg["n_layer"]), nh, int(cfg["d_ff"]), max_positions)),
+        "eps_q": int(round(float(cfg["eps"]) * (1 << (2 * FX)))),
+        "inv_sqrt_hd_q": int(round((1 << 16) / math.sqrt(hd))),
+        "source": {"path": Path(float_path).name, "sha256": hashlib.sha256(Path(float_path).read_bytes()).hexdigest()},
+    }
+    outa["meta"] = np.frombuffer(json.dumps(new_meta, sort_keys=True).encode(), dtype=np.uint8)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as fh:
+        np.savez(fh, **outa)
+    return new_meta
+
+
+def load_exact_student(path: str | Path, spec: str | None = None) -> ExactStudentModel:
+    """Load an exact student written by quantize_student; ConfigError if a bound is violated."""
+    meta, arrays = read_model_npz(path, "exact student", FORMAT)
+    try:
+        return ExactStudentModel(spec or f"exact:{path}", meta, arrays)
+    except KeyError as exc:
+        raise ConfigError(f"{path}: exact student file lacks the array {exc}") from exc
+
+
+def _tokenizer_digest() -> bytes:
+    from exfilguard.models.hf import TOKENIZER_DIR
+
+    return hashlib.sha256((TOKENIZER_DIR / "tokenizer.json").read_bytes()).digest()
+
+
+def _loader(path: str, options: Any) -> LanguageModel:
+    return load_exact_student(path, f"exact:{path}")
+
+
+def _default_loader(path: str, options: Any) -> LanguageModel:
+    """`default`: the exact version of the shipped student, mixed with the match model."""
+    if not DEFAULT_EXACT_STUDENT.is_file():
+        raise ConfigError(
+            f"the default exact student is missing ({DEFAULT_EXACT_STUDENT}); remake it with the command in docs/distill.md"
+        )
+    from exfilguard.models.match import MatchModel
+
+    return MatchModel(load_exact_student(DEFAULT_EXACT_STUDENT, f"exact:{DEFAULT_EXACT_STUDENT}"), spec="default")

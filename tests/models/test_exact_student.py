@@ -1,0 +1,178 @@
+"""The exact student: integer tables that do not depend on threads, batch shape or the incremental split."""
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exfilguard.errors import ConfigError
+from exfilguard.models import load_model
+from exfilguard.models.exact_student import DEFAULT_EXACT_STUDENT, isqrt, load_exact_student, quantize_student
+from exfilguard.models.student import DEFAULT_STUDENT, Student, StudentConfig, load_student, save_student
+
+PROMPT = [1, 9690, 198, 4000]
+tokens = st.lists(st.integers(0, 49151), min_size=1, max_size=12)
+
+
+def _float_student(path, **overrides):
+    cfg = StudentConfig(**{**StudentConfig.preset("tiny").__dict__, "n_layer": 2, **overrides})
+    net = Student(cfg)
+    net.init_weights(torch.Generator().manual_seed(3))
+    with torch.no_grad():  # livelier than the 0.02 init, so the tables are not near-uniform
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+    save_student(net, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("exact")
+    src = _float_student(d / "float.npz")
+    quantize_student(src, d / "exact.npz", max_positions=128)
+    return load_exact_student(d / "exact.npz"), load_student(src)
+
+
+def test_tables_sum_to_2_pow_24(exact):
+    m, _ = exact
+    f = m.session(PROMPT).frequencies()
+    assert f.dtype == np.uint32 and f.shape == (49152,)
+    assert int(f.sum(dtype=np.int64)) == 1 << 24 and int(f.min()) >= 1
+    assert int(f.max()) > 1 << 12  # not a flat table: the test model says something
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(tokens)
+def test_incremental_equals_teacher_forced(exact, toks):
+    m, _ = exact
+    s = m.session(PROMPT)
+    inc = []
+    for t in toks:
+        inc.append(s.frequencies().copy())
+        s.feed(t)
+    tf = m.score_frequencies(PROMPT, toks)
+    assert np.array_equal(np.stack(inc), tf)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(tokens, min_size=2, max_size=6))
+def test_batch_of_n_equals_batch_of_one(exact, batch):
+    m, _ = exact
+    pairs = [(PROMPT[: 1 + i % 4], toks) for i, toks in enumerate(batch)]
+    together = m.score_frequencies_many(pairs)
+    for (p, t), got in zip(pairs, together):
+        assert np.array_equal(m.score_frequencies(p, t), got)
+
+
+def test_prefix_fed_at_once_equals_one_at_a_time(exact):
+    m, _ = exact
+    a = m.session(PROMPT + [5, 6, 7])
+    b = m.session(PROMPT[:1])
+    for t in PROMPT[1:] + [5, 6, 7]:
+        b.feed(t)
+    assert np.array_equal(a.frequencies(), b.frequencies())
+    assert np.array_equal(a.logits(), b.logits())
+
+
+_THREAD_SCRIPT = """
+import hashlib, sys, numpy as np
+from exfilguard.models.exact_student import load_exact_student
+m = load_exact_student(sys.argv[1])
+rng = np.random.default_rng(0)
+pairs = [([1, 9690, 198], [int(x) for x in rng.integers(0, 49152, 40)]) for _ in range(3)]
+h = hashlib.sha256()
+for f in m.score_frequencies_many(pairs):
+    h.update(f.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_tables_identical_for_1_and_2_threads(exact, tmp_path):
+    """Separate processes, so the BLAS thread pools really differ."""
+    m, _ = exact
+    path = m.info.spec.removeprefix("exact:")
+    outs = []
+    for n in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        r = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT, path], capture_output=True, text=True, env=env, check=True)
+        outs.append(r.stdout.strip())
+    assert len(outs[0]) == 64 and outs[0] == outs[1]
+
+
+def test_exact_is_close_to_its_float_student(exact):
+    m, f = exact
+    toks = [17, 4000, 12, 99, 100, 7]
+    le = m.score_fast(PROMPT, toks).astype(np.float64)
+    lf = f.score_fast(PROMPT, toks).astype(np.float64)
+    pe = np.exp(le - np.logaddexp.reduce(le, axis=1, keepdims=True))
+    lpf = lf - np.logaddexp.reduce(lf, axis=1, keepdims=True)
+    lpe = np.log(pe)
+    kl = (pe * (lpe - lpf)).sum(axis=1)
+    assert kl.max() < 0.05, kl
+
+
+def test_bound_check_refuses_a_model_whose_products_are_not_exact(tmp_path):
+    """d_ff = 1100: an int8 x int8 dot product over 1100 terms can reach 127*127*1100 > 2**24."""
+    src = _float_student(tmp_path / "wide.npz", d_ff=1100)
+    quantize_student(src, tmp_path / "wide_exact.npz", max_positions=64)
+    with pytest.raises(ConfigError, match=r"blocks\.0\.down has a float32 product bound .* >= 2\*\*24"):
+        load_exact_student(tmp_path / "wide_exact.npz")
+
+
+def test_too_long_context_is_a_clear_error(exact):
+    m, _ = exact
+    with pytest.raises(ConfigError, match="exceeds its 128 positions"):
+        m.session(list(range(1, 140)))
+
+
+def test_bad_files_are_config_errors(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"nope")
+    with pytest.raises(ConfigError, match="not an exfilguard exact student file"):
+        load_model(f"exact:{junk}")
+    with pytest.raises(ConfigError, match="unknown exact student format"):
+        load_model(f"exact:{DEFAULT_STUDENT}")  # the float file is not an exact one
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, (1 << 62) - 1), min_size=1, max_size=20))
+def test_isqrt_is_exact(ns):
+    got = isqrt(np.array(ns, dtype=np.int64))
+    assert [int(x) for x in got] == [math.isqrt(n) for n in ns]
+
+
+@pytest.mark.skipif(not DEFAULT_EXACT_STUDENT.is_file(), reason="the shipped exact student is missing")
+def test_default_is_the_exact_student_with_the_match_model():
+    from exfilguard.models.match import MatchModel
+
+    m = load_model("default")
+    assert isinstance(m, MatchModel) and m.info.spec == "default"
+    assert m.inner.info.spec.startswith("exact:")
+    prompt = [1, 9690, 198, 4000, 4001, 4002, 4000, 4001]
+    f = m.session(prompt).frequencies()
+    assert f is not None and int(f.sum(dtype=np.int64)) == 1 << 24
+    assert f[4002] == f.max()  # the match model's copy wins
+    digest = hashlib.sha256(m.inner.session(prompt).frequencies().tobytes()).hexdigest()
+    assert digest == hashlib.sha256(m.inner.score_frequencies(prompt[:1], prompt[1:] + [0])[-1].tobytes()).hexdigest()
+
+
+def test_match_over_exact_batched_tables_equal_the_session(exact):
+    from exfilguard.models.match import MatchModel
+
+    m = MatchModel(exact[0])
+    toks = [4000, 12, 9690, 198, 4000, 12, 9690, 5]
+    s = m.session(PROMPT)
+    inc = []
+    for t in toks:
+        inc.append(s.frequencies().copy())
+        s.feed(t)
+    assert np.array_equal(np.stack(inc), m.score_frequencies(PROMPT, toks))
+    assert exact[1].score_frequencies(PROMPT, toks) is None  # a float model has no exact pass
