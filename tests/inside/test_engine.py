@@ -108,7 +108,7 @@ def test_openai_upstream_backend():
     srv = UvicornThreadless(app, "127.0.0.1", 0)
     port = lt.run(srv.start())
     try:
-        assert parse_openai_spec(f"openai:http://h:1/v1?model=m") == ("http://h:1/v1", "m")
+        assert parse_openai_spec("openai:http://h:1/v1?model=m") == ("http://h:1/v1", "m")
         up = OpenAIUpstream(f"openai:http://127.0.0.1:{port}")
         up.start()
         s = Sink()
