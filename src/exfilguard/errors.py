@@ -100,3 +100,27 @@ class Desync(FrameCorrupt):
     def __init__(self, message: str, chunk_index: int):
         super().__init__(message)
         self.chunk_index = chunk_index
+
+
+class LogCorrupt(ExfilguardError):
+    """The outside's request log is truncated, malformed or its hash chain is broken."""
+
+    http_status = 500
+    error_type = "request_log_corrupt"
+    exit_code = 9
+
+
+class VerificationFailed(ExfilguardError):
+    """`exfilguard verify` flagged answers that a trusted strong model does not reproduce."""
+
+    http_status = 500
+    error_type = "verification_failed"
+    exit_code = 10
+
+
+class EgressThrottled(ExfilguardError):
+    """The outside is throttling answers: the egress budget is burning faster than planned."""
+
+    http_status = 429
+    error_type = "egress_throttled"
+    exit_code = 3

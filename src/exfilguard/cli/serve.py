@@ -34,12 +34,23 @@ def register(app: typer.Typer) -> None:
         flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
         flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
         model_name: str = typer.Option("smollm2", help="model id shown by /v1/models"),
+        request_log: Optional[str] = typer.Option(None, help="append every answer (request, seed, output ids) to this JSONL log, for `exfilguard verify`"),
+        budget_lifetime: Optional[str] = typer.Option(None, help="the budget's planned lifetime (e.g. 90d): alert when the meter's burn rate would spend the cap sooner (needs --meter-status)"),
+        burn_window: str = typer.Option("1h", help="window of the burn-rate alert"),
+        alert_webhook: Optional[str] = typer.Option(None, help="POST every alert as JSON to this URL"),
+        throttle: bool = typer.Option(False, help="refuse new answers (429) while the budget burns faster than planned"),
     ) -> None:
         """Outside API: OpenAI-compatible, decodes what crosses the meter."""
+        from exfilguard.meter.config import parse_duration
         from exfilguard.outside.app import OutsideConfig
+        from exfilguard.outside.audit import AuditConfig
         from exfilguard.outside.stack import resolve_weak_spec, serve_outside
+        from exfilguard.verify.alerts import AlertConfig
 
         cfg = OutsideConfig(model_name=model_name, codec=codec, flush_every=flush_every, flush_ms=flush_ms)
+        alerts = AlertConfig(lifetime_s=parse_duration(budget_lifetime) if budget_lifetime else None,
+                             burn_window_s=parse_duration(burn_window), throttle=throttle, webhook=alert_webhook)
+        cfg.audit = AuditConfig(request_log=request_log, alerts=alerts, meter_status_url=meter_status)
         serve_outside(inside, resolve_weak_spec(weak, "smollm2"), listen, api_keys, meter_status, cfg)
 
     @app.command()

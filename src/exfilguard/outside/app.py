@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from exfilguard.errors import ExfilguardError, RequestInvalid
 from exfilguard.outside.api import (
@@ -23,6 +23,7 @@ from exfilguard.outside.api import (
     parse_prompt,
     parse_sampling,
 )
+from exfilguard.outside.audit import Audit, AuditConfig
 from exfilguard.outside.client import InsideConnection
 from exfilguard.protocol.wire import GenerationRequest
 
@@ -40,6 +41,7 @@ class OutsideConfig:
     default_max_tokens: int = 256
     max_max_tokens: int = 4096
     max_prompt_tokens: int = 8192
+    audit: AuditConfig | None = None  # request log (for `exfilguard verify`) and anomaly alerts
 
 
 def read_api_keys(path: str | Path) -> list[str]:
@@ -78,13 +80,18 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if audit is not None:
+            audit.start()
         yield
         await conn.close()
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(title="exfilguard outside", docs_url=None, redoc_url=None, lifespan=lifespan)
     keys = [k.encode() for k in api_keys]
     eos = set(int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
     app.state.connection = conn
+    audit = app.state.audit = Audit(cfg.audit) if cfg.audit is not None else None
 
     def error_response(exc: ExfilguardError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=exc.http_status)
@@ -134,6 +141,13 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
     async def health() -> dict[str, Any]:
         return {"status": "ok", "inside_connected": conn.hello is not None and conn._dead is None}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if audit is None:
+            return Response(b"no audit configured (start the outside with --request-log or alerts)\n", status_code=404)
+        m = audit.monitor.metrics
+        return Response(m.render(), media_type=m.content_type)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_key(request)
@@ -159,7 +173,12 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         created = int(time.time())
         model = s.model or cfg.model_name
         text = TextAssembler(tokenizer, s.stop, eos)
-        tokens = conn.generate(req, weak_fingerprint)
+        if audit is not None:
+            audit.check_admission()
+            stats: dict[str, int] = {}
+            tokens = audit.wrap(conn.generate(req, weak_fingerprint, stats), req, rid, stats)
+        else:
+            tokens = conn.generate(req, weak_fingerprint)
 
         def usage() -> dict[str, int]:
             n = text.completion_tokens

@@ -201,8 +201,12 @@ class InsideConnection:
             self._writer.close()
 
     # -- one answer ---------------------------------------------------------------------------
-    async def generate(self, req: GenerationRequest, weak_fingerprint: str) -> AsyncIterator[list[int]]:
-        """Send one request; yield decoded, verified token ids as they arrive."""
+    async def generate(self, req: GenerationRequest, weak_fingerprint: str,
+                       stats: dict[str, int] | None = None) -> AsyncIterator[list[int]]:
+        """Send one request; yield decoded, verified token ids as they arrive.
+
+        With `stats`, stats["wire_bytes"] adds up the bytes of this answer's frames (what it
+        cost the budget), for the anomaly alerts."""
         if self._writer is None or self._dead is not None:
             await self._connect()
         assert self.hello is not None
@@ -223,6 +227,8 @@ class InsideConnection:
                 if isinstance(item, ExfilguardError):
                     finished = True
                     raise item
+                if stats is not None:
+                    stats["wire_bytes"] = stats.get("wire_bytes", 0) + _frame_size(item)
                 if item.kind == Kind.FAIL:
                     finished = True
                     code = parse_fail(item.payload)
@@ -270,6 +276,11 @@ class InsideConnection:
                     st.queue.put_nowait(x)
                 return toks
             held.append(item)
+
+
+def _frame_size(f: Frame) -> int:
+    """Bytes this frame took on the wire."""
+    return len(encode_frame(f.kind, f.slot, f.payload))
 
 
 def _fail_error(code: FailCode) -> ExfilguardError:
