@@ -4,7 +4,8 @@ Three measurements with SmolLM2 as the trusted strong model (CPU, float32, teach
 
   corpus  dev-corpus answers generated on an H100 (../shared/data/smollm2_corpus_dev.jsonl), first
           --tokens tokens of each: greedy rows -> exact-agreement gaps (cross-hardware drift),
-          T = 0.7 / 1.0 rows -> the unseeded likelihood z-score (their sampler was torch's, not
+          T = 0.7 / 1.0 rows -> the unseeded likelihood z-score (each row cut after its first EOS:
+          the corpus generator wrote one more token after it) (their sampler was torch's, not
           the shared-seed one, so they are the honest *unseeded* traffic).
   seeded  answers generated here by the inside's own engine (LocalEngine, continuous batching,
           seeded Gumbel-max sampling) at T = 0.7 / 1.0, then re-scored one by one in a single
@@ -39,6 +40,9 @@ if not DEV.is_file():
     DEV = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_corpus_dev_sample.jsonl"
 
 
+EOS = 2  # <|im_end|>
+
+
 def rows(limit_per_t: int) -> list[dict]:
     out: dict[float, list[dict]] = {}
     for line in open(DEV):
@@ -60,7 +64,10 @@ def part_corpus(args: argparse.Namespace, strong) -> list[dict]:
     rs = rows(args.limit)
     out, t0 = [], time.time()
     for i, r in enumerate(rs):
-        toks = r["token_ids"][: args.tokens]
+        toks = r["token_ids"]
+        if EOS in toks:  # the corpus rows run one token past EOS; an inside stops at EOS
+            toks = toks[: toks.index(EOS) + 1]
+        toks = toks[: args.tokens]
         lg = strong.score_fast(r["prompt_ids"], toks)
         T = float(r["temperature"])
         rec = {"prompt_id": r["prompt_id"], "temperature": T, "tokens": len(toks)}

@@ -17,7 +17,8 @@ and batch shapes and only flip near-ties (tiny gaps); an attacker who picks toke
 bits needs large gaps or many flips. An answer is flagged when one gap exceeds `max_gap` or
 the flips exceed `max_flips(n)`. Unseeded answers get a likelihood z-score (Rinberg et al. 2025
 use likelihood / rank scores for the same case): z = sum(surprisal - entropy) / sqrt(sum var),
-about N(0, 1) for honest samples and large for tokens chosen by anything but the model.
+about N(0, 1) for honest samples and far from 0 (either side) for tokens chosen by anything
+but sampling from the model.
 
 The thresholds' defaults are the measured ones (bench/verify_fp.py, README "Red team").
 """
@@ -139,8 +140,11 @@ def judge(method: str, logits: np.ndarray, output_ids: Sequence[int], seed: int 
         return 0, 0.0, None, False, ""
     if method == "likelihood":
         z = likelihood_z(logits, output_ids, temperature)
-        flagged = z > th.max_z
-        return 0, 0.0, z, flagged, f"likelihood z {z:.1f} > {th.max_z:g}" if flagged else ""
+        # Two-sided: tokens chosen by anything but sampling are either too unlikely (a weak
+        # model's picks) or too likely (the strong model's own top few, fewer surprises than
+        # its entropy allows).
+        flagged = abs(z) > th.max_z
+        return 0, 0.0, z, flagged, f"likelihood |z| {abs(z):.1f} > {th.max_z:g}" if flagged else ""
     pos = deterministic_positions(logits, output_ids, seed, temperature, top_p)
     flips = int((pos.gaps > 0).sum())
     gap = float(pos.gaps.max())
