@@ -13,6 +13,7 @@ import pytest
 from exfilguard.verify.requestlog import RequestRecord, read_log
 
 KEY = "sk-audit"
+pytestmark = pytest.mark.slow  # a whole stack per test, ~30 s each on 2 cores
 
 
 class Stack:
