@@ -38,10 +38,14 @@ from exfilguard.codec.gumbel import gumbel_noise, tempered_logprobs
 class Thresholds:
     """When an answer is flagged. Defaults measured on honest traffic (bench/verify_fp.py)."""
 
-    max_gap: float = 1.0  # logit units: a flip by more than this is never float drift
-    flip_rate: float = 0.02  # near-tie flips allowed per token ...
+    # Measured (bench/verify_fp.py, README "Red team"): no honest flip at all in 19,992 tokens
+    # (H100 greedy answers re-scored on this CPU; batched engine answers re-scored one by one),
+    # and honest |z| <= 2.8 in 200 unseeded answers. The gap and the one tolerated flip are
+    # margin for hardware not measured; they bound what stays exfiltratable (0.43% of tokens).
+    max_gap: float = 0.01  # logit units: a flip by more than this is not float drift
+    flip_rate: float = 0.0  # near-tie flips allowed per token ...
     min_flips: int = 1  # ... but at least this many per answer
-    max_z: float = 5.0  # unseeded: likelihood z-score
+    max_z: float = 4.0  # unseeded: two-sided likelihood z-score
 
     def max_flips(self, tokens: int) -> int:
         """Near-tie flips an honest answer of this length may show."""
