@@ -64,6 +64,7 @@ class RedteamConfig:
     connections: int = 16  # burst
     headroom: float = 2.0
     drip_rate: float = 1 / 32
+    drip_bits: int = 1
     workdir: str | None = None
 
     def validate(self) -> None:
@@ -175,7 +176,7 @@ def _run(cfg: RedteamConfig, strong: Any, weak: Any, codecs: Any, work: Path, sa
     for p in work.glob("ledger.sqlite*"):
         p.unlink()
     lt = LoopThread()
-    attacker = AttackerInside(AttackConfig(cfg.scenario, cfg.secret, cfg.warmup, cfg.drip_rate), strong, weak, codecs)
+    attacker = AttackerInside(AttackConfig(cfg.scenario, cfg.secret, cfg.warmup, cfg.drip_rate, cfg.drip_bits), strong, weak, codecs)
     meter: Any = None
     outside: Any = None
     stop_poll = threading.Event()
@@ -269,7 +270,7 @@ def _run(cfg: RedteamConfig, strong: Any, weak: Any, codecs: Any, work: Path, sa
                 elif cfg.scenario == "stego":
                     bits += stego_extract(weak, rec.prompt_ids, rec.output_ids)
                 else:
-                    bits += drip_extract(weak, rec.prompt_ids, rec.output_ids, cfg.drip_rate)
+                    bits += drip_extract(weak, rec.prompt_ids, rec.output_ids, cfg.drip_rate, cfg.drip_bits)
                 timeline.add(_correct(cfg.secret, bits_to_bytes(bits)))
             res.attack_answers = sent
             res.secret_bytes_recovered = timeline.last
