@@ -114,3 +114,15 @@ def test_webhook_receives_the_alert() -> None:
         assert got[0]["alert"] == "bits_per_token" and got[0]["id"] == "fake"
     finally:
         srv.shutdown()
+
+
+def test_baselines_are_per_temperature() -> None:
+    m = monitor()
+    for i, b in enumerate(HONEST):
+        assert m.observe_answer(f"h{i}", 64, int(b * 64 / 8), temperature=0.7) is None
+    # T = 1 answers cost more bits honestly: no alert until T = 1 has a baseline of its own ...
+    for i in range(10):
+        assert m.observe_answer(f"t{i}", 64, int(5.0 * 64 / 8), temperature=1.0) is None
+    # ... and then T = 1 is judged against T = 1, T = 0.7 against T = 0.7.
+    assert m.observe_answer("t1", 64, int(5.2 * 64 / 8), temperature=1.0) is None
+    assert m.observe_answer("t07", 64, int(5.2 * 64 / 8), temperature=0.7) is not None

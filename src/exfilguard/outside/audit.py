@@ -80,7 +80,7 @@ class Audit:
             if self.log is not None:
                 self.log.append_request(rid, req.prompt_ids, req.seed, req.temperature, req.top_p, req.max_tokens,
                                         req.codec, ids, wire_bytes, finish)
-            self.monitor.observe_answer(rid, len(ids), wire_bytes)
+            self.monitor.observe_answer(rid, len(ids), wire_bytes, req.temperature)
         except Exception:  # noqa: BLE001
             log.exception("request log / alert scoring failed")
 

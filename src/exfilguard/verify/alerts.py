@@ -3,8 +3,8 @@
 Two signals, both cheap enough to run on every answer:
 
 * bits per token: 8 * (bytes the answer's frames took through the meter) / tokens, compared with
-  the running distribution of honest answers (median and MAD of log2, so one odd answer cannot
-  drag the baseline). Flagged answers are kept out of the baseline, so an attacker cannot raise
+  the running distribution of honest answers at the same temperature (median and MAD of log2,
+  so one odd answer cannot drag the baseline). Flagged answers are kept out of the baseline, so an attacker cannot raise
   it by attacking. Made-up tokens cost the weak-model codec 10-20 bits each against ~1-3 for
   honest answers, so they stand out at once.
 * burn rate: bytes used per second over a sliding window, from the meter's own count. When that
@@ -103,22 +103,30 @@ class AnomalyMonitor:
         self.on_alert: list[Callable[[Alert], None]] = []
         self.alerts: list[Alert] = []
         self._lock = threading.Lock()
-        self._hist: deque[float] = deque((math.log2(max(x, 1e-6)) for x in (prior or [])), maxlen=cfg.history)
+        # One running distribution per temperature (rounded to 0.1): an answer's cost depends on
+        # it (T = 1 costs more bits than T = 0.7), and a pooled baseline flagged 7 of 150 honest
+        # answers when traffic moved from T = 0.7 to T = 1 (bench/verify_fp.py alerts). A
+        # temperature is only scored once it has min_history answers of its own.
+        self._hist: dict[float | None, deque[float]] = {}
+        if prior:
+            self._hist[None] = deque((math.log2(max(x, 1e-6)) for x in prior), maxlen=cfg.history)
         self._samples: deque[tuple[float, int]] = deque()
         self._start: float | None = None
         self.burning = False
 
     # -- bits per token ------------------------------------------------------------------
-    def baseline(self) -> tuple[float, float] | None:
-        """(median, spread) of log2 bits per token, or None before enough history."""
-        if len(self._hist) < self.config.min_history:
+    def baseline(self, temperature: float | None = None) -> tuple[float, float] | None:
+        """(median, spread) of log2 bits per token at this temperature, or None before it has
+        min_history answers."""
+        hist = self._hist.get(_bucket(temperature))
+        if hist is None or len(hist) < self.config.min_history:
             return None
-        h = list(self._hist)
+        h = list(hist)
         med = statistics.median(h)
         mad = statistics.median(abs(x - med) for x in h)
         return med, max(1.4826 * mad, self.config.min_spread)
 
-    def observe_answer(self, rid: str, tokens: int, wire_bytes: int) -> Alert | None:
+    def observe_answer(self, rid: str, tokens: int, wire_bytes: int, temperature: float | None = None) -> Alert | None:
         """Score one answer; an Alert when its bits per token is far above the running distribution."""
         self.metrics.answers.inc()
         if tokens <= 0:
@@ -129,12 +137,15 @@ class AnomalyMonitor:
             return None
         x = math.log2(max(bpt, 1e-6))
         with self._lock:
-            base = self.baseline()
+            base = self.baseline(temperature)
             z = None if base is None else (x - base[0]) / base[1]
             if z is None or z <= self.config.z:
-                self._hist.append(x)
+                key = _bucket(temperature)
+                if key not in self._hist:
+                    self._hist[key] = deque(maxlen=self.config.history)
+                self._hist[key].append(x)
                 return None
-        return self._raise("bits_per_token", {"id": rid, "tokens": tokens, "wire_bytes": wire_bytes,
+        return self._raise("bits_per_token", {"id": rid, "tokens": tokens, "wire_bytes": wire_bytes, "temperature": temperature,
                                               "bits_per_token": round(bpt, 3), "baseline_bits_per_token": round(2 ** base[0], 3),
                                               "z": round(z, 2)})
 
@@ -184,6 +195,10 @@ class AnomalyMonitor:
             except Exception:  # noqa: BLE001 - one broken sink must not stop the others
                 log.exception("alert callback failed")
         return a
+
+
+def _bucket(temperature: float | None) -> float | None:
+    return None if temperature is None else round(float(temperature), 1)
 
 
 def webhook_sender(url: str, timeout: float = 2.0) -> Callable[[Alert], None]:
