@@ -187,3 +187,27 @@ class RequestTooLarge(ExfilguardError):
     http_status = 413
     error_type = "invalid_request_error"
     error_code = "request_too_large"
+
+
+class LogCorrupt(ExfilguardError):
+    """The outside's request log is truncated, malformed or its hash chain is broken."""
+
+    http_status = 500
+    error_type = "request_log_corrupt"
+    exit_code = 11
+
+
+class VerificationFailed(ExfilguardError):
+    """`exfilguard verify` flagged answers that a trusted strong model does not reproduce."""
+
+    http_status = 500
+    error_type = "verification_failed"
+    exit_code = 12
+
+
+class EgressThrottled(ExfilguardError):
+    """The outside is throttling answers: the egress budget is burning faster than planned."""
+
+    http_status = 429
+    error_type = "egress_throttled"
+    exit_code = 3

@@ -19,7 +19,9 @@ app = typer.Typer(
 
 # Each module defines register(app). Kept as names so that `exfilguard --help` imports no ML
 # library until a command that needs one runs.
-COMMAND_MODULES = ("bench", "meter", "ledger", "keys", "serve", "distill", "plan", "dashboard", "budget", "audit")
+COMMAND_MODULES = (
+    "bench", "meter", "ledger", "keys", "serve", "distill", "plan", "dashboard", "budget", "audit", "verify", "redteam",
+)
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"exfilguard.cli.{_name}").register(app)

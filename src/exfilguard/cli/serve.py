@@ -37,13 +37,24 @@ def register(app: typer.Typer) -> None:
         flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
         model_name: str = typer.Option("smollm2", help="model id shown by /v1/models"),
         max_context: int = typer.Option(8192, help="the strong model's context in tokens (prompt + answer); longer requests get 400"),
+        request_log: Optional[str] = typer.Option(None, help="append every answer (request, seed, output ids) to this JSONL log, for `exfilguard verify`"),
+        budget_lifetime: Optional[str] = typer.Option(None, help="the budget's planned lifetime (e.g. 90d): alert when the meter's burn rate would spend the cap sooner (needs --meter-status)"),
+        burn_window: str = typer.Option("1h", help="window of the burn-rate alert"),
+        alert_webhook: Optional[str] = typer.Option(None, help="POST every alert as JSON to this URL"),
+        throttle: bool = typer.Option(False, help="refuse new answers (429) while the budget burns faster than planned"),
     ) -> None:
         """Outside API: OpenAI-compatible, decodes what crosses the meter."""
+        from exfilguard.meter.config import parse_duration
         from exfilguard.outside.app import OutsideConfig
+        from exfilguard.outside.audit import AuditConfig
         from exfilguard.outside.stack import resolve_weak_spec, serve_outside
+        from exfilguard.verify.alerts import AlertConfig
 
         cfg = OutsideConfig(model_name=model_name, codec=codec, flush_every=flush_every, flush_ms=flush_ms,
                             keys_ledger=keys_ledger, meter_status_url=meter_status, max_context=max_context)
+        alerts = AlertConfig(lifetime_s=parse_duration(budget_lifetime) if budget_lifetime else None,
+                             burn_window_s=parse_duration(burn_window), throttle=throttle, webhook=alert_webhook)
+        cfg.audit = AuditConfig(request_log=request_log, alerts=alerts, meter_status_url=meter_status)
         serve_outside(inside, resolve_weak_spec(weak, "smollm2"), listen, api_keys, meter_status, cfg)
 
     @app.command()

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exfilguard.errors import (
@@ -34,6 +34,7 @@ from exfilguard.outside.api import (
     parse_prompt,
     parse_sampling,
 )
+from exfilguard.outside.audit import Audit, AuditConfig
 from exfilguard.outside.client import InsideConnection
 from exfilguard.outside.keys import KeyAccount
 from exfilguard.protocol.wire import GenerationRequest
@@ -59,6 +60,7 @@ class OutsideConfig:
     key_bytes_per_token: int = 4  # bytes reserved in a key's budget per token of max_tokens (topped up as needed)
     window_retry_after: int = 60  # Retry-After (s) when the meter's window, not its cap, is spent
     access_log: bool = True  # one JSON line per request on the exfilguard.access logger (stderr)
+    audit: AuditConfig | None = None  # request log (for `exfilguard verify`) and anomaly alerts
 
 
 ACCESS_LOG = "exfilguard.access"
@@ -107,8 +109,12 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if audit is not None:
+            audit.start()
         yield
         await conn.close()
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(title="exfilguard outside", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     keys = [k.encode() for k in api_keys]
@@ -146,6 +152,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
     eos = set(int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
     app.state.connection = conn
+    audit = app.state.audit = Audit(cfg.audit) if cfg.audit is not None else None
 
     async def error_headers(exc: ExfilguardError) -> dict[str, str]:
         """429s say when to retry: Retry-After when a window frees bytes, x-should-retry: false when a cap is spent."""
@@ -296,9 +303,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        """Prometheus counters of what crossed the meter, as the outside decoded it (the dashboard's bits per token)."""
-        from fastapi.responses import PlainTextResponse
-
+        """Prometheus: what crossed the meter as the outside decoded it (the dashboard's bits per token),
+        and, with an audit configured, the anomaly alerts' metrics."""
         text = (
             "# HELP exfilguard_outside_tokens Tokens decoded from the inside's streams\n"
             "# TYPE exfilguard_outside_tokens counter\n"
@@ -306,8 +312,10 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             "# HELP exfilguard_outside_bytes_in Bytes received from the meter\n"
             "# TYPE exfilguard_outside_bytes_in counter\n"
             f"exfilguard_outside_bytes_in_total {conn.bytes_in}\n"
-        )
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        ).encode()
+        if audit is not None:
+            text += audit.monitor.metrics.render()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -369,6 +377,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         text = TextAssembler(tokenizer, s.stop, eos)
+        if audit is not None:
+            audit.check_admission()  # throttled: refused before anything is reserved
         account = KeyAccount(store, key) if key is not None and store is not None else None
         if account is not None:
             # A bound on the answer's bytes, topped up if frames exceed it; 64 for frame overhead.
@@ -380,7 +390,11 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             if account is not None:
                 account.add(n)
 
-        tokens = conn.generate(req, weak_fingerprint, counted)
+        if audit is not None:
+            stats: dict[str, int] = {}
+            tokens = audit.wrap(conn.generate(req, weak_fingerprint, counted, stats), req, rid, stats)
+        else:
+            tokens = conn.generate(req, weak_fingerprint, counted)
 
         def usage() -> dict[str, int]:
             n = text.completion_tokens

@@ -207,11 +207,14 @@ class InsideConnection:
 
     # -- one answer ---------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest, weak_fingerprint: str,
-                       on_bytes: Callable[[int], None] | None = None) -> AsyncIterator[list[int]]:
+                       on_bytes: Callable[[int], None] | None = None,
+                       stats: dict[str, int] | None = None) -> AsyncIterator[list[int]]:
         """Send one request; yield decoded, verified token ids as they arrive.
 
         `on_bytes` is told the wire size of every frame of this answer as it arrives (the bytes
-        the meter counted for it), including frames that arrive after the answer was given up."""
+        the meter counted for it), including frames that arrive after the answer was given up.
+        With `stats`, stats["wire_bytes"] adds up the bytes of the frames this call consumed,
+        for the anomaly alerts."""
         if self._writer is None or self._dead is not None:
             await self._connect()
         assert self.hello is not None
@@ -232,6 +235,8 @@ class InsideConnection:
                 if isinstance(item, ExfilguardError):
                     finished = True
                     raise item
+                if stats is not None:
+                    stats["wire_bytes"] = stats.get("wire_bytes", 0) + _frame_size(item)
                 if item.kind == Kind.FAIL:
                     finished = True
                     code = parse_fail(item.payload)
@@ -281,6 +286,11 @@ class InsideConnection:
                     st.queue.put_nowait(x)
                 return toks
             held.append(item)
+
+
+def _frame_size(f: Frame) -> int:
+    """Bytes this frame took on the wire."""
+    return len(encode_frame(f.kind, f.slot, f.payload))
 
 
 def _fail_error(code: FailCode) -> ExfilguardError:

@@ -1,0 +1,69 @@
+"""CLI command: redteam (exfiltration scenarios against the real stack on loopback)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""
+
+    @app.command()
+    def redteam(
+        scenario: str = typer.Option(..., help="raw, fake-tokens, stego, drip or burst"),
+        secret: str = typer.Option(..., help="file the attacker tries to move out (a stand-in for weights)"),
+        cap: str = typer.Option("64KiB", help="egress cap of the meter, in bytes (64KiB, 1MB, ...)"),
+        strong: str = typer.Option("smollm2", help="strong model the attacker owns (and verify re-runs)"),
+        weak: str = typer.Option("default", help="weak model on both sides of the cap"),
+        warmup: int = typer.Option(8, help="honest answers before the attacker takes over"),
+        answers: Optional[int] = typer.Option(None, help="stop after this many attack answers (default: until cut off)"),
+        max_tokens: int = typer.Option(64, help="tokens per answer"),
+        sample_rate: float = typer.Option(1.0, help="fraction of logged answers verify re-runs"),
+        connections: int = typer.Option(16, help="burst: connections at once"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    ) -> None:
+        """Run one exfiltration scenario against meter + ledger + outside on loopback; report what got out."""
+        from pathlib import Path
+
+        from exfilguard.errors import ConfigError
+        from exfilguard.meter.config import parse_size
+        from exfilguard.redteam import RedteamConfig, run_redteam
+
+        try:
+            data = Path(secret).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --secret {secret}: {exc.strerror}") from None
+        cfg = RedteamConfig(scenario=scenario, secret=data, cap=parse_size(cap, "--cap"), strong=strong, weak=weak,
+                            warmup=warmup, answers=answers, max_tokens=max_tokens, sample_rate=sample_rate,
+                            connections=connections)
+        cfg.validate()
+        if as_json:
+            res = run_redteam(cfg)
+            d = res.as_dict()
+            print(json.dumps(d))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        c = Console(stderr=True)
+        with c.status("redteam") as st:
+            res = run_redteam(cfg, progress=lambda s: st.update(s))
+        t = Table(title=f"redteam {scenario}: secret {len(data)} bytes, cap {res.cap_bytes} bytes")
+        t.add_column("figure")
+        t.add_column("value", justify="right")
+        rows = [
+            ("bytes through the meter", res.meter_bytes), ("secret bytes recovered", res.secret_bytes_recovered),
+            ("meter cut it off", f"yes, at {res.meter_bytes_at_cut} bytes" if res.cut_off else "no"),
+            ("attack answers", res.attack_answers),
+            ("flagged", f"yes ({', '.join(res.flagged_by)})" if res.flagged else "no"),
+            ("secret bytes out before the flag", "-" if res.bytes_before_flag is None else res.bytes_before_flag),
+            ("verify: answers re-run / attack flagged / honest flagged",
+             f"{res.verify_checked} / {res.verify_flagged_attack} / {res.verify_flagged_honest}"),
+            ("alerts during warm-up (false)", res.warmup_alerts),
+        ]
+        for k, v in rows:
+            t.add_row(k, str(v))
+        Console().print(t)
