@@ -233,6 +233,8 @@ class Supervisor:
             "--api-keys", str(cfg.data_dir / "api-keys"), "--meter-status", self.status_url, "--codec", cfg.codec,
             "--flush-every", str(cfg.flush_every), "--flush-ms", str(cfg.flush_ms), "--model-name", cfg.model_name,
             "--keys-ledger", f"sqlite:///{(cfg.data_dir / 'keys.sqlite').resolve()}",
+            # every answer (request, seed, output ids), hash-chained, for `exfilguard verify`
+            "--request-log", str((cfg.data_dir / "request-log.jsonl").resolve()),
         ]
         self.meter = Child("meter", meter, lambda c: _status_ok(self.status_url))
         self.inside = Child("inside", inside, lambda c: c.seen.is_set())
@@ -335,6 +337,7 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
     print(f"processes: meter pid {sup.meter.pid}, inside pid {sup.inside.pid}, outside pid {sup.outside.pid} "
           f"(supervisor pid {os.getpid()})", flush=True)
     print(f"meter status {sup.status_url}, metrics {sup.metrics_url}", flush=True)
+    print(f"request log {cfg.data_dir / 'request-log.jsonl'} (audit: exfilguard verify --log {cfg.data_dir / 'request-log.jsonl'} --strong {cfg.strong})", flush=True)
     if sup.dashboard is not None:
         print(f"dashboard http://127.0.0.1:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
     ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)

@@ -98,3 +98,11 @@ def test_up_serves_signs_and_stops_cleanly(tmp_path: Path) -> None:
     with sqlite3.connect(data / "ledger.sqlite") as db:  # verify checks every head; there must be one
         signed = db.execute("select count(*) from tree_heads where signature is not null").fetchone()[0]
     assert signed >= 1
+    # The outside logged the answer; a trusted SmolLM2 re-runs it under its seed and agrees.
+    check = subprocess.run(
+        [EXE, "verify", "--log", str(data / "request-log.jsonl"), "--strong", "smollm2", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["records"] == 1 and len(report["scores"]) == 1 and not report["scores"][0]["flagged"], report

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device for the strong model"),
         as_json: bool = typer.Option(False, "--json", help="print JSON"),
     ) -> None:
-        """Re-run a sample of logged answers; flag those the strong model does not reproduce (exit 10)."""
+        """Re-run a sample of logged answers; flag those the strong model does not reproduce (exit 12)."""
         from dataclasses import replace
 
         from exfilguard.errors import VerificationFailed
