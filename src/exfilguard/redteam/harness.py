@@ -193,6 +193,8 @@ def _run(cfg: RedteamConfig, strong: Any, weak: Any, codecs: Any, work: Path, sa
         async def probe() -> str:
             return status_from_json(meter.status())
 
+        # A short warm-up and short answers: score them all (the serving default waits for 20
+        # answers per temperature and skips answers under 32 tokens).
         alerts = AlertConfig(min_history=min(cfg.warmup, 20), min_tokens=min(8, cfg.max_tokens))
         ocfg = OutsideConfig(model_name=cfg.strong, default_max_tokens=cfg.max_tokens,
                              audit=AuditConfig(request_log=str(log_path), alerts=alerts))

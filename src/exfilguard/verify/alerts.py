@@ -42,7 +42,9 @@ class AlertConfig:
     z: float = 4.0  # robust z-score of log2(bits per token) that flags an answer
     min_history: int = 20  # honest answers needed before bits-per-token alerts start
     history: int = 2000  # answers the running distribution remembers
-    min_tokens: int = 8  # shorter answers are dominated by per-answer overhead: not scored
+    # Shorter answers are dominated by per-answer overhead: at 8 the alert flagged 3 of 300 honest
+    # dev answers (all 18-28 tokens), at 32 none of the 278 it scored (bench/verify_fp.py alerts).
+    min_tokens: int = 32
     min_spread: float = 0.1  # floor of the spread (log2 units), so a very regular baseline still tolerates noise
     lifetime_s: float | None = None  # the budget's planned lifetime; None: no burn-rate alert
     burn_window_s: float = 3600.0
