@@ -128,8 +128,8 @@ def test_page_follows_real_traffic_through_the_whole_stack(browser: Any, tmp_pat
         assert after["tree_size"] > before["tree_size"]
         assert "0 B/s" != after["burn_rate"]
 
-        # Bits per token since the dashboard started (it started before any traffic, at 0 bytes and
-        # 0 tokens) is 8 x the meter's forwarded bytes over the tokens the outside decoded.
+        # Bits per token since start is 8 x the meter's forwarded bytes (its whole life, the
+        # outside's connection set-up included) over the tokens the outside decoded.
         m = prom(f"http://127.0.0.1:{mmport}/metrics")
         o = prom(f"http://127.0.0.1:{oport}/metrics")
         tokens = o["exfilguard_outside_tokens_total"]

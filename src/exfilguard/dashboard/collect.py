@@ -234,7 +234,10 @@ class Collector:
         if not self._keys:
             notes.append("no --public-key given: signatures of tree heads cannot be checked")
         state = "ok" if rep.ok else "failed"
-        if not self._keys and rep.problems and all("signed by unknown key" in p for p in rep.problems):
+        if not self._keys and (
+            (rep.problems and all("signed by unknown key" in p for p in rep.problems))
+            or (rep.ok and any("not checked" in n for n in rep.notes))
+        ):
             # Heads are signed but we were given no key to check them with: not a tamper finding.
             state = "signatures unchecked"
         self._verify = {
@@ -294,11 +297,12 @@ class Collector:
             if prev is not None and s["tokens"] > prev["tokens"] and s["bytes"] >= prev["bytes"]:
                 series.append([s["t"], 8.0 * (s["bytes"] - prev["bytes"]) / (s["tokens"] - prev["tokens"])])
             prev = s
+        # Since the meter and the outside started: their counters' whole life (every byte that
+        # crossed, the outside's connection set-up included), not since this page started.
         overall = None
-        if len(self._samples) >= 2:
-            a, b = self._samples[0], self._samples[-1]
-            if b["tokens"] > a["tokens"] and b["bytes"] >= a["bytes"]:
-                overall = 8.0 * (b["bytes"] - a["bytes"]) / (b["tokens"] - a["tokens"])
+        if self._samples and self._samples[-1]["tokens"] > 0:
+            last = self._samples[-1]
+            overall = 8.0 * last["bytes"] / last["tokens"]
         if self.config.tokens_metrics_url is None:
             why = "no token counter given (--tokens-metrics): the ledger and the meter count bytes, not tokens"
         else:

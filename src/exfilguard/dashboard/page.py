@@ -38,7 +38,7 @@ PAGE = r"""<!doctype html>
     <div id="bpt-note" class="muted"></div>
     <svg id="bpt-chart" viewBox="0 0 600 180"></svg>
     <table><tr><td>latest interval</td><td class="num" id="bpt-latest">–</td></tr>
-      <tr><td>since the dashboard started</td><td class="num" id="bpt-overall">–</td></tr>
+      <tr><td>since the meter and the outside started</td><td class="num" id="bpt-overall">–</td></tr>
       <tr><td>tokens counted</td><td class="num" id="bpt-tokens">–</td></tr>
       <tr><td>bytes from</td><td class="num" id="bpt-source">–</td></tr></table>
   </div>
