@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -88,37 +86,13 @@ def part_corpus(args: argparse.Namespace, strong) -> list[dict]:
 
 def generate_batched(strong, prompts: list[list[int]], seeds: list[int], temps: list[float], tokens: int, batch: int) -> list[list[int]]:
     """Answers from the inside's engine (continuous batching, seeded Gumbel-max sampling)."""
-    from exfilguard.inside.engine import Job, LocalEngine
-    from exfilguard.protocol.wire import GenerationRequest
+    from exfilguard.inside.engine import engine_answers
 
-    class Sink:
-        def __init__(self) -> None:
-            self.ids: list[int] = []
-            self.ev = threading.Event()
-
-        def tokens(self, ids) -> bool:
-            self.ids.extend(int(t) for t in ids)
-            return False
-
-        def done(self, reason: str) -> None:
-            self.ev.set()
-
-    eng = LocalEngine(strong, max_batch=batch)
-    eng.start()
-    sinks = []
     t0 = time.time()
-    try:
-        for p, s, T in zip(prompts, seeds, temps):
-            sink = Sink()
-            eng.submit(Job(GenerationRequest(prompt_ids=p, max_tokens=tokens, seed=s, temperature=T), sink))
-            sinks.append(sink)
-        for i, sink in enumerate(sinks):
-            sink.ev.wait()
-            progress(i + 1, len(sinks), t0, "generate")
-    finally:
-        eng.stop()
+    answers = engine_answers(strong, list(zip(prompts, seeds, temps)), tokens, max_batch=batch,
+                             on_done=lambda i: progress(i + 1, len(prompts), t0, "generate"))
     print(file=sys.stderr)
-    return [s.ids for s in sinks]
+    return answers
 
 
 def part_seeded(args: argparse.Namespace, strong) -> list[dict]:

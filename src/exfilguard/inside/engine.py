@@ -278,3 +278,43 @@ def _lpad_mask(m: Any, width: int) -> Any:
     if extra == 0:
         return m
     return torch.cat([torch.zeros((m.shape[0], extra), dtype=m.dtype, device=m.device), m], dim=1)
+
+
+class _Collect:
+    """A Job sink that keeps every token id and signals when its answer is done."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.ev = threading.Event()
+
+    def tokens(self, ids: Sequence[int]) -> bool:
+        self.ids.extend(int(t) for t in ids)
+        return False
+
+    def done(self, reason: str) -> None:
+        self.ev.set()
+
+
+def engine_answers(model: Any, reqs: Sequence[tuple[list[int], int, float]], tokens: int, *, max_batch: int = 16,
+                   timeout: float | None = None, on_done: Any = None) -> list[list[int]]:
+    """Answer every (prompt ids, seed, temperature) with the inside's own engine, in one continuous batch.
+
+    Raises TimeoutError when an answer takes longer than `timeout` seconds; `on_done(i)` is called
+    as answer i (in request order) is complete.
+    """
+    eng = LocalEngine(model, max_batch=max_batch)
+    eng.start()
+    sinks: list[_Collect] = []
+    try:
+        for p, seed, t in reqs:
+            sink = _Collect()
+            eng.submit(Job(GenerationRequest(prompt_ids=p, max_tokens=tokens, seed=seed, temperature=t), sink))
+            sinks.append(sink)
+        for i, sink in enumerate(sinks):
+            if not sink.ev.wait(timeout):
+                raise TimeoutError(f"answer {i} was not done after {timeout} s")
+            if on_done is not None:
+                on_done(i)
+    finally:
+        eng.stop()
+    return [s.ids for s in sinks]
