@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 
 import pytest
 
 from exfilguard.errors import LedgerTampered
 from exfilguard.ledger import Window, merkle, open_ledger, verify_ledger
+from sqlkit import q
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -15,21 +15,6 @@ def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/ledger.db"
     return request.getfixturevalue("pg_url")
-
-
-def q(url: str, sql: str, params: tuple = ()) -> list:
-    """Run SQL as an attacker with database access would."""
-    if url.startswith("postgresql"):
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            cur = conn.execute(sql.replace("?", "%s"), params)
-            return cur.fetchall() if cur.description else []
-    conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def exhausted(url: str, cap: int = 400) -> None:

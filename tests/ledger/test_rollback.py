@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 
@@ -26,6 +25,8 @@ from exfilguard.ledger.checkpoint import (
 )
 from exfilguard.ledger.keys import sign_tree_head
 
+from sqlkit import q
+
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
 
 
@@ -40,20 +41,6 @@ def url(request, tmp_path):
 def keyfile(tmp_path):
     priv, _pub = generate_keypair(tmp_path / "meter.key")
     return priv
-
-
-def q(url: str, sql: str, params: tuple = ()) -> list:
-    if url.startswith("postgresql"):
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            cur = conn.execute(sql.replace("?", "%s"), params)
-            return cur.fetchall() if cur.description else []
-    conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def sign(led, key, bump: int = 0):
