@@ -30,6 +30,7 @@ class VerifyReport:
     state: LedgerState | None = None  # the accounting the log adds up to
     last_ts: int = 0  # the last entry's timestamp
     trusted_heads: int = 0  # heads kept outside the ledger that it was checked against
+    unchecked_heads: int = 0  # signed heads in the ledger not checked: no public key was given
 
     @property
     def ok(self) -> bool:
@@ -153,6 +154,7 @@ def _check_heads(
     n = len(leaves)
     if not public_keys:
         if heads:
+            rep.unchecked_heads = len(heads)
             rep.notes.append(f"{len(heads)} signed tree heads not checked: no public key given")
         else:
             rep.notes.append("no signed tree heads: the log is self-consistent but nobody vouches for it")
