@@ -67,6 +67,12 @@ def test_bad_min_block_and_settle_idle(tmp_path, upstream):
     assert out.returncode == 2 and "--settle-idle 0.0 must be a number of seconds" in out.stderr
 
 
+def test_bad_loop(tmp_path, upstream):
+    out = _meter(tmp_path, "--loop", "trio", upstream=upstream)
+    assert out.returncode == 2 and "--loop must be one of auto, asyncio, uvloop, not 'trio'" in out.stderr
+    assert not (tmp_path / "ledger.db").exists()  # refused before the ledger was opened
+
+
 def test_unreachable_postgres(tmp_path, upstream):
     out = _meter(tmp_path, upstream=upstream, ledger=f"postgresql://nobody@127.0.0.1:{free_port()}/x")
     assert out.returncode == 4

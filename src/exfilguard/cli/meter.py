@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
             None, "--publish-heads",
             help="Also publish every signed tree head outside the ledger: a DIR (one JSON file each), an http(s) URL (POST) or - (stdout).",
         ),
+        loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop if installed), asyncio or uvloop."),
         log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
     ) -> None:
         """Run the metered proxy: every byte from upstream to client is reserved in the ledger first."""
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
         import signal
 
         from exfilguard.meter import Meter, MeterConfig, parse_size, parse_window
+        from exfilguard.meter import loop as event_loop
 
         logging.basicConfig(
             level=getattr(logging, log_level.upper(), logging.INFO),
@@ -72,4 +74,4 @@ def register(app: typer.Typer) -> None:
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(m.stop()))
             await m.wait_closed()
 
-        asyncio.run(main())
+        event_loop.run(main(), loop)

@@ -23,6 +23,7 @@ from typing import Any
 from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable, UpstreamUnavailable
 from exfilguard.ledger.keys import load_private_key, sign_tree_head
 from exfilguard.ledger.store import Grant, Ledger, open_ledger
+from exfilguard.meter import loop as event_loop
 from exfilguard.meter.config import MeterConfig, parse_hostport
 from exfilguard.meter.metrics import MeterMetrics
 from exfilguard.meter.publish import parse_target
@@ -143,6 +144,7 @@ class Meter:
         self._stopped = asyncio.Event()
         self.bytes_out = 0
         self.bytes_in = 0
+        self.loop_name = ""
 
     def _open_ledger(self) -> Ledger:
         # The meter's state comes from the log, never from a summary row: replay it all now
@@ -160,6 +162,7 @@ class Meter:
     async def start(self) -> None:
         """Open the ledger, create or check the budget, check the upstream, start listening."""
         cfg = self.config
+        self.loop_name = event_loop.name()
         await self._worker.start()
         try:
             st = await self._worker.call(lambda led: led.ensure_budget(cfg.budget, cfg.cap, cfg.windows))
@@ -200,9 +203,9 @@ class Meter:
         if self._key is not None:
             self._tasks.append(asyncio.create_task(self._sign_loop()))
         log.info(
-            "meter %s listening on %s:%d -> upstream %s; budget %r cap %d, %d reserved, %d remaining; block %d; ledger %s",
+            "meter %s listening on %s:%d -> upstream %s; budget %r cap %d, %d reserved, %d remaining; block %d; ledger %s; %s",
             self.meter_id, *self.listen_address, cfg.upstream, cfg.budget, self.cap_bytes, self.reserved_bytes,
-            self.remaining_bytes, cfg.reserve_block, cfg.ledger.split("@")[-1],
+            self.remaining_bytes, cfg.reserve_block, cfg.ledger.split("@")[-1], self.loop_name,
         )
 
     async def wait_closed(self) -> None:
@@ -319,6 +322,7 @@ class Meter:
             "unforwarded_reserved_bytes": sum(c.holding()[1] for c in self._conns.values()),
             "ledger_error": self.down_reason or None,
             "meter": self.meter_id,
+            "loop": self.loop_name,
         }
 
     def _ledger_failed(self, exc: BaseException) -> None:
