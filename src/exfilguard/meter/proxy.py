@@ -9,6 +9,7 @@ proxy parses nothing in either stream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -64,11 +65,12 @@ class _Conn:
     It holds at most two open reservations it may still forward from: `cur` (being forwarded)
     and `nxt` (the next block, committing or committed while `cur` drains: pipelining). Blocks
     it drained completely wait in `spent` until the next ledger call of this connection settles
-    them; they hold no unforwarded byte.
+    them; they hold no unforwarded byte. Upstream bytes not yet written wait in `backlog`
+    (not counted: they have not left).
     """
 
     id: int
-    client: asyncio.StreamWriter
+    client: asyncio.Transport
     block: int = 0  # the size the next reservation asks for (adaptive)
     cur: _Res | None = None
     nxt: asyncio.Future[Grant] | None = None
@@ -76,13 +78,20 @@ class _Conn:
     cur_since: float = 0.0  # when cur became the block being forwarded (its drain rate)
     last_out: float = 0.0  # when the last byte was forwarded (idle settlement)
     settled: bool = True  # nothing forwarded since the connection last settled
-    busy: bool = False  # the pump waits for nxt; the settler keeps off
+    busy: bool = False  # the first block is awaited; the settler keeps off
     closing: bool = False
     bytes_out: int = 0
     bytes_in: int = 0
     reason: str = ""
-    upstream: asyncio.StreamWriter | None = None
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    upstream: asyncio.Transport | None = None
+    inbuf: list[bytes] = field(default_factory=list)  # client bytes read before the upstream connected
+    backlog: collections.deque[bytes | memoryview] = field(default_factory=collections.deque)
+    waiter: asyncio.Future[None] | None = None  # waits for the next block's commit; upstream paused
+    client_full: bool = False  # the client's write buffer is above WRITE_HIGH; upstream paused
+    up_paused: bool = False
+    upstream_done: bool = False  # the upstream closed; end once the backlog is out
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Future[None] | None = None  # set when the connection is to end (made at accept)
 
     @property
     def allowance(self) -> int:
@@ -171,7 +180,9 @@ class Meter:
                 await self._wait_upstream()
             host, port = parse_hostport(cfg.listen, "--listen")
             try:
-                self._server = await asyncio.start_server(self._handle, host, port, limit=READ_SIZE, backlog=512)
+                self._server = await asyncio.get_running_loop().create_server(
+                    lambda: _ClientSide(self), host, port, backlog=512
+                )
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
             self.listen_address = self._server.sockets[0].getsockname()[:2]
@@ -224,11 +235,12 @@ class Meter:
         conns = list(self._conns.values())
         for c in conns:
             c.reason = c.reason or "meter stopping"
-            for t in c.tasks:
-                t.cancel()
+            if c.task is not None and not c.closing:  # a closing one is settling: let it finish
+                c.task.cancel()
         for c in conns:
-            with contextlib.suppress(BaseException):
-                await asyncio.gather(*c.tasks, return_exceptions=True)
+            if c.task is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.gather(c.task, return_exceptions=True)
         # Let every connection handler settle (its pipelined block may still be committing): up to 5 s.
         for _ in range(500):
             if not self._conns:
@@ -337,9 +349,11 @@ class Meter:
                   "until the ledger can be written again: %s", exc)
         for c in list(self._conns.values()):
             c.reason = c.reason or "ledger unavailable"
-            c.client.transport.abort()
+            c.backlog.clear()
+            c.client.abort()
             if c.upstream is not None:
-                c.upstream.transport.abort()
+                c.upstream.abort()
+            self._end(c, "ledger unavailable")
 
     async def _health_loop(self) -> None:
         """Probe the ledger with a write every health_interval, up or down.
@@ -413,21 +427,33 @@ class Meter:
                 self.metrics.ledger_failures.inc()
                 log.error("could not publish signed tree head %d to %s: %s", sth.tree_size, self._publisher.target, exc)
 
-    # -- connections -------------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cfg = self.config
-        c = _Conn(next(self._ids), writer, block=cfg.first_block, last_out=time.monotonic())
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
+    # -- connections: protocols, no per-message task ----------------------------------------
+    # Each accepted connection is a pair of asyncio Protocols (client side, upstream side) and
+    # one task (_run) that opens the upstream and, at the end, settles. Forwarding happens in
+    # the protocols' callbacks: data from the upstream is written to the client at once when
+    # the current block covers it (or the next block has already committed); otherwise it
+    # waits in c.backlog, the upstream is paused, and one task waits for the commit.
+    def _accept(self, transport: asyncio.Transport) -> _Conn | None:
+        """A client connected: refuse it when the meter is not forwarding, else start its task."""
+        c = _Conn(next(self._ids), transport, block=self.config.first_block, last_out=time.monotonic())
+        c.done = asyncio.get_running_loop().create_future()
         if self.state not in ("ok", "exhausted"):
             self.metrics.denials.labels(reason=self.state).inc()
             log.warning("conn %d refused: %s%s", c.id, self.state, f" ({self.down_reason})" if self.down_reason else "")
-            writer.transport.abort()
-            return
+            transport.abort()
+            return None
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        transport.pause_reading()  # until the upstream is connected
         self._conns[c.id] = c
         self.metrics.open_connections.inc()
         if self._settler is None:
             self._settler = asyncio.create_task(self._settle_loop())
             self._tasks.append(self._settler)
+        c.task = asyncio.create_task(self._run(c))
+        return c
+
+    async def _run(self, c: _Conn) -> None:
+        cfg = self.config
         try:
             # The first (small) block commits while the upstream connection opens.
             self._ask(c, c.block)
@@ -435,21 +461,23 @@ class Meter:
                 # Wait for it (another meter may have released bytes, a window may have moved).
                 await self._next_block(c)
             host, port = parse_hostport(cfg.upstream, "--upstream")
+            loop = asyncio.get_running_loop()
             try:
-                ureader, uwriter = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, limit=READ_SIZE), cfg.upstream_connect_timeout
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: _UpstreamSide(self, c), host, port), cfg.upstream_connect_timeout
                 )
             except (OSError, asyncio.TimeoutError) as exc:
                 c.reason = f"upstream unreachable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
                 log.warning("conn %d: %s", c.id, c.reason)
                 return
-            c.upstream = uwriter
-            out = asyncio.create_task(self._pump_out(c, ureader, writer))
-            inn = asyncio.create_task(self._pump_in(c, reader, uwriter))
-            c.tasks = [out, inn]
-            await asyncio.wait([out], return_when=asyncio.FIRST_COMPLETED)
-            inn.cancel()
-            await asyncio.gather(out, inn, return_exceptions=True)
+            assert c.done is not None
+            if not c.done.done():
+                if c.inbuf and c.upstream is not None:
+                    data, c.inbuf = b"".join(c.inbuf), []
+                    c.upstream.write(data)
+                    self._count_in(c, len(data))
+                c.client.resume_reading()
+            await c.done
         except _Cut:
             pass
         except LEDGER_FAILURES as exc:
@@ -459,12 +487,24 @@ class Meter:
         finally:
             await self._finish(c)
 
+    def _count_in(self, c: _Conn, n: int) -> None:
+        c.bytes_in += n
+        self.bytes_in += n
+        self.metrics.bytes_in.inc(n)
+
+    def _end(self, c: _Conn, reason: str) -> None:
+        """The connection forwards no more: its task closes both sides and settles."""
+        c.reason = c.reason or reason
+        if c.done is not None and not c.done.done():
+            c.done.set_result(None)
+
     async def _finish(self, c: _Conn) -> None:
         c.closing = True
-        for w in (c.upstream, c.client):
-            if w is not None:
-                with contextlib.suppress(Exception):
-                    w.close()
+        if c.waiter is not None:
+            c.waiter.cancel()
+        for t in (c.upstream, c.client):
+            if t is not None:
+                t.close()  # what was written is flushed first
         if self.state != "ledger_down":
             try:
                 await self._settle_all(c, 0, "close")
@@ -472,14 +512,108 @@ class Meter:
                 self._ledger_failed(exc)
             except Exception as exc:  # noqa: BLE001
                 log.error("conn %d: settling its reservations failed: %s", c.id, exc)
-        for w in (c.upstream, c.client):
-            if w is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(w.wait_closed(), 1.0)
         self._conns.pop(c.id, None)
         self.metrics.open_connections.dec()
         log.info("conn %d closed: %d bytes out, %d bytes in%s", c.id, c.bytes_out, c.bytes_in,
                  f" ({c.reason})" if c.reason else "")
+
+    def _flow(self, c: _Conn) -> None:
+        """Read from the upstream only while the client keeps up and no block is awaited."""
+        up = c.upstream
+        if up is None or up.is_closing():
+            return
+        paused = c.client_full or c.waiter is not None
+        if paused != c.up_paused:
+            c.up_paused = paused
+            if paused:
+                up.pause_reading()
+            else:
+                up.resume_reading()
+
+    def _from_upstream(self, c: _Conn, data: bytes) -> None:
+        c.backlog.append(data)
+        if c.waiter is None and not c.client_full:
+            self._pump(c)
+
+    def _pump(self, c: _Conn) -> None:
+        """Upstream -> client, metered: write c.backlog out of committed blocks, in order.
+
+        Each write is at most READ_SIZE bytes and stops once the client's buffer is above its
+        high-water mark (resume_writing pumps again): what is counted but unsent stays within
+        WRITE_SLACK. When the current block is used up and the next has not committed yet, the
+        upstream is paused and _await_block waits for it.
+        """
+        q = c.backlog
+        out = self.metrics.bytes_out
+        try:
+            while q and not c.client_full:
+                if c.allowance == 0:
+                    fut = self._rotate(c)
+                    if not fut.done():
+                        c.waiter = asyncio.ensure_future(self._await_block(c, fut))
+                        self._flow(c)
+                        return
+                    self._take(c, fut, stalled=False)
+                cur = c.cur
+                assert cur is not None
+                if self.state == "ledger_down" or c.client.is_closing():
+                    q.clear()
+                    return
+                data = q[0]
+                n = min(cur.amount - cur.used, len(data), READ_SIZE)
+                if n == len(data):
+                    q.popleft()
+                else:
+                    view = memoryview(data)
+                    q[0], data = view[n:], view[:n]
+                # Counted as used the moment it is handed to the transport: never less than what left.
+                cur.used += n
+                c.bytes_out += n
+                self.bytes_out += n
+                out.inc(n)
+                c.settled = False
+                c.client.write(data)  # may call pause_writing (client_full) at once
+            c.last_out = time.monotonic()
+            if not q and c.upstream_done:
+                self._end(c, "upstream closed")
+        except _Cut:
+            self._end(c, c.reason)
+        except LEDGER_FAILURES as exc:
+            self._ledger_failed(exc)
+        except Exception as exc:  # noqa: BLE001 - this connection only
+            log.error("conn %d: forwarding failed: %s", c.id, exc)
+            self._end(c, f"error ({type(exc).__name__})")
+
+    async def _await_block(self, c: _Conn, fut: asyncio.Future[Grant]) -> None:
+        t0 = time.monotonic()
+        try:
+            # shield: a cancelled wait must not cancel a commit whose grant _finish still has to release.
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            return
+        except Exception:  # noqa: BLE001 - _take raises it below
+            pass
+        finally:
+            self.metrics.block_wait.inc(time.monotonic() - t0)
+            c.waiter = None
+        if c.closing:
+            return
+        try:
+            if c.nxt is not fut:  # settled meanwhile (cannot happen while waiting: the settler keeps off)
+                raise LedgerUnavailable(f"conn {c.id}: the awaited block was taken by another settlement")
+            self._take(c, fut, stalled=True)
+        except _Cut:
+            self._end(c, c.reason)
+            return
+        except LEDGER_FAILURES as exc:
+            self._ledger_failed(exc)
+            return
+        except Exception as exc:  # noqa: BLE001
+            log.error("conn %d: reservation failed: %s", c.id, exc)
+            self._end(c, f"error ({type(exc).__name__})")
+            return
+        self._flow(c)
+        self._pump(c)
 
     # -- reservations: adaptive, pipelined, settled at rest ------------------------------
     def _ask(self, c: _Conn, want: int, releases: list[tuple[int, int]] | None = None) -> asyncio.Future[Grant]:
@@ -523,31 +657,28 @@ class Meter:
         want = min(int(rate * horizon), GROW_MAX * max(c.block, cur.amount), cfg.reserve_block)
         return max(cfg.first_block, want)
 
-    async def _next_block(self, c: _Conn) -> None:
-        """Make the next committed reservation the connection's current block (waiting for its
-        commit only when the pipelined one is not done yet); raise _Cut when the budget denies it."""
+    def _rotate(self, c: _Conn) -> asyncio.Future[Grant]:
+        """The current block is used up (or there is none): size the block after next by the
+        drained one's rate, leave the drained one to be settled with the next call, and return
+        the next block's commit (asking for it if none is in flight)."""
         if self.state == "ledger_down":
             raise LedgerUnavailable(self.down_reason or "ledger unavailable")
-        if c.cur is not None:  # drained: size the block after next by its drain rate; settle it with the next call
+        if c.cur is not None:
             c.block = self._next_size(c, time.monotonic())
             c.spent.append(c.cur)
             c.cur = None
-        fut = c.nxt if c.nxt is not None else self._ask(c, c.block)
-        c.busy = True
-        t0 = time.monotonic()
-        stalled = not fut.done()
-        try:
-            # shield: a cancelled pump must not cancel a commit whose grant _finish still has to release.
-            g = fut.result() if fut.done() else await asyncio.shield(fut)
-        finally:
-            c.busy = False
-            self.metrics.block_wait.inc(time.monotonic() - t0)
+        return c.nxt if c.nxt is not None else self._ask(c, c.block)
+
+    def _take(self, c: _Conn, fut: asyncio.Future[Grant], stalled: bool) -> None:
+        """Make the committed `fut` the block being forwarded and ask for the next (pipelining);
+        raise _Cut when the budget denied it, the ledger's error when the commit failed."""
         if stalled:  # the block drained before the next one committed: too small for this ledger, grow faster
             c.block = min(self.config.reserve_block, GROW_MAX * c.block)
         if c.nxt is fut:
             c.nxt = None
         if self.state == "ledger_down":  # another connection saw the ledger fail meanwhile
             raise LedgerUnavailable(self.down_reason)
+        g = fut.result()
         if g.granted <= 0:
             c.reason = f"budget exhausted ({g.reason})"
             self.metrics.denials.labels(reason=g.reason.split(":")[0] or "cap").inc()
@@ -556,8 +687,25 @@ class Meter:
         assert g.res is not None
         c.cur = _Res(g.res, g.granted)
         c.cur_since = time.monotonic()
-        # Pipelining: the next block commits while this one is forwarded.
         self._ask(c, c.block)
+
+    async def _next_block(self, c: _Conn) -> None:
+        """Wait for the next committed block and make it current (the first block of a
+        connection when the budget is exhausted at accept); raise _Cut when it is denied."""
+        fut = self._rotate(c)
+        stalled = not fut.done()
+        if stalled:
+            t0 = time.monotonic()
+            c.busy = True
+            try:
+                # shield: a cancelled wait must not cancel a commit whose grant _finish still has to release.
+                await asyncio.shield(fut)
+            except Exception:  # noqa: BLE001 - _take raises it
+                pass
+            finally:
+                c.busy = False
+                self.metrics.block_wait.inc(time.monotonic() - t0)
+        self._take(c, fut, stalled)
 
     async def _settle_all(self, c: _Conn, want: int, reason: str) -> Grant | None:
         """Settle every reservation the connection holds at what it forwarded; with want > 0
@@ -600,67 +748,11 @@ class Meter:
                 continue
             now = time.monotonic()
             for c in list(self._conns.values()):
-                if c.settled or c.busy or c.closing or now - c.last_out < idle:
+                if c.settled or c.busy or c.waiter is not None or c.backlog or c.closing or now - c.last_out < idle:
                     continue
                 if c.nxt is not None and not c.nxt.done():
                     continue  # a commit for it is in flight; look again next round
                 self._settle_idle(c)
-
-    async def _pump_out(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Upstream -> client, metered: each byte is written only out of a committed reservation."""
-        bytes_out = self.metrics.bytes_out
-        try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    c.reason = c.reason or "upstream closed"
-                    return
-                size = len(data)
-                off = 0
-                while off < size:
-                    if c.allowance == 0:
-                        await self._next_block(c)
-                    cur = c.cur
-                    assert cur is not None
-                    n = min(cur.amount - cur.used, size - off)
-                    if self.state == "ledger_down" or writer.transport.is_closing():
-                        return
-                    writer.write(data if n == size else memoryview(data)[off : off + n])
-                    # Counted as used the moment it is handed to the transport: never less than what left.
-                    cur.used += n
-                    c.bytes_out += n
-                    self.bytes_out += n
-                    bytes_out.inc(n)
-                    c.settled = False
-                    off += n
-                c.last_out = time.monotonic()
-                await writer.drain()
-        except _Cut:
-            return
-        except LEDGER_FAILURES as exc:
-            self._ledger_failed(exc)
-        except (ConnectionError, OSError) as exc:
-            c.reason = c.reason or f"client gone ({type(exc).__name__})"
-        finally:
-            c.closing = True  # forwards no more: the settler must not reserve for it again
-
-    async def _pump_in(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Client -> upstream: counted and logged, not capped."""
-        try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    if writer.can_write_eof():
-                        with contextlib.suppress(OSError):
-                            writer.write_eof()
-                    return
-                writer.write(data)
-                c.bytes_in += len(data)
-                self.bytes_in += len(data)
-                self.metrics.bytes_in.inc(len(data))
-                await writer.drain()
-        except (ConnectionError, OSError):
-            return
 
     # -- metrics and status endpoint ---------------------------------------------------
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -685,6 +777,89 @@ class Meter:
             pass
         finally:
             writer.close()
+
+
+class _ClientSide(asyncio.Protocol):
+    """The outside's connection: its bytes go to the upstream (counted, not capped)."""
+
+    def __init__(self, meter: Meter):
+        self.meter = meter
+        self.c: _Conn | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.c = self.meter._accept(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        c = self.c
+        if c is None:
+            return
+        if c.upstream is None:  # reading is paused until it connects; keep anything already read
+            c.inbuf.append(data)
+            return
+        c.upstream.write(data)
+        self.meter._count_in(c, len(data))
+
+    def eof_received(self) -> bool:
+        c = self.c
+        if c is not None and c.upstream is not None and c.upstream.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                c.upstream.write_eof()
+        return True  # half-closed: the answer may still come back
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.c is not None:
+            self.meter._end(self.c, f"client gone ({type(exc).__name__})" if exc else "client closed")
+
+    def pause_writing(self) -> None:
+        if self.c is not None:
+            self.c.client_full = True
+            self.meter._flow(self.c)
+
+    def resume_writing(self) -> None:
+        c = self.c
+        if c is not None:
+            c.client_full = False
+            if c.waiter is None:
+                self.meter._pump(c)
+            self.meter._flow(c)
+
+
+class _UpstreamSide(asyncio.Protocol):
+    """The meter's connection to the inside: its bytes are forwarded only out of reservations."""
+
+    def __init__(self, meter: Meter, c: _Conn):
+        self.meter = meter
+        self.c = c
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.c.upstream = transport  # type: ignore[assignment]
+        if self.c.done is None or self.c.done.done():
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.meter._from_upstream(self.c, data)
+
+    def eof_received(self) -> bool:
+        self._done()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.c.reason = self.c.reason or f"upstream error ({type(exc).__name__})"
+        self._done()
+
+    def _done(self) -> None:
+        c = self.c
+        c.upstream_done = True
+        if not c.backlog:
+            self.meter._end(c, "upstream closed")  # else _pump ends it once the backlog is out
+
+    def pause_writing(self) -> None:
+        self.c.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.c.closing:
+            self.c.client.resume_reading()
 
 
 async def run_meter(config: MeterConfig, ready: asyncio.Event | None = None, meter_out: list[Meter] | None = None) -> None:
