@@ -5,6 +5,11 @@ Every write is one transaction that first locks the single ``ledger_head`` row, 
 log gets gap-free sequence numbers and a debit is decided and recorded atomically: never
 check-then-write. The debit itself is also a conditional UPDATE guarded by a CHECK constraint
 (``reserved_bytes <= cap_bytes``), so even a wrong grant could not be committed.
+
+A meter follows the log (``follow_log``): it decides on the replayed totals and sends its
+writes at the end of the transaction, each guarded by what the log says the row holds
+(``WHERE reserved_bytes = <replayed>``, ...), in one PostgreSQL pipeline; a changed row matches
+nothing and the transaction is rolled back with LedgerTampered before anything is granted.
 """
 
 from __future__ import annotations
