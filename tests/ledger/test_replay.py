@@ -116,3 +116,53 @@ def test_changed_entry_refused(url):
     q(url, "UPDATE events SET entry = ? WHERE seq = 1", (bytes(e).replace(b'"amount":400', b'"amount":40'),))
     with pytest.raises(LedgerTampered, match="entry"):
         open_ledger(url).follow_log()
+
+
+def _head_and_rows(url: str) -> tuple:
+    return (q(url, "SELECT tree_size FROM ledger_head")[0][0], q(url, "SELECT id, used FROM reservations ORDER BY id"))
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE budgets SET reserved_bytes = 0, outstanding_bytes = 0",  # lend again what already left
+    "UPDATE budgets SET reserved_bytes = reserved_bytes - 100",
+    "UPDATE budgets SET outstanding_bytes = 0",
+    "UPDATE budgets SET cap_bytes = 5000",
+    "UPDATE budgets SET windows = '[]'",
+])
+@pytest.mark.parametrize("op", ["reserve", "settle"])
+def test_changed_budget_row_between_grants_refused(url, tamper, op):
+    """The writes decided on the replayed log are guarded by it: a changed row aborts, nothing is granted."""
+    led = open_ledger(url)
+    led.ensure_budget("b", 1000, [Window(3600, 900)])
+    led.follow_log()
+    g = led.reserve("b", 400, "m", 1)
+    q(url, tamper)
+    before = _head_and_rows(url)
+    call = ("reserve", ("b", 300, "m", 2)) if op == "reserve" else ("settle", ([(g.res, 400)], "b", 300, "m", 2))
+    with pytest.raises(LedgerTampered, match="budget 'b' row"):
+        led.batch([call])
+    assert _head_and_rows(url) == before  # rolled back: no event, no reservation, no settlement
+    with pytest.raises(LedgerTampered):  # and it stays refused
+        led.reserve("b", 1, "m", 3)
+    led.close()
+
+
+@pytest.mark.parametrize("tamper, why", [
+    ("UPDATE reservations SET amount = 1000 WHERE id = {r}", "row changed"),  # settle more than was debited
+    ("UPDATE reservations SET used = 0 WHERE id = {r}", "row changed"),
+    ("UPDATE reservations SET budget = 'x' WHERE id = {r}", "row changed"),
+    ("DELETE FROM reservations WHERE id = {r}", "row deleted"),
+])
+@pytest.mark.parametrize("several", [False, True])
+def test_changed_reservation_row_refused_at_settlement(url, tamper, why, several):
+    led = open_ledger(url)
+    led.ensure_budget("b", 1000)
+    led.follow_log()
+    g1, g2 = led.reserve("b", 300, "m", 1), led.reserve("b", 300, "m", 2)
+    q(url, tamper.format(r=g2.res))
+    before = _head_and_rows(url)
+    releases = [(g1.res, 100), (g2.res, 100)] if several else [(g2.res, 100)]
+    with pytest.raises(LedgerTampered, match=f"reservation {g2.res} .*{why}"):
+        led.batch([("settle", (releases, "b", 300, "m", 3))])
+    assert _head_and_rows(url) == before
+    led.close()

@@ -65,6 +65,9 @@ class PostgresLedger(Ledger):
             "(extract(epoch from clock_timestamp()) * 1000000)::bigint FROM ledger_head WHERE id = 1 FOR UPDATE"
         )
 
+    def _pipeline(self) -> Any:
+        return self._conn.pipeline()
+
     def _lock_row(self) -> str:
         return " FOR UPDATE"
 

@@ -5,6 +5,11 @@ Every write is one transaction that first locks the single ``ledger_head`` row, 
 log gets gap-free sequence numbers and a debit is decided and recorded atomically: never
 check-then-write. The debit itself is also a conditional UPDATE guarded by a CHECK constraint
 (``reserved_bytes <= cap_bytes``), so even a wrong grant could not be committed.
+
+A meter follows the log (``follow_log``): it decides on the replayed totals and sends its
+writes at the end of the transaction, each guarded by what the log says the row holds
+(``WHERE reserved_bytes = <replayed>``, ...), in one PostgreSQL pipeline; a changed row matches
+nothing and the transaction is rolled back with LedgerTampered before anything is granted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from urllib.parse import urlparse
 from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import merkle
 from exfilguard.ledger.events import GENESIS_PREV, decode_event, encode_event
-from exfilguard.ledger.replay import LedgerState, budget_row_problems, reservation_row_problems
+from exfilguard.ledger.replay import BudgetState, LedgerState, budget_row_problems, reservation_row_problems
 from exfilguard.ledger.keys import TreeHead
 
 SCHEMA_VERSION = "1"
@@ -131,6 +136,21 @@ class _Head:
     now: int
 
 
+@dataclass
+class _Pending:
+    """The writes of one transaction on a followed ledger, sent together just before its commit.
+
+    Every row written is guarded by what the replayed log says it holds, so a changed row
+    makes its statement match nothing; the rowcounts are checked before the commit.
+    """
+
+    events: list[tuple[int, bytes]] = field(default_factory=list)
+    reservations: list[tuple[int, str, int, int]] = field(default_factory=list)  # id, budget, ts, amount
+    settled: list[tuple[int, int, str, int]] = field(default_factory=list)  # used, id, budget, amount
+    # budget -> (cap, reserved, outstanding, windows json) the log says its row held at first touch
+    budgets: dict[str, tuple[int, int, int, str]] = field(default_factory=dict)
+
+
 def windows_to_json(windows: Sequence[Window]) -> str:
     return json.dumps(sorted([w.seconds, w.limit] for w in windows), separators=(",", ":"))
 
@@ -153,6 +173,7 @@ class Ledger:
     _state: LedgerState | None = None
     _state_stale: bool = False
     _frontier: list[bytes]  # set by follow_log
+    _pending: _Pending | None = None  # the open transaction's deferred writes, when following the log
     _trusted: dict[int, bytes]  # set by follow_log
     _last_leaf: bytes = b""
 
@@ -177,6 +198,10 @@ class Ledger:
 
     def _sql(self, sql: str) -> str:
         return sql
+
+    def _pipeline(self) -> contextlib.AbstractContextManager[Any]:
+        """Send the statements inside without waiting for each answer (PostgreSQL); errors surface at exit."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         raise NotImplementedError
@@ -204,13 +229,18 @@ class Ledger:
                 )
                 if self._state is not None:
                     self._catch_up(cur, head)
+                    self._pending = _Pending()
                 start_size = head.tree_size
                 result = body(cur, head)
-                if head.tree_size != start_size:
-                    cur.execute(
-                        self._sql("UPDATE ledger_head SET tree_size = ?, frontier = ?, last_ts = ?, last_leaf = ? WHERE id = 1"),
-                        (head.tree_size, b"".join(head.frontier), head.last_ts, head.last_leaf),
-                    )
+                if head.tree_size != start_size or (self._pending is not None and self._pending.budgets):
+                    # one round trip for all of it; each guarded write's rowcount is checked after
+                    with self._pipeline():
+                        checks = self._flush(cur)
+                        cur.execute(
+                            self._sql("UPDATE ledger_head SET tree_size = ?, frontier = ?, last_ts = ?, last_leaf = ? WHERE id = 1"),
+                            (head.tree_size, b"".join(head.frontier), head.last_ts, head.last_leaf),
+                        )
+                    self._check_flushed(cur, checks)
                 self._commit()
                 return result
             except BaseException:
@@ -221,9 +251,77 @@ class Ledger:
                 except Exception:
                     pass
                 raise
+            finally:
+                self._pending = None
         except self._errors() as exc:
             self._broken()
             raise LedgerUnavailable(f"ledger {self.url} cannot be written: {_one_line(exc)}") from None
+
+    def _flush(self, cur: Any) -> list[tuple[Any, Any, int]]:
+        """Send the transaction's deferred writes; return (what, cursor, rowcount wanted) to check."""
+        p = self._pending
+        if p is None:
+            return []
+        if p.events:
+            cur.executemany(self._sql("INSERT INTO events (seq, entry) VALUES (?, ?)"), p.events)
+        if p.reservations:
+            cur.executemany(
+                self._sql("INSERT INTO reservations (id, budget, ts, amount, used) VALUES (?, ?, ?, ?, NULL)"), p.reservations
+            )
+        checks: list[tuple[Any, Any, int]] = []
+        if p.settled:
+            # one cursor per checked statement: in pipeline mode a cursor keeps only its last result
+            c = cur.connection.cursor()
+            c.executemany(
+                self._sql("UPDATE reservations SET used = ? WHERE id = ? AND budget = ? AND amount = ? AND used IS NULL"),
+                p.settled,
+            )
+            checks.append((None, c, len(p.settled)))
+        assert self._state is not None
+        for name, (cap, reserved, outstanding, wjson) in p.budgets.items():
+            b = self._state.budgets[name]
+            c = cur.connection.cursor()
+            c.execute(
+                self._sql(
+                    "UPDATE budgets SET reserved_bytes = ?, outstanding_bytes = ? WHERE name = ? AND cap_bytes = ? "
+                    "AND reserved_bytes = ? AND outstanding_bytes = ? AND windows = ?"
+                ),
+                (b.reserved, b.outstanding, name, cap, reserved, outstanding, wjson),
+            )
+            checks.append((name, c, 1))
+        return checks
+
+    def _check_flushed(self, cur: Any, checks: list[tuple[Any, Any, int]]) -> None:
+        """Raise LedgerTampered unless every guarded write matched its row: a changed row matches nothing."""
+        p = self._pending
+        for name, c, want in checks:
+            if c.rowcount == want:
+                continue
+            assert p is not None
+            if name is None:  # which reservation? (the ones that matched hold their new `used` now)
+                for used, res, budget, amount in p.settled:
+                    row = cur.execute(self._sql("SELECT budget, amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
+                    if row is None:
+                        raise self._tampered(f"reservation {res} is in the log but not in the reservations table (row deleted)")
+                    if (row[0], int(row[1]), row[2]) != (budget, amount, used):
+                        raise self._tampered(f"reservation {res} row differs from the log (row changed)")
+                raise self._tampered("a reservations row differs from the log (row changed)")
+            cap, reserved, outstanding, wjson = p.budgets[name]
+            row = cur.execute(
+                self._sql("SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets WHERE name = ?"), (name,)
+            ).fetchone()
+            was = LedgerState(budgets={name: BudgetState(cap, [tuple(w) for w in json.loads(wjson)], reserved, outstanding)})
+            rows = [] if row is None else [(row[0], int(row[1]), int(row[2]), int(row[3]), row[4])]
+            probs = budget_row_problems(was, rows, [name])
+            raise self._tampered(probs[0] if probs else f"budget {name!r} row's windows are not as the log wrote them (row changed)")
+
+    def _touch(self, name: str, b: BudgetState) -> None:
+        """Guard the budget's row by what the log says it holds now (once per transaction)."""
+        p = self._pending
+        assert p is not None
+        if name not in p.budgets:
+            wjson = windows_to_json([Window(s, n) for s, n in b.windows])
+            p.budgets[name] = (b.cap, b.reserved, b.outstanding, wjson)
 
     def _broken(self) -> None:
         """Forget a connection that failed; the next call reconnects."""
@@ -233,7 +331,10 @@ class Ledger:
         event = {"v": 1, "seq": seq, "ts": head.now, "kind": kind, "prev": head.last_leaf.hex() if seq else GENESIS_PREV}
         event.update(fields)
         entry = encode_event(event)
-        cur.execute(self._sql("INSERT INTO events (seq, entry) VALUES (?, ?)"), (seq, entry))
+        if self._pending is not None:
+            self._pending.events.append((seq, entry))
+        else:
+            cur.execute(self._sql("INSERT INTO events (seq, entry) VALUES (?, ?)"), (seq, entry))
         lh = merkle.leaf_hash(entry)
         head.frontier = merkle.frontier_append(head.frontier, seq, lh)
         head.tree_size = seq + 1
@@ -426,6 +527,10 @@ class Ledger:
     def _reserve(self, cur: Any, head: _Head, budget: str, want: int, meter: str, conn: int) -> Grant:
         if want <= 0:
             raise ValueError("a reservation is for a positive number of bytes")
+        b = self._state.budgets.get(budget) if self._pending is not None and self._state is not None else None
+        if b is not None:
+            return self._reserve_followed(head, b, budget, want, meter, conn)
+        # Not following the log, or a budget the log does not have (which the row check refuses).
         row = cur.execute(
             self._sql("SELECT cap_bytes, reserved_bytes, windows, outstanding_bytes FROM budgets WHERE name = ?" + self._lock_row()),
             (budget,),
@@ -467,6 +572,24 @@ class Ledger:
         )
         return Grant(seq, grant, after, cap - after, reason)
 
+    def _reserve_followed(self, head: _Head, b: BudgetState, budget: str, want: int, meter: str, conn: int) -> Grant:
+        """_reserve decided on the replayed log; the row is checked against it when the writes are flushed."""
+        assert self._state is not None and self._pending is not None
+        self._touch(budget, b)  # a denial checks the row too
+        cap, reserved = b.cap, b.reserved
+        grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
+        for (secs, limit), used in zip(b.windows, self._state.window_used(budget, head.now)):
+            room = max(0, limit - used)
+            if room < grant:
+                grant, reason = room, f"window:{secs}s"
+        if grant <= 0:
+            self._append(None, head, "deny", budget=budget, meter=meter, conn=conn, reason=reason)
+            return Grant(None, 0, reserved, cap - reserved, reason)
+        after = reserved + grant
+        seq = self._append(None, head, "reserve", budget=budget, meter=meter, conn=conn, amount=grant, reserved=after)
+        self._pending.reservations.append((seq, budget, head.now, grant))
+        return Grant(seq, grant, after, cap - after, reason)
+
     def _window_usage(self, cur: Any, budget: str, since: int) -> int:
         row = cur.execute(
             self._sql("SELECT COALESCE(SUM(COALESCE(used, amount)), 0) FROM reservations WHERE budget = ? AND ts > ?"),
@@ -482,6 +605,13 @@ class Ledger:
         return self._write(lambda cur, head: self._release(cur, head, res, used, meter))
 
     def _release(self, cur: Any, head: _Head, res: int, used: int, meter: str) -> int:
+        if self._pending is not None and self._state is not None:
+            r = self._state.reservations.get(res)
+            b = None if r is None or r.used is not None else self._state.budgets.get(r.budget)
+            if r is not None and b is not None:
+                return self._release_followed(head, b, r, res, used, meter)
+        # Not following the log, or a reservation the log does not have open: the row says why
+        # (with a replayed log this path raises before it writes).
         row = cur.execute(self._sql("SELECT budget, amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
         if row is None:
             if self._state is not None and res in self._state.reservations:
@@ -508,6 +638,18 @@ class Ledger:
         self._append(cur, head, "release", budget=budget, meter=meter, res=res, used=used, returned=back, reserved=after)
         return back
 
+    def _release_followed(self, head: _Head, b: BudgetState, r: Any, res: int, used: int, meter: str) -> int:
+        """_release decided on the replayed log; its rows are checked against it when the writes are flushed."""
+        assert self._pending is not None
+        if not 0 <= used <= r.amount:
+            raise ValueError(f"reservation {res} of {r.amount} bytes cannot settle at {used}")
+        self._touch(r.budget, b)
+        back = r.amount - used
+        self._pending.settled.append((used, res, r.budget, r.amount))
+        self._append(None, head, "release", budget=r.budget, meter=meter, res=res, used=used, returned=back,
+                     reserved=b.reserved - back)
+        return back
+
     def settle(
         self, releases: Sequence[tuple[int, int]], budget: str, want: int = 0, meter: str = "", conn: int = 0
     ) -> Grant:
@@ -524,14 +666,22 @@ class Ledger:
         # untouched (a single release validates itself before it writes).
         if len({res for res, _ in releases}) != len(releases):
             raise ValueError("a reservation appears twice in one settlement")
+        st = self._state if self._pending is not None else None
         for res, used in releases if len(releases) > 1 else ():
-            row = cur.execute(self._sql("SELECT amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
+            r = None if st is None else st.reservations.get(res)
+            if r is not None:  # the log says; its row is checked when it is written
+                row = (r.amount, r.used)
+            else:
+                row = cur.execute(self._sql("SELECT amount, used FROM reservations WHERE id = ?"), (res,)).fetchone()
             if row is None or row[1] is not None or not 0 <= used <= int(row[0]):
                 raise ValueError(f"reservation {res} cannot settle at {used} bytes")
         for res, used in releases:
             self._release(cur, head, res, used, meter)
         if want > 0:
             return self._reserve(cur, head, budget, want, meter, conn)
+        b = None if st is None else st.budgets.get(budget)
+        if b is not None:
+            return Grant(None, 0, b.reserved, b.cap - b.reserved, "")
         row = cur.execute(self._sql("SELECT cap_bytes, reserved_bytes FROM budgets WHERE name = ?"), (budget,)).fetchone()
         if row is None:
             raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
