@@ -151,6 +151,57 @@ async def paced(port: int, conns: int, rate: float, seconds: float, size: int, w
     return out
 
 
+async def interleaved(ports: dict[str, int], conns: int, rate: float, slot: float, slots: int, size: int,
+                      warmup: float) -> dict[str, list[list[float]]]:
+    """Latency (s) of answers requested at `rate` msgs/s over `conns` persistent connections per
+    path, the paths taking turns in `slot`-second slots (direct, meter, direct, ...), measured from
+    each answer's scheduled send time; per path, one list per slot after `warmup` seconds.
+
+    Taking turns every fraction of a second puts both paths under the same conditions: on a
+    shared VM the CPU steal changes by the second and moves a 99th percentile more than the
+    meter does."""
+    opened = {name: [await asyncio.open_connection("127.0.0.1", port) for _ in range(conns)] for name, port in ports.items()}
+    for pairs in opened.values():  # each connection's first answer (the meter's first block)
+        for r, w in pairs:
+            w.write(b"?")
+        for r, w in pairs:
+            await r.readexactly(size)
+    out: dict[str, list[list[float]]] = {name: [] for name in ports}
+    period = conns / rate
+    rng = random.Random(1)
+    names = list(ports)
+    t_start = time.perf_counter()
+    for k in range(slots):
+        name = names[k % len(names)]
+        lat: list[float] = []
+        t0 = time.perf_counter() + 0.005
+
+        async def one(r, w, phase: float) -> None:
+            i = 0
+            while (due := t0 + phase + i * period) < t0 + slot:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                w.write(b"?")
+                await r.readexactly(size)
+                lat.append(time.perf_counter() - due)
+                i += 1
+
+        await asyncio.gather(*[one(r, w, rng.uniform(0, period)) for r, w in opened[name]])
+        if t0 - t_start >= warmup:
+            out[name].append(lat)
+    for pairs in opened.values():
+        for _, w in pairs:
+            w.close()
+    return out
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests so far (all CPUs, /proc/stat), in seconds."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads) so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -250,35 +301,33 @@ def bench_small(args, ledgers, pport, tmp, block_args) -> list[dict]:
             cpu0, b0 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
             rate = run(closed_loop(port, conns, args.seconds, args.chunk))
             cpu1, b1 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
-            # Paced rounds, direct right before each meter round: a shared machine's load changes
-            # by the second, so one round of each says little about a 99th percentile.
-            d_p99, m_p99, d_p50, m_p50 = [], [], [], []
-            w0 = metric(mport, "exfilguard_meter_block_wait_seconds_total")
-            for _ in range(args.rounds):
-                d_lat = run(paced(pport, conns, args.rate, args.seconds, args.chunk, args.warmup))
-                lat = run(paced(port, conns, args.rate, args.seconds, args.chunk, args.warmup))
-                d_p99.append(pct(d_lat, 99) * 1e3)
-                m_p99.append(pct(lat, 99) * 1e3)
-                d_p50.append(pct(d_lat, 50) * 1e3)
-                m_p50.append(pct(lat, 50) * 1e3)
-            w1 = metric(mport, "exfilguard_meter_block_wait_seconds_total")
+            w0, st0, t0 = metric(mport, "exfilguard_meter_block_wait_seconds_total"), steal_seconds(), time.perf_counter()
+            slots = 2 * max(1, round(args.seconds * args.rounds / (2 * args.slot)))
+            lat = run(interleaved({"direct": pport, "meter": port}, conns, args.rate, args.slot, slots + 2, args.chunk, args.warmup))
+            w1, steal = metric(mport, "exfilguard_meter_block_wait_seconds_total"), (steal_seconds() - st0) / (time.perf_counter() - t0)
         finally:
             stop_meter(meter)
-        added = sorted(m - d for m, d in zip(m_p99, d_p99))
+        d_all = [x for sl in lat["direct"] for x in sl]
+        m_all = [x for sl in lat["meter"] for x in sl]
+        # Per pair of neighbouring slots (same conditions): meter p99 - direct p99.
+        pair_added = sorted((pct(m, 99) - pct(d, 99)) * 1e3 for d, m in zip(lat["direct"], lat["meter"]) if d and m)
         rows.append({
             "ledger": name, "conns": conns, "size": args.chunk, "direct_msgs_s": d_rate, "meter_msgs_s": rate,
-            "paced_rate": args.rate, "rounds": args.rounds,
-            "direct_p50_ms": statistics.median(d_p50), "direct_p99_ms": statistics.median(d_p99),
-            "meter_p50_ms": statistics.median(m_p50), "meter_p99_ms": statistics.median(m_p99),
-            "added_p50_ms": statistics.median(m - d for m, d in zip(m_p50, d_p50)),
-            "added_p99_ms": statistics.median(added), "added_p99_ms_rounds": added,
+            "paced_rate": args.rate, "slot_s": args.slot, "slots_per_path": len(lat["meter"]), "answers_per_path": len(m_all),
+            "direct_p50_ms": pct(d_all, 50) * 1e3, "direct_p99_ms": pct(d_all, 99) * 1e3,
+            "meter_p50_ms": pct(m_all, 50) * 1e3, "meter_p99_ms": pct(m_all, 99) * 1e3,
+            "added_p50_ms": (pct(m_all, 50) - pct(d_all, 50)) * 1e3, "added_p99_ms": (pct(m_all, 99) - pct(d_all, 99)) * 1e3,
+            "added_p99_ms_slot_pairs_median": statistics.median(pair_added),
             "meter_cpu_us_per_msg": (cpu1 - cpu0) / max(1, (b1 - b0) / args.chunk) * 1e6,
-            "paced_block_wait_s": w1 - w0,
+            "paced_block_wait_s": w1 - w0, "cpu_steal_share": steal / (os.cpu_count() or 1),
         })
-        print(f"small {name}: {rate:.0f} msgs/s (direct {d_rate:.0f}), meter CPU {rows[-1]['meter_cpu_us_per_msg']:.0f} us/msg; "
-              f"paced {args.rate:g}/s, {args.rounds} rounds: p99 {' '.join(f'{x:.2f}' for x in m_p99)} ms "
-              f"(direct {' '.join(f'{x:.2f}' for x in d_p99)}), added p99 median {statistics.median(added):.2f} ms; "
-              f"waited for blocks {w1 - w0:.2f} s in all", flush=True)
+        r = rows[-1]
+        print(f"small {name}: {rate:.0f} msgs/s (direct {d_rate:.0f}), meter CPU {r['meter_cpu_us_per_msg']:.0f} us/msg; "
+              f"paced {args.rate:g}/s, paths taking turns every {args.slot:g} s ({r['answers_per_path']} answers each): "
+              f"p50 / p99 meter {r['meter_p50_ms']:.2f} / {r['meter_p99_ms']:.2f} ms, direct {r['direct_p50_ms']:.2f} / "
+              f"{r['direct_p99_ms']:.2f} ms, added p99 {r['added_p99_ms']:.2f} ms (median over slot pairs "
+              f"{r['added_p99_ms_slot_pairs_median']:.2f}); waited for blocks {w1 - w0:.2f} s; CPU steal "
+              f"{100 * r['cpu_steal_share']:.0f}%", flush=True)
     return rows
 
 
@@ -365,7 +414,8 @@ def main() -> None:
     ap.add_argument("--min-block", default=None, help="--min-block for every meter (default: the meter's)")
     ap.add_argument("--chunk", type=int, default=1000, help="small: answer size in bytes")
     ap.add_argument("--rate", type=float, default=5000, help="small: paced messages/s over all 50 connections")
-    ap.add_argument("--rounds", type=int, default=3, help="small: paced rounds (direct, then meter); medians reported")
+    ap.add_argument("--rounds", type=int, default=3, help="small: paced seconds = --seconds x --rounds per path")
+    ap.add_argument("--slot", type=float, default=0.5, help="small: seconds per turn of each path (direct, meter, ...)")
     ap.add_argument("--race-cap", type=int, default=200_000_003)
     ap.add_argument("--rest-conns", type=int, default=3)
     ap.add_argument("--rest-answers", type=int, default=3)
@@ -440,12 +490,12 @@ def main() -> None:
                   f"{r['whole_run_ratio']:.2f} | {r['commits']} | {r['commit_mean_ms']:.1f} |")
     if "small" in out:
         print(f"\n| ledger | {args.chunk} B answers, 50 conns: direct msgs/s | meter msgs/s | paced rate | "
-              "direct p50 / p99 ms | meter p50 / p99 ms | added p99 ms (median of rounds) |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+              "direct p50 / p99 ms | meter p50 / p99 ms | added p99 ms | CPU steal |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in out["small"]:
             print(f"| {r['ledger']} | {r['direct_msgs_s']:.0f} | {r['meter_msgs_s']:.0f} | {r['paced_rate']:.0f} | "
                   f"{r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | {r['meter_p50_ms']:.2f} / {r['meter_p99_ms']:.2f} | "
-                  f"{r['added_p99_ms']:.2f} |")
+                  f"{r['added_p99_ms']:.2f} | {100 * r['cpu_steal_share']:.0f}% |")
     if "rest" in out:
         print("\n| ledger | open conns | bytes received | ledger used | ledger forwarded | ledger outstanding | used - received per open conn |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
