@@ -2,16 +2,20 @@
 and statements sent per transaction, for single settle ops and batches of 50. On PostgreSQL
 the writes after the head row's SELECT go in one pipeline: head SELECT, one sync, COMMIT.
 
-    PYTHONPATH=src:tests .venv/bin/python bench/ledger_roundtrips.py [N]
+    .venv/bin/python bench/ledger_roundtrips.py [--ops N]
 
 Starts a throwaway PostgreSQL (tests/pgserver.py) when pg_ctl is installed. Prints figures;
 asserts nothing.
 """
+import argparse
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from exfilguard.ledger import Window, open_ledger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # pgserver
 
 
 class _Counting:
@@ -67,7 +71,9 @@ def run(url: str, n: int, per_tx: int) -> str:
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ops", type=int, default=2000, help="single-op transactions (and the base of the batch count)")
+    n = ap.parse_args().ops
     with tempfile.TemporaryDirectory() as d:
         for k in (1, 50):
             print(f"sqlite      {run(f'sqlite:///{d}/l{k}.db', n if k == 1 else n * 5, k)}", flush=True)
