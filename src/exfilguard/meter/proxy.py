@@ -590,6 +590,8 @@ class Meter:
             # shield: a cancelled wait must not cancel a commit whose grant _finish still has to release.
             await asyncio.shield(fut)
         except asyncio.CancelledError:
+            if not c.closing:  # not _finish's cancel: the commit itself was cancelled; nothing to forward from
+                self._end(c, "reservation cancelled")
             return
         except Exception:  # noqa: BLE001 - _take raises it below
             pass
