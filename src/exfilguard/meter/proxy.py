@@ -88,7 +88,6 @@ class _Conn:
     backlog: collections.deque[bytes | memoryview] = field(default_factory=collections.deque)
     waiter: asyncio.Future[None] | None = None  # waits for the next block's commit; upstream paused
     client_full: bool = False  # the client's write buffer is above WRITE_HIGH; upstream paused
-    up_paused: bool = False
     upstream_done: bool = False  # the upstream closed; end once the backlog is out
     task: asyncio.Task[None] | None = None
     done: asyncio.Future[None] | None = None  # set when the connection is to end (made at accept)
@@ -522,13 +521,10 @@ class Meter:
         up = c.upstream
         if up is None or up.is_closing():
             return
-        paused = c.client_full or c.waiter is not None
-        if paused != c.up_paused:
-            c.up_paused = paused
-            if paused:
-                up.pause_reading()
-            else:
-                up.resume_reading()
+        if c.client_full or c.waiter is not None:
+            up.pause_reading()  # both idempotent (asyncio and uvloop)
+        else:
+            up.resume_reading()
 
     def _from_upstream(self, c: _Conn, data: bytes) -> None:
         c.backlog.append(data)
@@ -576,27 +572,18 @@ class Meter:
             c.last_out = time.monotonic()
             if not q and c.upstream_done:
                 self._end(c, "upstream closed")
-        except _Cut:
-            self._end(c, c.reason)
-        except LEDGER_FAILURES as exc:
-            self._ledger_failed(exc)
-        except Exception as exc:  # noqa: BLE001 - this connection only
-            log.error("conn %d: forwarding failed: %s", c.id, exc)
-            self._end(c, f"error ({type(exc).__name__})")
+        except Exception as exc:  # noqa: BLE001 - sorted by _conn_failed
+            self._conn_failed(c, exc, "forwarding")
 
     async def _await_block(self, c: _Conn, fut: asyncio.Future[Grant]) -> None:
-        t0 = time.monotonic()
+        """The upstream is paused until `fut` commits: then make it current and forward again."""
         try:
-            # shield: a cancelled wait must not cancel a commit whose grant _finish still has to release.
-            await asyncio.shield(fut)
+            await self._wait_commit(fut)
         except asyncio.CancelledError:
             if not c.closing:  # not _finish's cancel: the commit itself was cancelled; nothing to forward from
                 self._end(c, "reservation cancelled")
             return
-        except Exception:  # noqa: BLE001 - _take raises it below
-            pass
         finally:
-            self.metrics.block_wait.inc(time.monotonic() - t0)
             c.waiter = None
         if c.closing:
             return
@@ -604,18 +591,22 @@ class Meter:
             if c.nxt is not fut:  # settled meanwhile (cannot happen while waiting: the settler keeps off)
                 raise LedgerUnavailable(f"conn {c.id}: the awaited block was taken by another settlement")
             self._take(c, fut, stalled=True)
-        except _Cut:
-            self._end(c, c.reason)
-            return
-        except LEDGER_FAILURES as exc:
-            self._ledger_failed(exc)
-            return
-        except Exception as exc:  # noqa: BLE001
-            log.error("conn %d: reservation failed: %s", c.id, exc)
-            self._end(c, f"error ({type(exc).__name__})")
+        except Exception as exc:  # noqa: BLE001 - sorted by _conn_failed
+            self._conn_failed(c, exc, "reservation")
             return
         self._flow(c)
         self._pump(c)
+
+    def _conn_failed(self, c: _Conn, exc: Exception, what: str) -> None:
+        """An error in a protocol callback: a denial ends the connection, a ledger failure fails
+        the meter closed, anything else ends this connection only."""
+        if isinstance(exc, _Cut):
+            self._end(c, c.reason)
+        elif isinstance(exc, LEDGER_FAILURES):
+            self._ledger_failed(exc)
+        else:
+            log.error("conn %d: %s failed: %s", c.id, what, exc)
+            self._end(c, f"error ({type(exc).__name__})")
 
     # -- reservations: adaptive, pipelined, settled at rest ------------------------------
     def _ask(self, c: _Conn, want: int, releases: list[tuple[int, int]] | None = None) -> asyncio.Future[Grant]:
@@ -697,17 +688,24 @@ class Meter:
         fut = self._rotate(c)
         stalled = not fut.done()
         if stalled:
-            t0 = time.monotonic()
             c.busy = True
             try:
-                # shield: a cancelled wait must not cancel a commit whose grant _finish still has to release.
-                await asyncio.shield(fut)
-            except Exception:  # noqa: BLE001 - _take raises it
-                pass
+                await self._wait_commit(fut)
             finally:
                 c.busy = False
-                self.metrics.block_wait.inc(time.monotonic() - t0)
         self._take(c, fut, stalled)
+
+    async def _wait_commit(self, fut: asyncio.Future[Grant]) -> None:
+        """Wait until a pipelined reservation's commit is done (its outcome, grant or error, is
+        read by _take), counting the wait in block_wait."""
+        t0 = time.monotonic()
+        try:
+            # shield: a cancelled wait must not cancel a commit whose grant _finish still has to release.
+            await asyncio.shield(fut)
+        except Exception:  # noqa: BLE001 - _take raises it
+            pass
+        finally:
+            self.metrics.block_wait.inc(time.monotonic() - t0)
 
     async def _settle_all(self, c: _Conn, want: int, reason: str) -> Grant | None:
         """Settle every reservation the connection holds at what it forwarded; with want > 0
