@@ -151,6 +151,17 @@ class _Pending:
     budgets: dict[str, tuple[int, int, int, str]] = field(default_factory=dict)
 
 
+def _grantable(want: int, cap: int, reserved: int, windows: Sequence[Window], usage: Sequence[int]) -> tuple[int, str]:
+    """How many of `want` bytes the cap and every window (with `usage` bytes counted in it) allow,
+    and what limited the grant ("" when nothing did)."""
+    grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
+    for w, used in zip(windows, usage):
+        room = max(0, w.limit - used)
+        if room < grant:
+            grant, reason = room, f"window:{w.label()}"
+    return grant, reason
+
+
 def windows_to_json(windows: Sequence[Window]) -> str:
     return json.dumps(sorted([w.seconds, w.limit] for w in windows), separators=(",", ":"))
 
@@ -543,15 +554,12 @@ class Ledger:
         # With a replayed log the row must be what the log adds up to: a lowered reserved_bytes
         # would otherwise lend bytes that already left.
         self._check_budget_row(budget, (budget, cap, reserved, int(row[3]), wjson))
-        grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
+        windows = windows_from_json(wjson)
         if self._state is not None:
             usage = self._state.window_used(budget, head.now)
         else:
-            usage = [self._window_usage(cur, budget, head.now - w.seconds * 1_000_000) for w in windows_from_json(wjson)]
-        for w, used in zip(windows_from_json(wjson), usage):
-            room = max(0, w.limit - used)
-            if room < grant:
-                grant, reason = room, f"window:{w.label()}"
+            usage = [self._window_usage(cur, budget, head.now - w.seconds * 1_000_000) for w in windows]
+        grant, reason = _grantable(want, cap, reserved, windows, usage)
         if grant <= 0:
             self._append(cur, head, "deny", budget=budget, meter=meter, conn=conn, reason=reason)
             return Grant(None, 0, reserved, cap - reserved, reason)
@@ -577,11 +585,8 @@ class Ledger:
         assert self._state is not None and self._pending is not None
         self._touch(budget, b)  # a denial checks the row too
         cap, reserved = b.cap, b.reserved
-        grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
-        for (secs, limit), used in zip(b.windows, self._state.window_used(budget, head.now)):
-            room = max(0, limit - used)
-            if room < grant:
-                grant, reason = room, f"window:{secs}s"
+        windows = [Window(secs, limit) for secs, limit in b.windows]
+        grant, reason = _grantable(want, cap, reserved, windows, self._state.window_used(budget, head.now))
         if grant <= 0:
             self._append(None, head, "deny", budget=budget, meter=meter, conn=conn, reason=reason)
             return Grant(None, 0, reserved, cap - reserved, reason)
