@@ -8,8 +8,8 @@ Sections (all by default):
   the whole-run ratio, ramp included, is reported too), and the meter's CPU per GB;
 - small: 1 KB answers over 50 persistent connections: messages/s in a closed loop, and the
   latency at a paced --rate (messages/s over all connections) through the meter vs direct,
-  measured from each message's scheduled time after --warmup seconds (new connections start
-  with 4 KiB blocks that grow meanwhile);
+  the two paths taking turns every --slot seconds, measured from each message's scheduled
+  time after --warmup seconds (new connections start with 4 KiB blocks that grow meanwhile);
 - race: two meters on one PostgreSQL budget, 50 clients each pulling until the cap: bytes over;
 - rest: a few small answers on persistent connections, then idle: ledger used - bytes forwarded
   per open connection.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import statistics
@@ -122,33 +123,6 @@ async def closed_loop(port: int, conns: int, seconds: float, size: int) -> float
     t0 = time.perf_counter()
     await asyncio.gather(*[one() for _ in range(conns)])
     return n / (time.perf_counter() - t0)
-
-
-async def paced(port: int, conns: int, rate: float, seconds: float, size: int, warmup: float) -> list[float]:
-    """Latency (s) of answers requested at `rate` msgs/s over `conns` connections, from the scheduled
-    send time, for the answers due after the first `warmup` seconds."""
-    out: list[float] = []
-    period = conns / rate
-
-    async def one(phase: float) -> None:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(b"?")
-        await r.readexactly(size)
-        t0 = time.perf_counter() + 0.2 + phase
-        for i in range(int((warmup + seconds) / period)):
-            due = t0 + i * period
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            w.write(b"?")
-            await r.readexactly(size)
-            if due >= t0 + warmup:
-                out.append(time.perf_counter() - due)
-        w.close()
-
-    rng = random.Random(1)
-    await asyncio.gather(*[one(rng.uniform(0, period)) for _ in range(conns)])
-    return out
 
 
 async def interleaved(ports: dict[str, int], conns: int, rate: float, slot: float, slots: int, size: int,
@@ -302,8 +276,10 @@ def bench_small(args, ledgers, pport, tmp, block_args) -> list[dict]:
             rate = run(closed_loop(port, conns, args.seconds, args.chunk))
             cpu1, b1 = cpu_seconds(meter.pid), meter_status(mport)["bytes_out"]
             w0, st0, t0 = metric(mport, "exfilguard_meter_block_wait_seconds_total"), steal_seconds(), time.perf_counter()
+            # Whole pairs of slots: --seconds x --rounds measured in all (half per path), plus the warm-up.
             slots = 2 * max(1, round(args.seconds * args.rounds / (2 * args.slot)))
-            lat = run(interleaved({"direct": pport, "meter": port}, conns, args.rate, args.slot, slots + 2, args.chunk, args.warmup))
+            warm = 2 * math.ceil(args.warmup / (2 * args.slot))
+            lat = run(interleaved({"direct": pport, "meter": port}, conns, args.rate, args.slot, slots + warm, args.chunk, args.warmup))
             w1, steal = metric(mport, "exfilguard_meter_block_wait_seconds_total"), (steal_seconds() - st0) / (time.perf_counter() - t0)
         finally:
             stop_meter(meter)
@@ -414,7 +390,7 @@ def main() -> None:
     ap.add_argument("--min-block", default=None, help="--min-block for every meter (default: the meter's)")
     ap.add_argument("--chunk", type=int, default=1000, help="small: answer size in bytes")
     ap.add_argument("--rate", type=float, default=5000, help="small: paced messages/s over all 50 connections")
-    ap.add_argument("--rounds", type=int, default=3, help="small: paced seconds = --seconds x --rounds per path")
+    ap.add_argument("--rounds", type=int, default=3, help="small: paced seconds measured = --seconds x --rounds, half per path")
     ap.add_argument("--slot", type=float, default=0.5, help="small: seconds per turn of each path (direct, meter, ...)")
     ap.add_argument("--race-cap", type=int, default=200_000_003)
     ap.add_argument("--rest-conns", type=int, default=3)
