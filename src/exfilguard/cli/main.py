@@ -27,10 +27,29 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"exfilguard.cli.{_name}").register(app)
 
 
+def _usage_line(exc: Exception) -> str:
+    """One line for a usage error: what is wrong, and where to get help."""
+    # click spreads some messages (the choices of an enum) over lines: one line, one error.
+    msg = " ".join(exc.format_message().split()).replace(": ,", ":").rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        return f"error: {ctx.command_path}: {msg} (see '{ctx.command_path} --help')"
+    return f"error: {msg}"
+
+
 def main() -> None:
-    """Run the CLI; map exfilguard errors to their exit codes with a one-line message."""
+    """Run the CLI; map exfilguard errors to their exit codes, and usage errors to one line and exit 2."""
+    # typer raises the exceptions of the click it bundles (typer._click), not of the click package.
+    from typer._click.exceptions import ClickException as TyperClickException
+
     try:
-        app(standalone_mode=False)
+        import click
+
+        click_exceptions: tuple[type[Exception], ...] = (TyperClickException, click.ClickException)
+    except ImportError:  # click is typer's dependency in older typers only
+        click_exceptions = (TyperClickException,)
+    try:
+        app(standalone_mode=False, prog_name="exfilguard")  # also under `python -m exfilguard.cli.main`
     except ExfilguardError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
@@ -39,13 +58,10 @@ def main() -> None:
     except typer.Abort:
         typer.secho("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except click_exceptions as exc:
+        if exc.format_message().strip():  # a group run bare printed its help already; nothing to add
+            typer.secho(_usage_line(exc), fg=typer.colors.RED, err=True)
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
