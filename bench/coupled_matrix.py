@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from exfilguard.codec.coupled_bench import CoupledBenchConfig, generate_all, load_prompts, run
+from exfilguard.cli.benches.coupled import CoupledBenchConfig, generate_all, load_prompts, run
 from exfilguard.models.specs import load_model
 
 

@@ -1,4 +1,4 @@
-"""CLI commands: bench codec, bench coupled (defined in cli/bench_coupled.py)."""
+"""CLI commands: bench codec, bench coupled (defined in cli/bench_coupled.py); their logic is in cli/benches/."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def bench_codec(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Code every generation as its own stream, decode it, and report bits/token and speed."""
-    from exfilguard.codec.bench import BenchConfig, run
+    from exfilguard.cli.benches.codec import BenchConfig, run
 
     cfg = BenchConfig(corpus, weak, limit, codec or None, flush_every, encoder, encode_threads, decode_threads, decode_limit)
     with progress_reporter(as_json) as progress:

@@ -1,4 +1,4 @@
-"""CLI: `exfilguard bench coupled` (logic in exfilguard.codec.coupled_bench)."""
+"""CLI: `exfilguard bench coupled` (logic in exfilguard.cli.benches.coupled)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def add_commands(bench: typer.Typer) -> None:
     ) -> None:
         """Generate with the strong model's seeded sampler; report model vs coupled bits/token,
         the KL bound, cross-entropy, agreement and a roundtrip check."""
-        from exfilguard.codec.coupled_bench import CoupledBenchConfig, run
+        from exfilguard.cli.benches.coupled import CoupledBenchConfig, run
 
         cfg = CoupledBenchConfig(strong, weak, prompts, limit, max_tokens, temperature, top_p, seed)
         from exfilguard.cli.progress import progress_reporter
