@@ -171,8 +171,12 @@ def test_revoked_key_is_refused_at_once(keyed):
     c = keyed.client(secret)
     assert c.models.list().data[0].id == "tiny-random"
     assert cli("keys", "revoke", "hal", "--ledger", keyed.keys_url).returncode == 0
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as e:
         c.models.list()
+    assert "'hal' was revoked" in e.value.message  # told why, not "missing or unknown"
+    with pytest.raises(openai.AuthenticationError) as e:
+        keyed.client("sk-exfilguard-never-issued").models.list()
+    assert "missing or unknown API key" in e.value.message
 
 
 def test_up_reuses_its_api_key(tmp_path):

@@ -99,6 +99,7 @@ def test_too_long_prompt_names_prompt_on_completions(tiny_stack):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=4)
     assert e.value.param == "messages"
+    assert "- This model's maximum context length is 4096 tokens. However, your request has " in e.value.message
     assert tiny_stack.meter.used == used
 
 
@@ -152,3 +153,14 @@ def test_access_log_line_per_request(tiny_stack, caplog):
         assert a["latency_ms"] >= 0
     assert streamed["stream"] is True and plain["stream"] is False
     assert refused["status"] == 404 and refused["meter_bytes"] is None
+
+
+def test_max_tokens_over_the_servers_limit_says_so(tiny_stack):
+    """The limit is documented (docs/serving-api.md) and the message names it."""
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny_stack.client().completions.create(model="tiny-random", prompt="x", max_tokens=5000)
+    assert e.value.param == "max_tokens"
+    assert e.value.message.endswith("- 'max_tokens' is too large: 5000. This server generates at most 4096 tokens per answer.")
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny_stack.client().completions.create(model="tiny-random", prompt="x", max_tokens=0)
+    assert e.value.message.endswith("- 'max_tokens' must be at least 1")

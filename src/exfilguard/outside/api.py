@@ -36,6 +36,8 @@ def _num(body: dict[str, Any], name: str, lo: float, hi: float, default: Any, in
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise RequestInvalid(f"'{name}' must be {'an integer' if integer else 'a number'}", name)
     if not lo <= v <= hi:
+        if hi == float("inf"):
+            raise RequestInvalid(f"'{name}' must be at least {lo:g}", name)
         raise RequestInvalid(f"'{name}' must be between {lo} and {hi}", name)
     return v
 
@@ -127,7 +129,11 @@ def parse_sampling(body: Any, default_max_tokens: int, max_max_tokens: int) -> S
     if mt is None:
         max_tokens = default_max_tokens
     else:
-        max_tokens = _num({name: mt}, name, 1, max_max_tokens, None, integer=True)
+        max_tokens = _num({name: mt}, name, 1, float("inf"), None, integer=True)
+        if max_tokens > max_max_tokens:
+            # Its own limit, below the context: it bounds what one answer may reserve in a budget.
+            raise RequestInvalid(f"'{name}' is too large: {max_tokens}. This server generates at most "
+                                 f"{max_max_tokens} tokens per answer.", name)
     temperature = float(_num(body, "temperature", 0.0, 2.0, 1.0))
     top_p = float(_num(body, "top_p", 0.0, 1.0, 1.0))
     if top_p == 0.0:

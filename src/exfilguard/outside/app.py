@@ -257,8 +257,21 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 if found is not None:
                     note(request, key=found.name)
                     return found
+                revoked = await asyncio.to_thread(revoked_name, token.strip())
+                if revoked is not None:
+                    note(request, key=revoked)
+                    raise _Unauthorized(f"API key {revoked!r} was revoked; ask the operators for a new key "
+                                        "(`exfilguard keys add`)")
         raise _Unauthorized("missing or unknown API key: send 'Authorization: Bearer <key>' with a key from "
                             "`exfilguard keys add` or the API-keys file")
+
+    def revoked_name(secret: str) -> str | None:
+        """The name of the revoked key this secret belongs to, if any (so its caller is told why)."""
+        from exfilguard.ledger.apikeys import hash_key
+
+        assert store is not None
+        h = hash_key(secret)[:16]  # an ApiKey's key_id is the first 16 hex digits of its hash
+        return next((k.name for k in store.keys() if not k.active and k.key_id == h), None)
 
     async def body_of(request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
@@ -282,9 +295,12 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         return "coupled" if "coupled" in offered else "model"
 
     def gen_request(prompt_ids: list[int], s: Sampling, param: str) -> GenerationRequest:
-        if len(prompt_ids) > cfg.max_prompt_tokens:
-            raise RequestInvalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {cfg.max_prompt_tokens}", param)
+        # The context check first: its message is vLLM's, which clients know how to read.
         fit_context(s, len(prompt_ids), cfg.max_context, param)
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            raise RequestInvalid(
+                f"This server accepts prompts of at most {cfg.max_prompt_tokens} tokens. However, your request has "
+                f"{len(prompt_ids)} input tokens. Please reduce the length of the input {param}.", param)
         # A non-streaming answer is read whole anyway, so it is sent as one chunk: every flush
         # costs a chunk record and a frame (~6-8 bytes) that only buys time to first token.
         return GenerationRequest(
