@@ -90,7 +90,9 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int) -> d
     from standin_meter import StandInMeter
 
     from exfilguard.outside.app import OutsideConfig
-    from exfilguard.outside.stack import LoopThread, make_backend, start_inside, start_outside
+    from exfilguard.inside.serve import make_backend, start_inside
+    from exfilguard.outside.serve import start_outside
+    from exfilguard.supervise.assemble import LoopThread
     from exfilguard.protocol.codec_adapter import RealCodecFactory
 
     codecs = RealCodecFactory(weak)
@@ -152,7 +154,7 @@ def main() -> None:
                     help="comma-separated CODEC:FLUSH_EVERY (0 = one flush at the end)")
     args = ap.parse_args()
 
-    from exfilguard.outside.stack import load_models, resolve_weak_spec
+    from exfilguard.models.loading import load_models, resolve_weak_spec
 
     weak_spec = resolve_weak_spec(args.weak, args.strong)
     strong, weak = load_models(args.strong, weak_spec, args.device)

@@ -8,7 +8,7 @@ from e2estack import Stack
 
 @pytest.fixture(scope="session")
 def models():
-    from exfilguard.outside.stack import load_models, resolve_weak_spec
+    from exfilguard.models.loading import load_models, resolve_weak_spec
 
     weak_spec = resolve_weak_spec(None, "smollm2")
     return load_models("smollm2", weak_spec, progress=False)

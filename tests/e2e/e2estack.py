@@ -12,13 +12,9 @@ from standin_meter import StandInMeter  # noqa: E402
 
 from exfilguard.outside.app import OutsideConfig  # noqa: E402
 from exfilguard.outside.client import http_status_probe  # noqa: E402
-from exfilguard.outside.stack import (  # noqa: E402
-    LoopThread,
-    MeterProcess,
-    make_backend,
-    start_inside,
-    start_outside,
-)
+from exfilguard.inside.serve import make_backend, start_inside  # noqa: E402
+from exfilguard.outside.serve import start_outside  # noqa: E402
+from exfilguard.supervise.assemble import LoopThread, MeterProcess  # noqa: E402
 from exfilguard.protocol.codec_adapter import RealCodecFactory  # noqa: E402
 
 KEY = "sk-e2e-key"

@@ -37,3 +37,18 @@ def test_a_fatal_exit_code_is_not_restarted(tmp_path, capsys):
         sup.watch()
     assert exc.value.exit_code == 5
     assert "restarting" not in capsys.readouterr().err
+
+
+def test_choosing_and_sizing_the_models_loads_no_ml_library(tmp_path):
+    """`up` picks the weak model and sizes the cap from the weights in the supervisor, which must stay
+    free of torch (issue 21/22): only files on disk are looked at."""
+    import subprocess
+
+    from exfilguard.supervise import free_port
+
+    code = ("import sys; from exfilguard.supervise import up_config; "
+            f"cfg = up_config('smollm2', None, None, {free_port()}, {str(tmp_path / 'd')!r}, dashboard_port=0); "
+            "print(cfg.weak, cfg.cap > 0, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["default", "True", "[]"], r.stdout

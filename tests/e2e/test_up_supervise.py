@@ -125,9 +125,10 @@ def _spend(url: str, key: str) -> int:
 def test_up_three_processes_supervised(tmp_path):
     port, dport = _free_port(), _free_port()
     data = tmp_path / "data"
-    # The shipped student as the weak model: it predicts tiny-random's tokens badly, so answers cost bytes
-    # and the budget can be spent; the 500-byte block bounds what each kill -9 of the meter leaves reserved.
-    up = Up("--strong", "tiny-random", "--weak", "default", "--cap", "4000", "--reserve-block", "500",
+    # No --weak: the supervisor picks the shipped student (`default`) without loading torch. It predicts
+    # tiny-random's tokens badly, so answers cost bytes and the budget can be spent; the 500-byte block
+    # bounds what each kill -9 of the meter leaves reserved.
+    up = Up("--strong", "tiny-random", "--cap", "4000", "--reserve-block", "500",
             "--port", str(port), "--data-dir", str(data), "--dashboard-port", str(dport))
     try:
         up.wait_for("Ctrl-C stops")
@@ -145,6 +146,8 @@ def test_up_three_processes_supervised(tmp_path):
         assert b"--strong" in cmd["inside"] and b"--strong" not in cmd["outside"] and b"--strong" not in cmd["meter"]
         maps = {n: Path(f"/proc/{p}/maps").read_text() for n, p in pids.items()}
         assert "torch" in maps["inside"] and "torch" not in maps["meter"]
+        # The supervisor loads no ML library either (issue 21/22: it used to map libtorch to pick the weak model).
+        assert "torch" not in Path(f"/proc/{up.proc.pid}/maps").read_text()
         with urllib.request.urlopen(status_url, timeout=5) as r:
             assert json.loads(r.read())["state"] == "ok"
         # The operator dashboard is a fourth child: no model, reads the ledger and the meter's metrics.

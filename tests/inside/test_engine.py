@@ -81,7 +81,8 @@ def test_openai_upstream_backend():
     from fastapi.responses import StreamingResponse
 
     from exfilguard.inside.upstream import OpenAIUpstream, parse_openai_spec
-    from exfilguard.outside.stack import LoopThread, UvicornThreadless
+    from exfilguard.outside.serve import UvicornThreadless
+    from exfilguard.supervise.assemble import LoopThread
 
     app = FastAPI()
     seen = {}

@@ -70,14 +70,10 @@ def upstream_stack(vllm_url):
 
     from exfilguard.models.hf import load_tokenizer
     from exfilguard.outside.app import OutsideConfig
-    from exfilguard.outside.stack import (
-        LoopThread,
-        load_models,
-        make_backend,
-        resolve_weak_spec,
-        start_inside,
-        start_outside,
-    )
+    from exfilguard.inside.serve import make_backend, start_inside
+    from exfilguard.models.loading import load_models, resolve_weak_spec
+    from exfilguard.outside.serve import start_outside
+    from exfilguard.supervise.assemble import LoopThread
     from exfilguard.protocol.codec_adapter import RealCodecFactory
 
     spec = f"openai:{vllm_url}?model=smollm2"

@@ -28,7 +28,9 @@ class TinyStack:
                  keys_ledger: str | None = None, max_tokens_default: int = 16, meter_ledger: str | None = None) -> None:
         from exfilguard.models import load_model
         from exfilguard.outside.app import OutsideConfig
-        from exfilguard.outside.stack import LoopThread, make_backend, start_inside, start_outside
+        from exfilguard.inside.serve import make_backend, start_inside
+        from exfilguard.outside.serve import start_outside
+        from exfilguard.supervise.assemble import LoopThread
 
         self.model = load_model("tiny-random")
         tok = self.model.tokenizer
@@ -41,7 +43,7 @@ class TinyStack:
         self.real_meter = meter_ledger is not None
         if self.real_meter:  # the real `exfilguard meter` process, with its JSON /status
             from exfilguard.outside.client import http_status_probe
-            from exfilguard.outside.stack import MeterProcess
+            from exfilguard.supervise.assemble import MeterProcess
 
             self.meter = MeterProcess(self.inside.port, meter_ledger, cap)
             self.meter.start()

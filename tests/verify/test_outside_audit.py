@@ -22,7 +22,9 @@ class Stack:
         from exfilguard.outside.app import OutsideConfig
         from exfilguard.outside.audit import AuditConfig
         from exfilguard.outside.client import status_from_json
-        from exfilguard.outside.stack import LoopThread, make_backend, start_inside, start_outside
+        from exfilguard.inside.serve import make_backend, start_inside
+        from exfilguard.outside.serve import start_outside
+        from exfilguard.supervise.assemble import LoopThread
         from exfilguard.protocol.codec_adapter import RealCodecFactory
 
         self.log_path = tmp / "requests.jsonl"

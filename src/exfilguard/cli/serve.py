@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(64, help="most requests stepped together"),
     ) -> None:
         """Inside worker: generate with the strong model, stream weak-model-coded tokens."""
-        from exfilguard.outside.stack import resolve_weak_spec, serve_inside
+        from exfilguard.inside.serve import serve_inside
+        from exfilguard.models.loading import resolve_weak_spec
 
         serve_inside(strong, resolve_weak_spec(weak, strong), listen, device, max_batch)
 
@@ -47,7 +48,8 @@ def register(app: typer.Typer) -> None:
         from exfilguard.meter.config import parse_duration
         from exfilguard.outside.app import OutsideConfig
         from exfilguard.outside.audit import AuditConfig
-        from exfilguard.outside.stack import resolve_weak_spec, serve_outside
+        from exfilguard.models.loading import resolve_weak_spec
+        from exfilguard.outside.serve import serve_outside
         from exfilguard.verify.alerts import AlertConfig
 
         cfg = OutsideConfig(model_name=model_name, codec=codec, flush_every=flush_every, flush_ms=flush_ms,

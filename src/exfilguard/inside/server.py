@@ -39,6 +39,7 @@ class InsideConfig:
 
     host: str = "127.0.0.1"
     port: int = 9100
+    path: str | None = None  # listen on this UNIX socket instead of host:port (the sandboxed inside of `up`)
     max_slots_per_connection: int = 1024
 
 
@@ -204,9 +205,13 @@ class InsideServer:
         self.connections: set[_Connection] = set()
 
     async def start(self) -> int:
-        """Start listening; return the bound port."""
+        """Start listening; return the bound port (0 on a UNIX socket)."""
         self.loop_thread = threading.get_ident()
         self.backend.start()
+        if self.config.path is not None:
+            # A stale socket from a previous run of the same path is replaced (asyncio removes it).
+            self._server = await asyncio.start_unix_server(self._on_connect, self.config.path)
+            return 0
         self._server = await asyncio.start_server(self._on_connect, self.config.host, self.config.port)
         return int(self._server.sockets[0].getsockname()[1])
 

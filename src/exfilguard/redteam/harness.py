@@ -159,7 +159,8 @@ def _run(cfg: RedteamConfig, strong: Any, weak: Any, codecs: Any, work: Path, sa
     from exfilguard.outside.app import OutsideConfig
     from exfilguard.outside.audit import AuditConfig
     from exfilguard.outside.client import status_from_json
-    from exfilguard.outside.stack import LoopThread, start_outside
+    from exfilguard.outside.serve import start_outside
+    from exfilguard.supervise.assemble import LoopThread
     from exfilguard.verify.alerts import AlertConfig
     from exfilguard.verify.requestlog import RequestRecord, read_log
     from exfilguard.verify.verifier import VerifyConfig, verify_records

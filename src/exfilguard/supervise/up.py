@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exfilguard.errors import ChildFailed, ConfigError
+from exfilguard.supervise.assemble import free_port
 
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
@@ -62,13 +63,6 @@ class UpConfig:
     model_name: str = "exfilguard"
     dashboard_port: int = 0  # the read-only operator dashboard on 127.0.0.1 (0: not started)
     ready_timeout: float = 600.0  # model loading on a small machine
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def check_port_free(port: int, what: str) -> None:
@@ -360,7 +354,7 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
     """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise."""
     from exfilguard.ledger.keys import load_private_key
     from exfilguard.meter.config import DEFAULT_BLOCK, parse_size, parse_window
-    from exfilguard.outside.stack import resolve_weak_spec, weight_file_bytes
+    from exfilguard.models.loading import resolve_weak_spec, weight_file_bytes
 
     ddir = Path(data_dir)
     try:
