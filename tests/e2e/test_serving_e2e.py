@@ -112,13 +112,15 @@ def test_cap_exhausted_mid_stream(models, tmp_path):
     s = Stack(models[0], models[1], tmp_path, cap=120, flush_every=2)
     try:
         c = s.client()
-        got = []
-        with pytest.raises(openai.APIError) as e:
-            for ch in c.completions.create(model="smollm2", prompt="Tell me a long story about a dragon.",
-                                           max_tokens=100, seed=3, temperature=1.0, stream=True):
-                if ch.choices:
-                    got.append(ch.choices[0].text)
-        assert "egress budget" in str(e.value.message)
+        got, finish = [], []
+        # The outside here has no meter figures to admit by, so the cap runs out mid-answer: the
+        # text that crossed is the answer, cut at "length" (docs/serving-api.md).
+        for ch in c.completions.create(model="smollm2", prompt="Tell me a long story about a dragon.",
+                                       max_tokens=100, seed=3, temperature=1.0, stream=True):
+            if ch.choices:
+                got.append(ch.choices[0].text)
+                finish.append(ch.choices[0].finish_reason)
+        assert finish[-1] == "length"
         assert "".join(got)
         if s.real_meter:  # the meter's own count: nothing beyond the cap left
             from exfilguard.meter import budget_status

@@ -11,16 +11,18 @@ from tinystack import KEY, TinyStack
 
 
 def test_cap_exhausted_mid_stream_then_429():
+    """With no meter figures to admit by (a stand-in meter), the cap can still run out mid-answer:
+    the text that crossed is the answer, cut at "length"; the next request is a 429."""
     s = TinyStack(cap=120, flush_every=2)
     try:
         c = s.client()
-        got = []
-        with pytest.raises(openai.APIError) as e:
-            for ch in c.completions.create(model="tiny-random", prompt="Hello there", max_tokens=200, seed=1, temperature=1.0, stream=True):
-                if ch.choices:
-                    got.append(ch.choices[0].text)
-        assert "egress budget" in str(e.value.message)
-        assert "".join(got)  # what the cap covered arrived first
+        got, finish = [], []
+        for ch in c.completions.create(model="tiny-random", prompt="Hello there", max_tokens=200, seed=1, temperature=1.0, stream=True):
+            if ch.choices:
+                got.append(ch.choices[0].text)
+                finish.append(ch.choices[0].finish_reason)
+        assert "".join(got)  # what the cap covered arrived
+        assert finish[-1] == "length"
         assert s.meter.used <= s.meter.cap
         with pytest.raises(openai.RateLimitError) as e2:
             c.completions.create(model="tiny-random", prompt="x", max_tokens=4)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from exfilguard.outside.api import (
     parse_sampling,
 )
 from exfilguard.outside.audit import Audit, AuditConfig
+from exfilguard.outside.budget import Admission, AnswerCost, MeterView
 from exfilguard.outside.client import InsideConnection
 from exfilguard.outside.keys import KeyAccount
 from exfilguard.protocol.wire import GenerationRequest
@@ -57,7 +59,7 @@ class OutsideConfig:
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
     keys_ledger: str | None = None  # ledger URL holding API keys and their budgets (exfilguard keys add)
     meter_status_url: str | None = None  # the meter's JSON /status: /health (meter, ledger, budget) and the budget header
-    key_bytes_per_token: int = 4  # bytes reserved in a key's budget per token of max_tokens (topped up as needed)
+    answer_cost: AnswerCost = field(default_factory=AnswerCost)  # the bound admission holds per answer (outside/budget.py)
     window_retry_after: int = 60  # Retry-After (s) when the meter's window, not its cap, is spent
     access_log: bool = True  # one JSON line per request on the exfilguard.access logger (stderr)
     audit: AuditConfig | None = None  # request log (for `exfilguard verify`) and anomaly alerts
@@ -103,7 +105,6 @@ class _Unauthorized(ExfilguardError):
 def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, api_keys: list[str],
                config: OutsideConfig | None = None) -> Any:
     """The FastAPI app serving /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    import contextlib
 
     cfg = config or OutsideConfig()
 
@@ -132,23 +133,24 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         h.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(h)
         access.setLevel(logging.INFO)
-    meter_cache: dict[str, Any] = {"at": 0.0, "status": None}
+    async def fetch_meter_status() -> dict[str, Any] | None:
+        import httpx
+
+        assert cfg.meter_status_url is not None
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as c:
+                d = (await c.get(cfg.meter_status_url)).json()
+        except (httpx.HTTPError, ValueError, OSError):  # meter down or not JSON: no figure, no failure
+            return None
+        return d if isinstance(d, dict) else None
+
+    # The meter's figures, at most half a second old (none without a meter URL or while it is down).
+    meter = MeterView(fetch_meter_status if cfg.meter_status_url else None, lambda: conn.bytes_in)
+    admission = app.state.admission = Admission(meter, cfg.answer_cost, lambda: conn.hello is not None and conn._dead is None)
 
     async def meter_status() -> dict[str, Any] | None:
-        """The meter's JSON status, at most half a second old (None when there is no meter URL or it is down)."""
-        if not cfg.meter_status_url:
-            return None
-        if time.monotonic() - meter_cache["at"] > 0.5:
-            import httpx
-
-            try:
-                async with httpx.AsyncClient(timeout=2.0) as c:
-                    d = (await c.get(cfg.meter_status_url)).json()
-                meter_cache["status"] = d if isinstance(d, dict) else None
-            except (httpx.HTTPError, ValueError, OSError):  # meter down or not JSON: no figure, no failure
-                meter_cache["status"] = None
-            meter_cache["at"] = time.monotonic()
-        return meter_cache["status"]
+        await meter.read()
+        return meter.raw
 
     eos = set(int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
     app.state.connection = conn
@@ -161,8 +163,11 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 return {"Retry-After": str(exc.retry_after)}
             return {"x-should-retry": "false"}
         if isinstance(exc, BudgetExhausted):
-            st = await meter_status()
-            if st is not None and isinstance(st.get("cap_remaining_bytes"), int) and st["cap_remaining_bytes"] > 0:
+            spent = getattr(exc, "cap_spent", None)
+            if spent is None:  # from the connection: ask the meter whether its cap (not a window) is spent
+                f = await meter.read()
+                spent = f is None or f.cap_left < cfg.answer_cost.bound(1)
+            if not spent:  # a window, or answers in flight, will free bytes
                 return {"Retry-After": str(cfg.window_retry_after)}
             return {"x-should-retry": "false"}
         return {}
@@ -200,7 +205,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         a: dict[str, Any] = {"ts": round(time.time(), 3), "method": scope.get("method"), "path": scope.get("path"),
                              "status": status, "key": None, "model": None, "prompt_tokens": None,
                              "completion_tokens": None, "meter_bytes": None, "bits_per_token": None}
-        a.update(info)
+        a.update((k, v) for k, v in info.items() if not k.startswith("_"))
         a["latency_ms"] = round((time.monotonic() - t0) * 1000, 1)
         n, b = a.get("completion_tokens"), a.get("meter_bytes")
         if isinstance(n, int) and n > 0 and isinstance(b, int):
@@ -236,6 +241,10 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             finally:
                 if not done[0]:
                     gone = status[0] == 200 and not info.pop("complete", False)
+                    settle = info.get("_settle")
+                    if settle is not None:  # a client that left: log once its answer's bytes are all counted
+                        with contextlib.suppress(BaseException):
+                            await asyncio.wait_for(asyncio.shield(settle), 30)
                     log_access(scope, 499 if gone else status[0], t0, info)
 
     app.add_middleware(AccessLog)
@@ -343,19 +352,22 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         request.scope.setdefault("state", {}).setdefault("access", {}).update(kw)
 
     async def budget_headers(key: Any) -> dict[str, str]:
-        """x-exfilguard-budget-remaining: the bytes this caller can still get (its key's budget and the
-        meter's global one, whichever is smaller), with each part in its own header."""
+        """What this caller's budgets can still forward, in bytes: each budget's cap (and windows) minus
+        the bytes that left through the meter, not minus reservations, so it falls as bytes leave and
+        never rises (but when a window frees bytes or a cap is raised). docs/serving-api.md."""
         out: dict[str, str] = {}
         parts = []
-        st = await meter_status()
-        if st is not None and isinstance(st.get("remaining_bytes"), int):
-            out["x-exfilguard-global-budget-remaining"] = str(st["remaining_bytes"])
-            parts.append(st["remaining_bytes"])
+        f = await meter.read()
+        if f is not None:
+            g = max(0, f.left - meter.received_since())
+            out["x-exfilguard-global-budget-remaining"] = str(g)
+            parts.append(g)
         if key is not None and store is not None:
             from exfilguard.ledger.apikeys import remaining_of
 
             try:
-                kr = remaining_of(await asyncio.to_thread(store.status, key))
+                st = await asyncio.to_thread(store.status, key)
+                kr: int | None = remaining_of(st) + st.outstanding_bytes  # reservations are not bytes that left
             except ExfilguardError:
                 kr = None
             if kr is not None:
@@ -395,14 +407,28 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         text = TextAssembler(tokenizer, s.stop, eos)
         if audit is not None:
             audit.check_admission()  # throttled: refused before anything is reserved
+        # Admission: an allowance both budgets can pay in full, or a 429 before anything runs.
+        cost = cfg.answer_cost
+        want = cost.bound(req.max_tokens)
+        aid, allowance, _ = await admission.admit(want)
         account = KeyAccount(store, key) if key is not None and store is not None else None
-        if account is not None:
-            # A bound on the answer's bytes, topped up if frames exceed it; 64 for frame overhead.
-            await account.open(cfg.key_bytes_per_token * req.max_tokens + 64)
+        try:
+            allow = want if allowance is None else allowance
+            if account is not None:
+                allow = min(allow, await account.open(allow, cost.bound(1)))
+                admission.shrink(aid, allow)
+        except BaseException:
+            admission.done(aid)
+            raise
+        if allow < want:
+            # The budgets pay for fewer tokens than asked: the answer ends at that many, "length".
+            req.max_tokens = cost.tokens_within(allow)
+            note(request, budget_max_tokens=req.max_tokens)
         meter_bytes = [0]
 
         def counted(n: int) -> None:
             meter_bytes[0] += n
+            admission.received(aid, n)
             if account is not None:
                 account.add(n)
 
@@ -422,16 +448,28 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
         async def cover() -> None:
             if account is not None:
-                await account.cover(cfg.key_bytes_per_token * 64)
+                await account.cover(cost.per_token * 64)
 
-        async def close() -> None:
-            """Stop the inside generating for this answer and settle its key's bytes.
+        closing: list[asyncio.Future[None]] = []
 
-            Shielded by callers: a client that hangs up cancels the response task, and the key's
-            reservations must still be settled."""
-            await tokens.aclose()
-            if account is not None:
-                await account.settle()
+        async def closed() -> None:
+            try:
+                await tokens.aclose()  # CANCEL, then the frames already on their way (client.py)
+                if account is not None:
+                    await account.settle()
+            finally:
+                admission.done(aid)
+                noted()  # now with every byte of the answer, drained frames included
+
+        def close() -> asyncio.Future[None]:
+            """Stop the inside generating for this answer, wait for its last frames, settle its key.
+
+            One task, awaited shielded by callers: a client that hangs up cancels the response
+            task, and the bytes must still be counted. The access log waits for it too."""
+            if not closing:
+                closing.append(asyncio.ensure_future(closed()))
+                request.scope.setdefault("state", {}).setdefault("access", {})["_settle"] = closing[0]
+            return closing[0]
 
         if not s.stream:
             parts = []
@@ -441,6 +479,11 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                     await cover()
                     if text.finish_reason is not None:
                         break
+            except BudgetExhausted as exc:
+                # The bytes of what was decoded left already: hand that text out, cut at "length".
+                if not text.completion_tokens:
+                    raise
+                note(request, budget_cut=exc.error_type)
             finally:
                 noted()
                 await asyncio.shield(close())
@@ -475,11 +518,20 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             return "data: " + json.dumps(c, ensure_ascii=False) + "\n\n"
 
         # Wait for the first tokens before committing to 200, so early errors get their status.
+        first_ids: list[int] = []
+        cut = False
         try:
             first_ids = await tokens.__anext__()
             await cover()
         except StopAsyncIteration:
-            first_ids = []
+            pass
+        except BudgetExhausted as exc:
+            if not first_ids:
+                noted()
+                await asyncio.shield(close())
+                raise
+            cut = True  # the first tokens crossed: they are the answer
+            note(request, budget_cut=exc.error_type)
         except BaseException:
             noted()
             await asyncio.shield(close())
@@ -493,7 +545,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 if delta:
                     yield chunk(delta, None)
                 try:
-                    if text.finish_reason is None:
+                    if text.finish_reason is None and not cut:
                         async for ids in tokens:
                             delta = text.push(ids)
                             if delta:
@@ -501,6 +553,9 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                             await cover()
                             if text.finish_reason is not None:
                                 break
+                except BudgetExhausted as exc:
+                    # A budget ran dry mid-answer: what crossed is the answer, cut at "length".
+                    note(request, budget_cut=exc.error_type)
                 except ExfilguardError as exc:
                     tail = text.finish("error")
                     if tail:

@@ -9,10 +9,11 @@ meter why: budget exhausted (429) or meter / inside down (503).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from exfilguard.errors import (
@@ -87,15 +88,17 @@ class _Stream:
     queue: asyncio.Queue[Frame | ExfilguardError]
     draining: bool = False  # the outside gave up on it; waiting for END/FAIL to free the slot
     on_bytes: Callable[[int], None] | None = None  # told the wire size of each frame of this slot
+    freed: asyncio.Event = field(default_factory=asyncio.Event)  # END/FAIL arrived (or the connection died)
 
 
 class InsideConnection:
     """One persistent connection carrying many answers at once."""
 
     def __init__(self, host: str, port: int, codecs: CodecFactory, probe: StatusProbe = no_probe,
-                 hello_timeout: float = 30.0, max_streams: int = 1024):
+                 hello_timeout: float = 30.0, max_streams: int = 1024, drain_timeout: float = 5.0):
         self.host, self.port, self.codecs, self.probe = host, port, codecs, probe
         self.hello_timeout = hello_timeout
+        self.drain_timeout = drain_timeout  # how long a given-up answer waits for its last frames
         self.max_streams = min(max_streams, MAX_SLOT + 1)
         self.hello: Hello | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -172,6 +175,7 @@ class InsideConnection:
         self._writer = None
         for slot, st in list(self._streams.items()):
             st.queue.put_nowait(err)
+            st.freed.set()
             if st.draining:
                 del self._streams[slot]
 
@@ -187,6 +191,7 @@ class InsideConnection:
         if st.draining:
             if f.kind in (Kind.END, Kind.FAIL):
                 del self._streams[f.slot]
+                st.freed.set()
             return
         st.queue.put_nowait(f)
 
@@ -266,6 +271,11 @@ class InsideConnection:
                     self._send(encode_frame(Kind.CANCEL, slot))
                 except ExfilguardError:
                     self._streams.pop(slot, None)
+                else:
+                    # Frames already on their way still cross the meter for this answer: wait for
+                    # its END/FAIL (one inside step), so the caller's count of its bytes is whole.
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(st.freed.wait(), self.drain_timeout)
 
     async def _resend(self, slot: int, st: _Stream, decoder: Any, index: int) -> list[int]:
         """Ask for chunk `index` raw after a Desync; frames arriving meanwhile wait their turn."""

@@ -33,19 +33,37 @@ class KeyAccount:
     settled: bool = False
     _late: int = 0
 
-    async def open(self, want: int) -> None:
-        """Reserve up to `want` bytes; KeyBudgetExhausted (429) when the key has none left."""
-        await self._reserve(max(1, want))
+    async def open(self, want: int, minimum: int = 1) -> int:
+        """Reserve up to `want` bytes and return how many were granted; KeyBudgetExhausted (429,
+        with the figures) when fewer than `minimum` (what the smallest answer may cost) are left."""
+        g = await asyncio.to_thread(self.store.reserve, self.key, max(1, want))
+        if g.res is not None and 0 < g.granted < minimum:
+            # Not enough for even one token: give it back, so nothing is spent for no text.
+            await asyncio.to_thread(self.store.release, g.res, 0)
+            raise await self._spent(g.reason, g.granted, minimum)
+        if g.granted <= 0 or g.res is None:
+            raise await self._spent(g.reason, 0, minimum)
+        self.reservations.append((g.res, g.granted))
+        self.granted += g.granted
+        return g.granted
+
+    async def _spent(self, reason: str, left: int, minimum: int) -> KeyBudgetExhausted:
+        st = await asyncio.to_thread(self.store.status, self.key)
+        window = reason.startswith("window") or (st.remaining_bytes >= minimum)
+        retry = await asyncio.to_thread(self.store.retry_after, self.key) if window else None
+        what = "a rolling window of its budget" if retry is not None else "its cap"
+        cap = f"cap {st.cap_bytes} B, " if st.cap_bytes is not None else ""
+        return KeyBudgetExhausted(
+            f"API key {self.key.name!r} has spent {what}: {left} bytes left for new answers ({cap}forwarded "
+            f"{st.forwarded_bytes} B, held by its answers in flight {st.outstanding_bytes} B) and an answer of one token may "
+            f"cost up to {minimum} bytes; "
+            + (f"retry in {retry} s" if retry is not None else "ask the operators for a key with a larger budget"),
+            retry)
 
     async def _reserve(self, want: int) -> None:
         g = await asyncio.to_thread(self.store.reserve, self.key, want)
         if g.granted <= 0 or g.res is None:
-            retry = await asyncio.to_thread(self.store.retry_after, self.key) if g.reason.startswith("window") else None
-            what = "a rolling window of its budget" if retry is not None else "its cap"
-            raise KeyBudgetExhausted(
-                f"API key {self.key.name!r} has spent {what}; "
-                + (f"retry in {retry} s" if retry is not None else "ask the operators for a key with a larger budget"),
-                retry)
+            raise await self._spent(g.reason, 0, 1)
         self.reservations.append((g.res, g.granted))
         self.granted += g.granted
 
