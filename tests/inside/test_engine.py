@@ -122,3 +122,54 @@ def test_openai_upstream_backend():
         lt.run(srv.stop())
         lt.close()
 
+
+
+class _Region:
+    """Counts the sink calls inside the weak model's batching region at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __call__(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(0.01)  # a weak-model pass
+                yield
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+        return cm()
+
+
+class _Encoder:
+    def __init__(self, region):
+        self.region = region
+
+
+def test_a_steps_tokens_reach_their_sinks_together(tiny):
+    """Every row's sink call of a step runs at once, inside the encoder's batching region (so the
+    weak model can serve the rows in one pass); the tokens are those of the rows run alone."""
+    region = _Region()
+    reqs = [GenerationRequest(list(range(5, 5 + n)), 6, seed=i, temperature=0.7) for i, n in enumerate((2, 4, 3))]
+    alone = [_run(tiny, [r])[0] for r in reqs]
+    e = LocalEngine(tiny)
+    sinks = [Sink() for _ in reqs]
+    for s in sinks:
+        s.encoder = _Encoder(region)
+    for r, s in zip(reqs, sinks):
+        e.submit(Job(r, s))
+    e.start()
+    for s in sinks:
+        assert s.ev.wait(60)
+    e.stop()
+    assert [(s.ids, s.reason) for s in sinks] == alone
+    assert region.most == len(reqs)

@@ -176,3 +176,108 @@ def test_match_over_exact_batched_tables_equal_the_session(exact):
         s.feed(t)
     assert np.array_equal(np.stack(inc), m.score_frequencies(PROMPT, toks))
     assert exact[1].score_frequencies(PROMPT, toks) is None  # a float model has no exact pass
+
+
+# -- batching across sessions (the stepper), backends, chunked prompts
+
+
+def _session_tables(m, prompt, toks):
+    """Tables of one session fed token by token, alone."""
+    s = m.session(prompt)
+    out = []
+    for t in toks:
+        out.append(s.frequencies().copy())
+        s.feed(t)
+    return np.stack(out)
+
+
+def test_concurrent_sessions_share_passes_and_keep_their_tables(exact):
+    """Threads coding different streams get their tables from shared passes (fewer passes than
+    rows), each table equal to the one its session computes alone."""
+    import threading
+
+    m, _ = exact
+    rng = np.random.default_rng(5)
+    work = [([1] + [int(x) for x in rng.integers(0, 49152, 1 + 3 * i)], [int(x) for x in rng.integers(0, 49152, 6 + i)]) for i in range(6)]
+    alone = [_session_tables(m, p, t) for p, t in work]
+    got: dict[int, np.ndarray] = {}
+    start = threading.Barrier(len(work))
+    passes0, rows0 = m.stepper.passes, m.stepper.rows
+
+    def run(i):
+        p, toks = work[i]
+        with m.stepper.active():
+            start.wait()
+            got[i] = _session_tables(m, p, toks)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(len(work)):
+        assert np.array_equal(got[i], alone[i]), i
+    assert m.stepper.rows - rows0 > m.stepper.passes - passes0  # passes were shared
+
+
+def test_one_pass_for_many_sessions_equals_each_alone(exact):
+    m, _ = exact
+    prompts = [[1, 2, 3], [1], [1, 9690, 198, 4000, 4001], [7, 7]]
+    sess = [m.session(p) for p in prompts]
+    m._advance(sess)  # one pass: every session's prompt and its table
+    for p, s in zip(prompts, sess):
+        assert np.array_equal(s.frequencies(), m.session(p).frequencies())
+    for s in sess:
+        s.feed(11)
+    m._advance(sess[::2])  # a pass over some of them; the others are computed alone on demand
+    for p, s in zip(prompts, sess):
+        assert np.array_equal(s.frequencies(), m.score_frequencies(p, [11, 0])[1])
+
+
+def test_numpy_and_torch_products_give_the_same_tables(exact):
+    m, _ = exact
+    if m.matmul != "torch":
+        pytest.skip("this torch has no CPU torch._int_mm")
+    path = m.info.spec.removeprefix("exact:")
+    n = load_exact_student(path, matmul="numpy")
+    assert n.matmul == "numpy"
+    toks = [17, 4000, 12, 99, 100, 7, 48000]
+    assert np.array_equal(m.score_frequencies(PROMPT, toks), n.score_frequencies(PROMPT, toks))
+    assert np.array_equal(m.score_logits(PROMPT, toks), n.score_logits(PROMPT, toks))
+
+
+def test_long_prompts_are_read_in_chunks_with_the_same_integers(exact, monkeypatch):
+    """Prompts read PREFILL_CHUNK tokens per pass and attention in blocks of ATT_ENTRIES scores
+    give the tables of the one-token-at-a-time path (small limits, so this model hits them)."""
+    import exfilguard.models.exact_student as es
+
+    m, _ = exact
+    rng = np.random.default_rng(9)
+    prompt = [1] + [int(x) for x in rng.integers(0, 49152, 90)]
+    toks = [int(x) for x in rng.integers(0, 49152, 20)]
+    ref = _session_tables(m, prompt[:1], prompt[1:] + toks)[len(prompt) - 1 :]
+    monkeypatch.setattr(es, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(es, "ATT_ENTRIES", 3 * 4 * 50)  # blocks of ~3 queries over ~50 keys
+    assert np.array_equal(_session_tables(m, prompt, toks), ref)
+    assert np.array_equal(m.score_frequencies(prompt, toks), ref)
+    assert [f.shape for f in m.score_frequencies_many([(prompt, toks), (prompt[:5], toks[:3])])] == [ref.shape, (3, 49152)]
+
+
+def test_a_bad_token_is_refused_when_fed_not_in_a_shared_pass(exact):
+    m, _ = exact
+    s = m.session(PROMPT)
+    with pytest.raises(ValueError, match="outside the student's vocabulary"):
+        s.feed(49152)
+    with pytest.raises(ValueError, match="outside the student's vocabulary"):
+        m.session([1, -1])
+    assert int(s.frequencies().sum(dtype=np.int64)) == 1 << 24  # the session is unharmed
+
+
+def test_kv_cache_grows_linearly(exact):
+    m, _ = exact
+    s = m.session(PROMPT)
+    for t in range(100):
+        s.feed(t)
+    s.frequencies()
+    assert s.cache.length == len(PROMPT) + 100
+    assert s.cache.k.dtype == np.int16 and s.cache.k.shape[2] < 2 * s.cache.length

@@ -4,16 +4,25 @@
 request together (left-padded KV cache, attention mask, per-row position ids); a new request is
 prefilled alone and merged into the running batch, a finished one is cut out of it. Requests do
 not wait for each other one by one.
+
+The tokens of a step go to their sinks (the encoders, which run the weak model) on a pool of
+threads, all rows at once, while the engine thread computes the next step: the weak model's work
+overlaps the strong model's instead of following it, and the rows of a step reach the weak model
+together, so an exact student computes their tables in one batched pass (its stepper). A sink's
+answer (a stop string, an error) is read one step later; the token the row sampled meanwhile is
+dropped, never delivered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import numpy as np
 
@@ -64,6 +73,17 @@ class _Row:
     generated: int
     length: int  # real tokens in the KV cache (prompt + fed)
     eos: frozenset[int] = field(default_factory=frozenset)
+    emitting: Future[str | None] | None = None  # the sink's work on the last token: why to stop, or None
+
+
+BARRIER_S = 5.0  # the longest a step's sink call waits for the step's others to start
+
+
+def _region_of(sink: Any) -> Callable[[], ContextManager[Any]]:
+    """The weak model's batching region of a sink's encoder (codec_adapter's `region`), if any:
+    inside it, the rows of a step ask for their tables together."""
+    region = getattr(getattr(sink, "encoder", None), "region", None)
+    return region if callable(region) else contextlib.nullcontext
 
 
 class LocalEngine:
@@ -84,11 +104,14 @@ class LocalEngine:
         self._kv: list[tuple[Any, Any]] = []
         self._mask: Any = None
         self._cache: Any = None
+        self._pool: ThreadPoolExecutor | None = None
         self.steps = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._running = True
+        # One thread per row: a step's sink calls run at once (they wait on each other's tables).
+        self._pool = ThreadPoolExecutor(max_workers=self.max_batch, thread_name_prefix="exfilguard-emit")
         self._thread = threading.Thread(target=self._loop, name="exfilguard-engine", daemon=True)
         self._thread.start()
 
@@ -98,6 +121,8 @@ class LocalEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -131,7 +156,9 @@ class LocalEngine:
                         log.exception("generation step failed")
                         self._drop(list(self._rows), "error")
         for r in self._rows:
+            self._settle(r)
             self._finish(r.job, "cancelled")
+        self._rows = []
         while self._pending:
             self._finish(self._pending.popleft(), "cancelled")
 
@@ -141,22 +168,51 @@ class LocalEngine:
         except Exception:
             log.exception("sink.done failed")
 
-    def _emit(self, row: _Row, tok: int) -> str | None:
-        """Deliver one token; the reason the row is finished, or None."""
-        req = row.job.request
-        row.generated += 1
-        try:
-            hit = row.job.sink.tokens([tok])
-        except Exception:
-            log.exception("sink.tokens failed")
-            return "error"
-        if row.job.cancelled:
-            return "cancelled"
-        if hit or tok in self._eos:
+    @staticmethod
+    def _settle(row: _Row) -> str | None:
+        """Wait for the sink's work on the row's last token; why the row must stop, or None."""
+        fut, row.emitting = row.emitting, None
+        return None if fut is None else fut.result()
+
+    def _ends(self, row: _Row, tok: int) -> str | None:
+        """Why the row ends with `tok` (counted in row.generated) regardless of its sink (EOS,
+        length), or None."""
+        if tok in self._eos:
             return "stop"
-        if row.generated >= req.max_tokens or row.length + 1 >= self.max_context:
+        if row.generated >= row.job.request.max_tokens or row.length + 1 >= self.max_context:
             return "length"
         return None
+
+    def _emit(self, rows: list[tuple[_Row, int, str | None]]) -> None:
+        """Hand one step's (row, token, why the token ends the row or None) to the sinks, all at
+        once on the pool. A row that ends is finished by its own task; the others' tasks say
+        whether the sink wants to stop (read at the next step)."""
+        if not rows:
+            return
+        assert self._pool is not None
+        barrier = threading.Barrier(len(rows))
+        for row, tok, ending in rows:
+            row.emitting = self._pool.submit(self._deliver, row.job, tok, ending, barrier)
+
+    def _deliver(self, job: Job, tok: int, ending: str | None, barrier: threading.Barrier) -> str | None:
+        """One sink call (on the pool): the reason to stop, or None; `ending`: finish the job too."""
+        with _region_of(job.sink)():
+            try:
+                # Every row of the step is in its batching region before any asks for a table,
+                # so the weak model's stepper serves them in one pass.
+                barrier.wait(BARRIER_S)
+            except threading.BrokenBarrierError:
+                pass
+            try:
+                hit = job.sink.tokens([tok])
+            except Exception:
+                log.exception("sink.tokens failed")
+                reason: str | None = "error"
+            else:
+                reason = "cancelled" if job.cancelled else ("stop" if hit else None)
+            if ending is not None:
+                self._finish(job, reason or ending)
+        return reason
 
     def _sample(self, logits: np.ndarray, row: _Row) -> int:
         req = row.job.request
@@ -178,9 +234,10 @@ class LocalEngine:
         row = _Row(job=job, last=-1, generated=0, length=len(ids))
         tok = self._sample(out.logits[0, -1].float().cpu().numpy(), row)
         row.last = tok
-        reason = self._emit(row, tok)
-        if reason is not None:
-            self._finish(job, reason)
+        row.generated += 1
+        ending = self._ends(row, tok)
+        self._emit([(row, tok, ending)])
+        if ending is not None:  # its task finishes the job
             return
         new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         new_mask = torch.ones((1, len(ids)), dtype=torch.long, device=m.device)
@@ -203,8 +260,9 @@ class LocalEngine:
             return [(layer.keys, layer.values) for layer in self._cache.layers]
         return self._kv
 
-    def _drop(self, rows: list[_Row], reason: str) -> None:
-        """Cut finished rows out of the batch and tell their sinks."""
+    def _drop(self, rows: list[_Row], reason: str | None) -> None:
+        """Cut finished rows out of the batch and tell their sinks `reason` (after the sink's
+        work on their last token); None: their own tasks tell them."""
         if not rows:
             return
         import torch
@@ -212,7 +270,9 @@ class LocalEngine:
         gone = {id(r) for r in rows}
         keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
         for r in rows:
-            self._finish(r.job, reason)
+            if reason is not None:
+                why = self._settle(r)
+                self._finish(r.job, why or reason)
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
             self._kv, self._mask, self._cache = [], None, None
@@ -248,16 +308,30 @@ class LocalEngine:
         self._mask = mask
         self.steps += 1
         logits = out.logits[:, -1].float().cpu().numpy()
-        done: dict[str, list[_Row]] = {}
+        # The sinks worked on the previous step's tokens while the model computed this one.
+        stopped: dict[str, list[_Row]] = {}
+        for r in rows:
+            why = self._settle(r)
+            if why is not None:
+                stopped.setdefault(why, []).append(r)
+        gone = {id(r) for rs in stopped.values() for r in rs}
+        emit: list[tuple[_Row, int, str | None]] = []
+        ended: list[_Row] = []
         for i, r in enumerate(rows):
             r.length += 1
+            if id(r) in gone:  # its sink stopped it: this step's token is never delivered
+                continue
             tok = self._sample(logits[i], r)
             r.last = tok
-            reason = self._emit(r, tok)
-            if reason is not None:
-                done.setdefault(reason, []).append(r)
-        for reason, rs in done.items():
+            r.generated += 1
+            ending = self._ends(r, tok)
+            emit.append((r, tok, ending))
+            if ending is not None:
+                ended.append(r)
+        self._emit(emit)
+        for reason, rs in stopped.items():
             self._drop(rs, reason)
+        self._drop(ended, None)
 
 
 def _lpad(t: Any, width: int) -> Any:

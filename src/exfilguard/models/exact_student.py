@@ -24,7 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,11 @@ I16 = (1 << 15) - 1
 XCLIP = 1 << (FX + 14)  # residual magnitude clip: |x| < 2**26, so sum x**2 over d <= 2**11 < 2**63
 HCLIP = 1 << (FH + 14)
 MAX_POSITIONS = 8192
-ROW_BLOCK = 64  # rows per matrix product: a batch of up to 64 rows reaches BLAS as one product
+ROW_BLOCK = 64  # head rows per product: bounds the [rows, vocab] int64 temporaries
+SCORE_SHIFT = 16 + 2 * FQ - FL  # q.k * inv_sqrt_hd_q (2**16 / sqrt(hd)) at 2*FQ + 16 bits -> FL bits
+ATT_ENTRIES = 1 << 21  # attention scores per block of queries (16 MB of float64): memory linear in the context
+PREFILL_CHUNK = 256  # tokens a sequence reads per pass: a long prompt does not hold up the others for long
+GATHER_S = 0.02  # the longest a pass waits for an active thread that has not asked yet
 
 
 @dataclass(frozen=True)
@@ -146,66 +153,151 @@ def _norm_quant8(x: np.ndarray, gain: np.ndarray, eps_q: int) -> tuple[np.ndarra
     return a, m, -k + k2 // 2 - GQ
 
 
+def _torch_int_mm() -> Any:
+    """torch._int_mm (int8 x int8 -> int32: integer products, exact by construction) if this
+    torch has it on the CPU, else None. Probed once per model with a product checked in int64."""
+    try:
+        import torch
+
+        a = torch.tensor([[127, -127] * 4], dtype=torch.int8)
+        got = torch._int_mm(a, a.t().contiguous())
+        if int(got[0, 0]) != 8 * 127 * 127:
+            return None
+        return torch._int_mm
+    except Exception:  # no torch, or a build without the CPU kernel: the float32 BLAS path
+        return None
+
+
+def _one_thread_here() -> None:
+    """Run this thread's torch kernels on one thread. A pass is a few small products: on a busy
+    machine, splitting each over threads that wait for a core costs more than it gains (measured:
+    the head's product at one row, 0.17 ms on one thread, 2-4 ms on two beside other load). With
+    OpenMP (torch's CPU backend here) the setting is the calling thread's own, so the strong
+    model's threads keep theirs; with another backend it would be global, so it is left alone."""
+    try:
+        import torch
+
+        if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+            torch.set_num_threads(1)
+    except Exception:
+        pass
+
+
+MATMUL_BACKENDS = ("auto", "torch", "numpy")
+
+
 @dataclass
 class _Linear:
-    """int8 weights [out, in] as float32 (exact), per-output-channel scales (m < 2**25, e).
+    """int8 weights [out, in], per-output-channel scales (m < 2**25, e).
+
+    Products a @ q.T of int8 codes are exact integers on both backends: torch._int_mm accumulates
+    in int32 (|sum| <= 127 * 127 * in < 2**31), and float32 BLAS on integer-valued operands is
+    exact while every partial sum stays below 2**24 (`check`), in any order, thread count or
+    batch shape. So the backend changes the speed, never a bit.
 
     At run time the channel scales share the largest exponent E: m'_j = m_j >> (E - e_j), so a
     row needs one shift, not one per entry (a channel 2**-k below the largest keeps 24 - k bits)."""
 
-    w: np.ndarray  # float32, integer-valued, |w| <= 127
+    q: np.ndarray  # int8 [out, in], |q| <= 127
     m: np.ndarray  # int64 [out]
     e: np.ndarray  # int64 [out]
     name: str
+    int_mm: Any = None  # torch._int_mm, or None for float32 BLAS
 
     def __post_init__(self) -> None:
+        self.q = np.ascontiguousarray(self.q, dtype=np.int8)
         self.top_e = int(self.e.max())
         self.m_common = self.m >> np.minimum(self.top_e - self.e, 62)
+        if self.int_mm is not None:
+            import torch
+
+            self._qt = torch.from_numpy(self.q).t()  # [in, out] view: what _int_mm wants, no copy
+        else:
+            self._w32 = self.q.astype(np.float32)
+        # Row blocks bound the [rows, out] int64 temporaries (~8 MB); the head (out = vocab) gets 64-row blocks.
+        self.row_block = max(ROW_BLOCK, (1 << 20) // self.q.shape[0])
 
     def check(self, act_max: int = 127) -> None:
         """The product bound: |sum_i w_ji a_i| <= max|w| * 127 * d_in < 2**24 (float32 exact)."""
-        bound = int(np.abs(self.w).max()) * act_max * self.w.shape[1]
+        bound = int(np.abs(self.q.astype(np.int64)).max()) * act_max * self.q.shape[1]
         if bound >= F32_EXACT:
             raise ConfigError(
                 f"exact student: {self.name} has a float32 product bound {bound} >= 2**24 "
-                f"(in dimension {self.w.shape[1]}); it would not be exact: refusing the model"
+                f"(in dimension {self.q.shape[1]}); it would not be exact: refusing the model"
             )
         if int(self.m.max(initial=0)) >= 1 << 25 or int(self.m.min(initial=0)) < 0:
             raise ConfigError(f"exact student: {self.name} has a scale mantissa outside [0, 2**25)")
 
+    def products(self, a: np.ndarray) -> np.ndarray:
+        """a @ q.T for int8 codes a [t, in]: exact int64 [t, out]."""
+        if self.int_mm is not None:
+            import torch
+
+            at = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int8))
+            return self.int_mm(at, self._qt).numpy().astype(np.int64)
+        return (a.astype(np.float32) @ self._w32.T).astype(np.int64)  # exact: bound checked at load
+
     def __call__(self, a: np.ndarray, am: np.ndarray, ae: np.ndarray, frac: int) -> np.ndarray:
         """Rows a [t, in] (int8 codes, scale am * 2**ae) -> int64 [t, out] at `frac` bits."""
-        out = np.empty((a.shape[0], self.w.shape[0]), dtype=np.int64)
-        for lo in range(0, a.shape[0], ROW_BLOCK):  # row blocks keep the [rows, out] temporaries small
-            hi = lo + ROW_BLOCK
-            acc = (a[lo:hi].astype(np.float32) @ self.w.T).astype(np.int64)  # exact: bound checked at load
+        out = np.empty((a.shape[0], self.q.shape[0]), dtype=np.int64)
+        for lo in range(0, a.shape[0], self.row_block):
+            hi = lo + self.row_block
+            acc = self.products(a[lo:hi])
             p = (acc * self.m_common) >> 20  # |acc| < 2**24, m' < 2**25: < 2**49 >> 20 = 2**29
             sh = -(ae[lo:hi, None] + (self.top_e + 20 + frac))  # one shift per row
             out[lo:hi] = _rshift_round(p * am[lo:hi, None], sh)  # < 2**29 * 2**25 = 2**54
         return out
 
 
+class KVCache:
+    """One sequence's keys and values for every layer, int16 (k and v are clipped to int16):
+    [layers, heads, capacity, head dim], grown by doubling, so a token costs O(1) copying."""
+
+    def __init__(self, n_layer: int, n_head: int, hd: int):
+        self.k = np.zeros((n_layer, n_head, 0, hd), dtype=np.int16)
+        self.v = np.zeros_like(self.k)
+        self.length = 0  # rows filled; rows beyond it are scratch until a pass completes
+
+    def reserve(self, n: int) -> None:
+        need = self.length + n
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap, 16)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = np.zeros(old.shape[:2] + (cap, old.shape[3]), dtype=np.int16)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+
 # ------------------------------------------------------------------ the model
 
 
 class ExactStudentModel(LanguageModel):
-    """An exact student loaded for inference (numpy only; no torch)."""
+    """An exact student loaded for inference (numpy; torch._int_mm for the products when present)."""
 
-    def __init__(self, spec: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]):
+    def __init__(self, spec: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], matmul: str = "auto"):
+        if matmul not in MATMUL_BACKENDS:
+            raise ConfigError(f"exact student: matmul backend {matmul!r} is not one of {MATMUL_BACKENDS}")
         self.config = ExactConfig(**meta["config"])
         c = self.config
         self.eps_q = int(meta["eps_q"])
         self.inv_sqrt_hd_q = int(meta["inv_sqrt_hd_q"])  # round(2**16 / sqrt(head dim))
         self.hd = c.d_model // c.n_head
+        int_mm = None if matmul == "numpy" else _torch_int_mm()
+        if matmul == "torch" and int_mm is None:
+            raise ConfigError("exact student: matmul='torch' but this torch has no CPU torch._int_mm")
+        self.matmul = "torch" if int_mm is not None else "numpy"
         a = arrays
 
         def lin(name: str) -> _Linear:
-            return _Linear(a[name + ".q"].astype(np.float32), a[name + ".m"].astype(np.int64), a[name + ".e"].astype(np.int64), name)
+            return _Linear(a[name + ".q"], a[name + ".m"].astype(np.int64), a[name + ".e"].astype(np.int64), name, int_mm)
 
         self.embed_q = a["embed.q"]  # int8 [V, d]
         self.embed_m = a["embed.m"].astype(np.int64)
         self.embed_e = a["embed.e"].astype(np.int64)
-        self.head = _Linear(self.embed_q.astype(np.float32), self.embed_m, self.embed_e, "head (tied embedding)")
+        self.head = _Linear(self.embed_q, self.embed_m, self.embed_e, "head (tied embedding)", int_mm)
         self.blocks = []
         for i in range(c.n_layer):
             p = f"blocks.{i}."
@@ -225,20 +317,27 @@ class ExactStudentModel(LanguageModel):
         self.exp_table = a["exp"].astype(np.int64)
         self.silu_table = a["silu"].astype(np.int64)
         self._check()
+        # Attention weights exp(-dist) >> ATT_SHIFT by distance, as exact float64 integers; the
+        # last entry is 0: a key that far below the top (or masked) gets no weight.
+        att = self.exp_table >> ATT_SHIFT
+        att[-1] = 0
+        self.att_table = att.astype(np.float64)
         fp = fingerprint(
             a, _tokenizer_digest(), {"kind": "exact-student", "format": FORMAT, "path": INFERENCE_PATH_VERSION, "meta": json.dumps(meta, sort_keys=True)}
         )
         self.info = ModelInfo(spec=spec, fingerprint=fp, vocab_size=c.vocab_size, eos_token_ids=(2,))
+        self.stepper = Stepper(self)
 
     def _check(self) -> None:
-        """Every bound the exactness rests on, checked once; ConfigError names the one that fails."""
+        """Every bound the exactness rests on, checked once; ConfigError names the one that fails.
+        Each bound is per row (per token, per query), so it holds for any batch of rows."""
         c = self.config
         for b in self.blocks:
             for name in ("qkv", "proj", "gate_up", "down"):
                 b[name].check()
         self.head.check()
-        # scores q.k: |q|, |k| <= 2**15 - 1 (clipped), hd terms, float64.
-        if I16 * I16 * self.hd >= F64_EXACT:
+        # scores (q * inv) . k in float64: |q|, |k| <= 2**15 - 1 (clipped), hd terms.
+        if I16 * self.inv_sqrt_hd_q * I16 * self.hd + (1 << SCORE_SHIFT) >= F64_EXACT:
             raise ConfigError(f"exact student: head dimension {self.hd} breaks the float64 bound of q.k")
         # p @ v: p <= 2**16, |v| <= 2**15 - 1, at most max_positions terms, float64.
         if (1 << 16) * I16 * c.max_positions >= F64_EXACT:
@@ -252,6 +351,17 @@ class ExactStudentModel(LanguageModel):
             raise ConfigError("exact student: exp / silu tables are malformed")
         if self.embed_q.shape != (c.vocab_size, c.d_model):
             raise ConfigError("exact student: embedding does not match the config")
+
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, c.n_head, self.hd)
+
+    def check_ids(self, ids: Sequence[int], start: int) -> None:
+        """ValueError / ConfigError for ids that `forward` would refuse after `start` tokens."""
+        if len(ids) and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
+            raise ValueError("token id outside the student's vocabulary")
+        if start + len(ids) > self.config.max_positions:
+            raise ConfigError(f"exact student: context of {start + len(ids)} tokens exceeds its {self.config.max_positions} positions")
 
     # -- the forward pass, row-wise: the same integers for any batch or split into steps
     def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -271,39 +381,67 @@ class ExactStudentModel(LanguageModel):
         val = self.silu_table[np.clip(idx, -lim, lim) + lim]
         return np.where(idx > lim, g, np.where(idx < -lim, 0, val))
 
-    def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, qpos: np.ndarray) -> np.ndarray:
-        """One sequence: queries q [t, h, hd] at absolute positions qpos over keys k, v [s, h, hd]
-        (key j at position j); causal. Returns [t, h, hd] at FQ bits."""
-        s = k.shape[0]
-        # Float64 product of integers |.| < 2**15 over hd terms: < 2**36, exact (checked at load).
-        sc = np.einsum("thd,shd->hts", q.astype(np.float64), k.astype(np.float64)).astype(np.int64)
-        sc = _rshift_round(sc * self.inv_sqrt_hd_q, 16 + 2 * FQ - FL)  # < 2**36 * 2**16: at FL bits
-        allowed = np.arange(s)[None, None, :] <= qpos[None, :, None]
-        sc = np.where(allowed, sc, np.iinfo(np.int64).min // 4)
-        top = sc.max(axis=-1, keepdims=True)
-        idx = np.minimum(top - sc, self.exp_table.size - 1)
-        p = np.where(allowed & (top - sc < self.exp_table.size - 1), self.exp_table[idx] >> ATT_SHIFT, 0)  # <= 2**16
-        # p @ v in float64: p <= 2**16, |v| < 2**15, s <= max_positions terms: < 2**53 (checked at load).
-        num = np.einsum("hts,shd->thd", p.astype(np.float64), v.astype(np.float64)).astype(np.int64)
-        den = p.sum(axis=-1).T[:, :, None]  # [t, h, 1], >= 2**16
-        return (2 * num + den) // (2 * den)
+    def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+        """One sequence: queries q [t, h, hd] (int64, FQ bits) at positions start.. over the int16
+        keys and values k, v [h, s, hd] (key j at position j; s >= start + t); causal. Returns
+        [t, h, hd] at FQ bits. Queries go in blocks of ATT_ENTRIES scores, each over the keys it
+        can see, so memory grows with the context, not with its square.
 
-    def forward(self, seqs: Sequence[tuple[Sequence[int], int, list[list[np.ndarray]]]]) -> list[Features]:
+        Every float64 value here is an integer below 2**53, so exact in any order (bounds checked
+        at load): (q * inv) . k < 2**15 * 2**13 * 2**15 * 64 = 2**49; the rounding shift of a
+        score, floor((x + 2**(S-1)) * 2**-S), is exact in float64; p <= 2**16; p @ v < 2**16 *
+        2**15 * max_positions; sum p < 2**16 * max_positions."""
+        t, h, hd = q.shape
+        qs = (q * self.inv_sqrt_hd_q).transpose(1, 0, 2).astype(np.float64)  # [h, t, hd], |.| < 2**28
+        block = max(1, ATT_ENTRIES // (h * (start + t)))
+        y = np.empty((t, h, hd), dtype=np.int64)
+        last = self.att_table.size - 1
+        for lo in range(0, t, block):
+            hi = min(t, lo + block)
+            s = start + hi  # keys the block's last query sees
+            kf = k[:, :s].astype(np.float64)  # [h, s, hd]
+            sc = self._matmul64(qs[:, lo:hi], kf.transpose(0, 2, 1))  # [h, b, s]
+            sc += 1 << (SCORE_SHIFT - 1)
+            sc *= 1.0 / (1 << SCORE_SHIFT)
+            np.floor(sc, out=sc)  # round(q.k * inv / 2**S) half up: the score at FL bits
+            if hi - lo > 1 or s != start + lo + 1:  # causal mask, where a key follows a query
+                qpos = start + np.arange(lo, hi)
+                sc[:, np.arange(s)[None, :] > qpos[:, None]] = -np.inf
+            top = sc.max(axis=-1, keepdims=True)
+            np.subtract(top, sc, out=sc)  # distance below the top; masked: +inf
+            np.minimum(sc, last, out=sc)
+            p = self.att_table[sc.astype(np.intp)]  # [h, b, s], <= 2**16
+            num = self._matmul64(p, v[:, :s].astype(np.float64)).astype(np.int64)  # [h, b, hd]
+            den = p.sum(axis=-1).astype(np.int64)[:, :, None]  # >= 2**16
+            y[lo:hi] = ((2 * num + den) // (2 * den)).transpose(1, 0, 2)
+        return y
+
+    def _matmul64(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Batched float64 product of integer-valued operands (exact: the callers' bounds); on the
+        torch backend through torch, so it runs on the pass's one thread (numpy's BLAS has its own pool)."""
+        if self.matmul == "torch":
+            import torch
+
+            return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        return np.matmul(a, b)
+
+    def forward(self, seqs: Sequence[tuple[Sequence[int], KVCache]]) -> list[Features]:
         """Final features (int8 codes and scales; `logits` turns them into logits) for several
-        sequences at once: each is (new ids, start position, per-layer [k, v] cache, extended in
-        place). The matrix products run over every row of every sequence together; the result
-        for each row does not depend on that."""
+        sequences at once: each is (new ids, its KV cache); the new rows follow the cache's rows,
+        and the cache is extended. The matrix products run over every row of every sequence
+        together; the result for each row does not depend on that."""
         c = self.config
-        lens = [len(ids) for ids, _, _ in seqs]
+        lens = [len(ids) for ids, _ in seqs]
+        for (ids, cache) in seqs:
+            self.check_ids([int(t) for t in ids], cache.length)
         ids = np.array([int(t) for s in seqs for t in s[0]], dtype=np.int64)
         if ids.size == 0:
             return [Features(np.zeros((0, c.d_model), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in seqs]
-        if ids.min() < 0 or ids.max() >= c.vocab_size:
-            raise ValueError("token id outside the student's vocabulary")
-        pos = np.concatenate([np.arange(st, st + n) for (_, st, _), n in zip(seqs, lens)])
-        if pos.max() >= c.max_positions:
-            raise ConfigError(f"exact student: context of {int(pos.max()) + 1} tokens exceeds its {c.max_positions} positions")
+        starts = [cache.length for _, cache in seqs]
+        pos = np.concatenate([np.arange(st, st + n) for st, n in zip(starts, lens)])
         bounds = np.cumsum([0] + lens)
+        for (_, cache), n in zip(seqs, lens):
+            cache.reserve(n)
         x = _rshift_round(self.embed_q[ids].astype(np.int64) * self.embed_m[ids, None], -(self.embed_e[ids, None] + FX))
         x = np.clip(x, -XCLIP, XCLIP)
         h, hd, d = c.n_head, self.hd, c.d_model
@@ -314,16 +452,13 @@ class ExactStudentModel(LanguageModel):
             k = self._rope(qkv[:, 1], pos)
             v = qkv[:, 2]
             y = np.empty((ids.size, h, hd), dtype=np.int64)
-            for si, (_, st, cache) in enumerate(seqs):
+            for si, ((_, cache), st) in enumerate(zip(seqs, starts)):
                 lo, hi = bounds[si], bounds[si + 1]
-                if len(cache) <= li:
-                    cache.append([np.zeros((0, h, hd), dtype=np.int64)] * 2)
-                kc = np.concatenate([cache[li][0], k[lo:hi]])
-                vc = np.concatenate([cache[li][1], v[lo:hi]])
-                if kc.shape[0] != st + (hi - lo):
-                    raise ValueError("cache length does not match the start position")
-                cache[li] = [kc, vc]
-                y[lo:hi] = self._attend(q[lo:hi], kc, vc, pos[lo:hi])
+                if lo == hi:
+                    continue
+                cache.k[li, :, st : st + hi - lo] = k[lo:hi].transpose(1, 0, 2)  # |k|, |v| <= 2**15 - 1
+                cache.v[li, :, st : st + hi - lo] = v[lo:hi].transpose(1, 0, 2)
+                y[lo:hi] = self._attend(q[lo:hi], cache.k[li], cache.v[li], st)
             a, am, ae = _quant8(y.reshape(-1, d), FQ)
             x = np.clip(x + b["proj"](a, am, ae, FX), -XCLIP, XCLIP)
             a, am, ae = _norm_quant8(x, b["norm2"], self.eps_q)
@@ -332,6 +467,8 @@ class ExactStudentModel(LanguageModel):
             hm = _rshift_round(self._silu(g) * u, FH)  # < 2**24 * 2**24: at FH bits
             a, am, ae = _quant8(hm, FH)
             x = np.clip(x + b["down"](a, am, ae, FX), -XCLIP, XCLIP)
+        for (_, cache), n in zip(seqs, lens):
+            cache.length += n  # only now: a pass that raised left the caches as they were
         a, am, ae = _norm_quant8(x, self.norm, self.eps_q)
         return [Features(a[lo:hi], am[lo:hi], ae[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -356,14 +493,60 @@ class ExactStudentModel(LanguageModel):
         # f = 1 + e * free / S, the division as one reciprocal per row: R = floor(free * 2**34 / S)
         # <= 2**24 * 2**34 / 2**30 = 2**28, e * R < 2**58; rounding down keeps sum(f) <= 2**24.
         recip = (free << 34) // e.sum(axis=-1, keepdims=True)
-        f = 1 + ((e * recip) >> 34)
+        e *= recip
+        e >>= 34
+        e += 1
         top = np.argmax(lg, axis=-1)  # first maximum: ties go to the lowest id
-        f[np.arange(f.shape[0]), top] += (1 << FREQ_BITS) - f.sum(axis=-1)
-        return f.astype(np.uint32)
+        e[np.arange(e.shape[0]), top] += (1 << FREQ_BITS) - e.sum(axis=-1)
+        return e.astype(np.uint32)
+
+    def _advance(self, sessions: Sequence[ExactStudentSession]) -> None:
+        """One batched step: every session reads up to PREFILL_CHUNK of its waiting tokens (one
+        forward pass for all); those that have read them all get their logits and table (one head
+        product and one table computation for all of them)."""
+        parts = [(s, s._todo[:PREFILL_CHUNK]) for s in sessions]
+        feats = self.forward([(ids, s.cache) for s, ids in parts])
+        done: list[tuple[ExactStudentSession, Features]] = []
+        for (s, ids), f in zip(parts, feats):
+            del s._todo[: len(ids)]
+            if not s._todo:
+                done.append((s, f[len(ids) - 1 :]))
+        if not done:
+            return
+        last = Features(*(np.concatenate([getattr(f, n) for _, f in done]) for n in ("a", "am", "ae")))
+        for lo in range(0, len(done), ROW_BLOCK):
+            lg = self.logits(last[lo : lo + ROW_BLOCK])
+            tab = self.table(lg)
+            for i, (s, _) in enumerate(done[lo : lo + ROW_BLOCK]):
+                s._logits, s._freqs = lg[i], tab[i]
 
     # -- the LanguageModel interface
     def session(self, prefix_ids: Sequence[int]) -> ExactStudentSession:
         return ExactStudentSession(self, prefix_ids)
+
+    def _teacher_forced(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], rows: Any, width: int, dtype: Any) -> list[np.ndarray]:
+        """`rows(features)` before each token of every (prefix, tokens) pair: the sequences are
+        read PREFILL_CHUNK tokens at a time, all pairs in one pass per chunk (memory linear in
+        the length); row i of a pair's result is the one after prefix + tokens[:i]."""
+        seqs = [[int(t) for t in p] + [int(t) for t in tok][:-1] for p, tok in pairs]
+        for (p, _), seq in zip(pairs, seqs):
+            if not len(p):
+                raise ValueError("teacher-forced scoring needs at least one prefix token (the prompt or BOS)")
+            self.check_ids(seq, 0)
+        out = [np.empty((len(tok), width), dtype=dtype) for _, tok in pairs]
+        caches = [self.new_cache() for _ in pairs]
+        while True:
+            live = [i for i, c in enumerate(caches) if c.length < len(seqs[i]) and len(pairs[i][1])]
+            if not live:
+                return out
+            chunk = [(seqs[i][caches[i].length : caches[i].length + PREFILL_CHUNK], caches[i]) for i in live]
+            starts = [caches[i].length for i in live]
+            for i, st, f in zip(live, starts, self.forward(chunk)):
+                first = max(0, len(pairs[i][0]) - 1 - st)  # rows before the prefix's last token give nothing
+                if first < f.a.shape[0]:
+                    got = rows(f[first:])
+                    at = st + first - (len(pairs[i][0]) - 1)
+                    out[i][at : at + got.shape[0]] = got
 
     def score_frequencies(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """Tables before each of token_ids in one teacher-forced pass; bit-identical to the session's."""
@@ -371,14 +554,11 @@ class ExactStudentModel(LanguageModel):
 
     def score_frequencies_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
         """score_frequencies for several (prefix, tokens) pairs in one batch."""
-        seqs = [(list(p) + list(t)[:-1] if len(t) else list(p), 0, []) for p, t in pairs]
-        out = self.forward(seqs)
-        return [self.tables(f[len(p) - 1 :]) if len(t) else np.zeros((0, self.config.vocab_size), np.uint32) for f, (p, t) in zip(out, pairs)]
+        return self._teacher_forced(pairs, self.tables, self.config.vocab_size, np.uint32)
 
     def score_logits(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """Integer logits (as exact float32 values at FL bits) before each of token_ids."""
-        seq = list(prefix_ids) + list(token_ids)[:-1]
-        lg = self.logits(self.forward([(seq, 0, [])])[0][len(prefix_ids) - 1 :])
+        lg = self._teacher_forced([(prefix_ids, token_ids)], self.logits, self.config.vocab_size, np.int64)[0]
         return (lg / (1 << FL)).astype(np.float32)
 
     def score(self, prefix_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
@@ -389,32 +569,129 @@ class ExactStudentModel(LanguageModel):
         return self.score_logits(prefix_ids, token_ids)
 
 
+class Stepper:
+    """Batches the table requests of many threads: one forward pass for every session waiting.
+
+    A thread that needs a session's table waits in `run`; whichever waiting thread finds no pass
+    running leads the next one, over every session waiting at that moment ("group commit"), and
+    the others wake with their tables. Threads that code for a stream declare it with `active()`:
+    a pass then waits until every active thread is waiting (or has left), so one pass serves
+    them all; a thread outside `active()` counts only while it waits. A stalled active thread
+    delays a pass by at most GATHER_S. A long prompt is read PREFILL_CHUNK tokens per pass, so
+    the streams decoding beside it keep getting tables between its chunks (chunked prefill).
+
+    Batching never changes a table: every product is exact row by row (ExactStudentModel._check)."""
+
+    def __init__(self, model: ExactStudentModel):
+        self._model = model
+        self._cv = threading.Condition()
+        self._waiting: list[ExactStudentSession] = []
+        self._active = 0
+        self._leading = False
+        self._local = threading.local()
+        self.passes = 0  # forward passes run, and the rows they computed (for benchmarks)
+        self.rows = 0
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """The calling thread is coding a stream: a pass waits for its request (or its exit)."""
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        if depth == 0:  # a thread counts once, however deep its regions nest
+            with self._cv:
+                self._active += 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cv:
+                    self._active -= 1
+                    self._cv.notify_all()
+
+    def run(self, sess: ExactStudentSession) -> None:
+        """Return once `sess` has its logits and table for every token fed to it."""
+        implicit = getattr(self._local, "depth", 0) == 0
+        with self._cv:
+            if implicit:
+                self._active += 1
+            self._waiting.append(sess)
+            self._cv.notify_all()
+            since = time.monotonic()
+            try:
+                while sess._freqs is None and sess._error is None:
+                    ready = len(self._waiting) >= self._active or time.monotonic() - since >= GATHER_S
+                    if self._leading or not ready:
+                        self._cv.wait(GATHER_S)
+                        continue
+                    self._lead()
+            finally:
+                if implicit:
+                    self._active -= 1
+                self._cv.notify_all()
+            err, sess._error = sess._error, None
+        if err is not None:
+            raise err
+
+    def _lead(self) -> None:
+        """Run one pass over the waiting sessions (called and returning with the lock held)."""
+        self._leading = True
+        batch = list(self._waiting)
+        err: BaseException | None = None
+        self._cv.release()
+        try:
+            if self._model.matmul == "torch" and not getattr(self._local, "one_thread", False):
+                _one_thread_here()
+                self._local.one_thread = True
+            self._model._advance(batch)
+        except BaseException as exc:  # every session of the pass hears of it, not just the leader
+            err = exc
+        finally:
+            self._cv.acquire()
+            self._leading = False
+            self.passes += 1
+            self.rows += len(batch)
+            for s in batch:
+                if err is not None:
+                    s._error = err
+            self._waiting = [s for s in self._waiting if s._freqs is None and s._error is None]
+            self._cv.notify_all()
+
+
 class ExactStudentSession(Session):
-    """Incremental decoding: one row per step over an integer KV cache."""
+    """Incremental decoding over an integer KV cache. Lazy: `feed` records tokens; the model
+    reads them when a table or logits are asked for, in a pass shared with every other session
+    asking at that moment (ExactStudentModel.stepper)."""
 
     def __init__(self, model: ExactStudentModel, prefix_ids: Sequence[int]):
         if len(prefix_ids) == 0:
             raise ValueError("a session needs at least one prefix token (the prompt or BOS)")
         self._m = model
-        self._cache: list[list[np.ndarray]] = []
-        self._len = 0
+        self.cache = model.new_cache()
+        self._todo: list[int] = []  # fed, not yet read
         self._logits: np.ndarray | None = None
         self._freqs: np.ndarray | None = None
+        self._error: BaseException | None = None
         self.feed_many(prefix_ids)
 
     def feed_many(self, token_ids: Sequence[int]) -> None:
-        """Several tokens in one pass (the same integers as one at a time)."""
-        if not len(token_ids):
+        """Record tokens (checked now, read with the next table)."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
             return
-        out = self._m.forward([([int(t) for t in token_ids], self._len, self._cache)])[0]
-        self._len += len(token_ids)
-        self._logits = self._m.logits(out[-1:])[0]  # the head for the last row only
-        self._freqs = None
+        self._m.check_ids(ids, self.length)
+        self._todo += ids
+        self._logits = self._freqs = None
 
     def feed(self, token_id: int) -> None:
-        self.feed_many([int(token_id)])
+        self.feed_many([token_id])
+
+    def _ready(self) -> None:
+        if self._freqs is None:
+            self._m.stepper.run(self)
 
     def int_logits(self) -> np.ndarray:
+        self._ready()
         assert self._logits is not None
         return self._logits
 
@@ -423,13 +700,25 @@ class ExactStudentSession(Session):
         return (self.int_logits() / (1 << FL)).astype(np.float32)
 
     def frequencies(self) -> np.ndarray:
-        if self._freqs is None:
-            self._freqs = self._m.table(self.int_logits())[0]
+        self._ready()
+        assert self._freqs is not None
         return self._freqs
 
     @property
     def length(self) -> int:
-        return self._len
+        return self.cache.length + len(self._todo)
+
+
+def stepper_of(model: Any) -> Stepper | None:
+    """The stepper that batches `model`'s tables: its own, or that of the exact student a
+    wrapper (the match model's `inner`) runs on; None for other models."""
+    seen = 0
+    while model is not None and seen < 8:
+        st = getattr(model, "stepper", None)
+        if isinstance(st, Stepper):
+            return st
+        model, seen = getattr(model, "inner", None), seen + 1
+    return None
 
 
 # ------------------------------------------------------------------ quantisation (float student -> exact)
@@ -498,11 +787,13 @@ def quantize_student(float_path: str | Path, out: str | Path, max_positions: int
     return new_meta
 
 
-def load_exact_student(path: str | Path, spec: str | None = None) -> ExactStudentModel:
-    """Load an exact student written by quantize_student; ConfigError if a bound is violated."""
+def load_exact_student(path: str | Path, spec: str | None = None, matmul: str = "auto") -> ExactStudentModel:
+    """Load an exact student written by quantize_student; ConfigError if a bound is violated.
+    matmul: "torch" (torch._int_mm), "numpy" (float32 BLAS) or "auto" (torch when it has the
+    kernel); the tables are the same integers either way."""
     meta, arrays = read_model_npz(path, "exact student", FORMAT)
     try:
-        return ExactStudentModel(spec or f"exact:{path}", meta, arrays)
+        return ExactStudentModel(spec or f"exact:{path}", meta, arrays, matmul)
     except KeyError as exc:
         raise ConfigError(f"{path}: exact student file lacks the array {exc}") from exc
 

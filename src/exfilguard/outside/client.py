@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 
 # "exhausted" (budget spent), "ok" (meter up, budget left), "down" (meter unreachable).
 StatusProbe = Callable[[], Awaitable[str]]
+
+# Decoding threads per connection. Each answer's bytes are decoded on one of them; answers decoded
+# at the same moment get their weak-model tables from one batched pass (continuous batching:
+# an answer joins the pass when its bytes arrive, leaves when they are decoded), so this is also
+# the largest batch. asyncio's default pool (cores + 4 threads) would cap the batch at 6.
+DECODE_THREADS = 64
 
 
 async def no_probe() -> str:
@@ -108,6 +115,13 @@ class InsideConnection:
         self._dead: ExfilguardError | None = None
         self.bytes_in = 0
         self.tokens_in = 0  # tokens decoded from what crossed the meter: the denominator of bits per token
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def _decode(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+        """Run a decoder call on the connection's decoding threads."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="exfilguard-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- connection ---------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -209,6 +223,9 @@ class InsideConnection:
                 pass
         if self._writer is not None:
             self._writer.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     # -- one answer ---------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest, weak_fingerprint: str,
@@ -249,12 +266,12 @@ class InsideConnection:
                 if item.kind == Kind.RESEND:
                     raise FrameCorrupt("protocol: RESEND that was not asked for")
                 try:
-                    toks = await asyncio.to_thread(decoder.push, item.payload)
+                    toks = await self._decode(decoder.push, item.payload)
                 except Desync as d:
                     toks = await self._resend(slot, st, decoder, d.chunk_index)
                 if item.kind == Kind.END:
                     finished = True
-                    toks = toks + await asyncio.to_thread(decoder.finish)
+                    toks = toks + await self._decode(decoder.finish)
                     if toks:
                         self.tokens_in += len(toks)
                         yield toks
@@ -289,7 +306,7 @@ class InsideConnection:
                 got, raw = parse_resend(item.payload)
                 if got != index:
                     raise FrameCorrupt(f"protocol: RESEND of chunk {got}, asked for {index}")
-                toks = await asyncio.to_thread(decoder.push_raw, index, raw)
+                toks = await self._decode(decoder.push_raw, index, raw)
                 # Put back what arrived while we waited, in order, ahead of anything newer.
                 rest = [st.queue.get_nowait() for _ in range(st.queue.qsize())]
                 for x in held + rest:

@@ -1,32 +1,49 @@
 """Adapts exfilguard.codec's streaming Encoder/Decoder to the StreamEncoder/StreamDecoder the
-inside and outside use. Imports the codec lazily (the model codec runs the weak model)."""
+inside and outside use. Imports the codec lazily (the model codec runs the weak model).
+
+Every call into an encoder or decoder runs inside the weak model's batching region (`region`):
+when the weak model is an exact student, the streams coded at the same moment by different
+threads get their tables from one batched pass (models/exact_student.py, Stepper)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
 
 from exfilguard.errors import ConfigError
+
+
+def _region_factory(weak: Any) -> Callable[[], ContextManager[Any]]:
+    """`weak`'s batching region (its exact student's Stepper.active), or a no-op."""
+    from exfilguard.models.exact_student import stepper_of  # numpy only, no torch at import
+
+    st = stepper_of(weak)
+    return st.active if st is not None else contextlib.nullcontext
 
 
 class _Encoder:
     """Holds back what codec.Encoder.push returns (the header) until the next flush, so the
     header travels with the first chunk in one frame."""
 
-    def __init__(self, enc: Any):
+    def __init__(self, enc: Any, region: Callable[[], ContextManager[Any]]):
         self._enc = enc
         self._held = bytearray()
+        self.region = region  # the engine enters it around a step's sink calls (inside/engine.py)
 
     def push(self, token_id: int) -> None:
-        self._held += self._enc.push(token_id)
+        with self.region():
+            self._held += self._enc.push(token_id)
 
     def flush(self) -> bytes:
-        out = bytes(self._held) + self._enc.flush()
+        with self.region():
+            out = bytes(self._held) + self._enc.flush()
         self._held.clear()
         return out
 
     def finish(self) -> bytes:
-        out = bytes(self._held) + self._enc.finish()
+        with self.region():
+            out = bytes(self._held) + self._enc.finish()
         self._held.clear()
         return out
 
@@ -40,22 +57,26 @@ class _Encoder:
 
 
 class _Decoder:
-    def __init__(self, dec: Any):
+    def __init__(self, dec: Any, region: Callable[[], ContextManager[Any]]):
         self._dec = dec
+        self.region = region
 
     def push(self, data: bytes) -> list[int]:
-        return self._dec.feed(data)
+        with self.region():
+            return self._dec.feed(data)
 
     def push_raw(self, index: int, data: bytes) -> list[int]:
         from exfilguard.errors import FrameCorrupt
 
         try:
-            return self._dec.resend(index, data)
+            with self.region():
+                return self._dec.resend(index, data)
         except ValueError as exc:
             raise FrameCorrupt(f"unexpected raw resend: {exc}") from None
 
     def finish(self) -> list[int]:
-        self._dec.finish()  # raises if the stream is incomplete; tokens were already handed out
+        with self.region():
+            self._dec.finish()  # raises if the stream is incomplete; tokens were already handed out
         return []
 
 
@@ -76,6 +97,7 @@ class RealCodecFactory:
         # teacher-forced chunk recomputes the whole prefix (slower than incremental with streaming).
         self._options = options or {}
         self._codecs: dict[str, Any] = {}
+        self.region = _region_factory(weak)
 
     def codec(self, name: str) -> Any:
         """One codec object per name (its stats add up across streams)."""
@@ -102,9 +124,9 @@ class RealCodecFactory:
     def encoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Encoder:
         from exfilguard.codec import Encoder
 
-        return _Encoder(Encoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0, flush_every=None))
+        return _Encoder(Encoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0, flush_every=None), self.region)
 
     def decoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Decoder:
         from exfilguard.codec import Decoder
 
-        return _Decoder(Decoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0))
+        return _Decoder(Decoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0), self.region)
