@@ -87,7 +87,8 @@ class MeterConfig:
     def validate(self) -> None:
         """Raise ConfigError when a value cannot work."""
         parse_hostport(self.listen, "--listen")
-        parse_hostport(self.upstream, "--upstream")
+        if not self.upstream.startswith("unix:") or len(self.upstream) <= 5:
+            parse_hostport(self.upstream, "--upstream")
         if self.metrics:
             parse_hostport(self.metrics, "--metrics")
         if not isinstance(self.cap, int) or self.cap < 0:

@@ -265,12 +265,13 @@ class Meter:
                     await asyncio.wait_for(srv.wait_closed(), 1.0)
 
     async def _wait_upstream(self) -> None:
-        host, port = parse_hostport(self.config.upstream, "--upstream")
+        up = self.config.upstream
         deadline = time.monotonic() + self.config.upstream_wait
         last: BaseException | None = None
         while True:
             try:
-                _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), max(0.1, deadline - time.monotonic()))
+                opening = asyncio.open_unix_connection(up[5:]) if up.startswith("unix:") else asyncio.open_connection(*parse_hostport(up, "--upstream"))
+                _r, w = await asyncio.wait_for(opening, max(0.1, deadline - time.monotonic()))
                 w.close()
                 return
             except (OSError, asyncio.TimeoutError) as exc:
@@ -459,12 +460,14 @@ class Meter:
             if self.state == "exhausted":
                 # Wait for it (another meter may have released bytes, a window may have moved).
                 await self._next_block(c)
-            host, port = parse_hostport(cfg.upstream, "--upstream")
             loop = asyncio.get_running_loop()
             try:
-                await asyncio.wait_for(
-                    loop.create_connection(lambda: _UpstreamSide(self, c), host, port), cfg.upstream_connect_timeout
-                )
+                if cfg.upstream.startswith("unix:"):
+                    opening = loop.create_unix_connection(lambda: _UpstreamSide(self, c), cfg.upstream[5:])
+                else:
+                    host, port = parse_hostport(cfg.upstream, "--upstream")
+                    opening = loop.create_connection(lambda: _UpstreamSide(self, c), host, port)
+                await asyncio.wait_for(opening, cfg.upstream_connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 c.reason = f"upstream unreachable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
                 log.warning("conn %d: %s", c.id, c.reason)
