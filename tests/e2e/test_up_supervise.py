@@ -104,6 +104,23 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def _worker_of(pid: int) -> int:
+    """The python process at the bottom of the inside's sandbox (bwrap -> bwrap -> python)."""
+    while True:
+        kids = _children(pid)
+        if not kids:
+            return pid
+        pid = kids[0]
+
+
+def _uid(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:")).split()[1])
+
+
 def _answer(url: str, key: str, max_tokens: int = 8) -> str | None:
     try:
         r = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=120).chat.completions.create(
@@ -144,7 +161,11 @@ def test_up_three_processes_supervised(tmp_path):
         assert all(_ppid(p) == up.proc.pid for p in pids.values())
         cmd = {n: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for n, p in pids.items()}
         assert b"--strong" in cmd["inside"] and b"--strong" not in cmd["outside"] and b"--strong" not in cmd["meter"]
-        maps = {n: Path(f"/proc/{p}/maps").read_text() for n, p in pids.items()}
+        # The inside is sandboxed by default: the supervised process is bwrap; the worker runs below it as nobody.
+        assert cmd["inside"][0].endswith(b"/bwrap"), cmd["inside"][:3]
+        worker = _worker_of(pids["inside"])
+        assert _uid(worker) == (65534 if os.geteuid() == 0 else os.geteuid()) and _uid(pids["meter"]) == os.geteuid()
+        maps = {n: Path(f"/proc/{worker if n == 'inside' else p}/maps").read_text() for n, p in pids.items()}
         assert "torch" in maps["inside"] and "torch" not in maps["meter"]
         # The supervisor loads no ML library either (issue 21/22: it used to map libtorch to pick the weak model).
         assert "torch" not in Path(f"/proc/{up.proc.pid}/maps").read_text()

@@ -64,19 +64,22 @@ def register(app: typer.Typer) -> None:
         strong: str = typer.Option("smollm2", help="strong model spec"),
         weak: Optional[str] = typer.Option(None, help="weak model spec (default: the shipped student)"),
         cap: Optional[str] = typer.Option(None, help="egress cap in bytes, e.g. 5000, 50MB (default: 10% of the strong weights)"),
-        port: int = typer.Option(8000, help="port of the API on 127.0.0.1"),
+        port: int = typer.Option(8000, help="port of the API (on --host)"),
+        host: str = typer.Option("127.0.0.1", "--host", help="address the API and the dashboard listen on (0.0.0.0: every interface)"),
         data_dir: str = typer.Option(".exfilguard", help="ledger, meter key and API keys live here"),
         ledger: Optional[str] = typer.Option(None, "--ledger", help="Ledger URL (default: sqlite:///DATA_DIR/ledger.sqlite)."),
         reserve_block: Optional[str] = typer.Option(None, "--reserve-block", help="Largest block the meter reserves per ledger commit (blocks adapt from 4 KiB up to it; default 16MiB); a crash can leave at most two blocks per open connection counted but unused."),
         window: Optional[list[str]] = typer.Option(None, "--window", help="Rolling window DURATION=BYTES, e.g. 1h=50MB (repeatable)."),
         signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 key that signs tree heads (default: DATA_DIR/meter-key, made on first use)."),
-        metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT of the meter's /metrics and /status (default: a free port, printed)."),
-        publish_heads: Optional[str] = typer.Option(None, "--publish-heads", help="Where the meter also publishes every signed head: DIR, http(s) URL or -."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT of the meter's /metrics and /status, fixed for Prometheus (default 127.0.0.1:9464; a free port, printed, if that is taken)."),
+        publish_heads: Optional[str] = typer.Option(None, "--publish-heads", help="Where the meter publishes every signed head: DIR, http(s) URL or - (default: DATA_DIR/heads, which the inside cannot see)."),
         codec: str = typer.Option("auto", help="codec the inside encodes with (auto: coupled if available, else model)"),
         flush_every: int = typer.Option(16, help="streaming answers: flush a chunk every N tokens (0: only at the end); non-streaming answers are one chunk"),
         flush_ms: float = typer.Option(0.0, help="streaming answers: also flush after T ms (0: off)"),
         device: str = typer.Option("cpu", help="torch device for a local strong model"),
-        dashboard_port: int = typer.Option(8050, "--dashboard-port", help="port of the read-only operator dashboard on 127.0.0.1 (0: none)"),
+        dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="port of the read-only operator dashboard on --host (default 8050, or a free port, printed, if that is taken; 0: none)"),
+        budget_lifetime: Optional[str] = typer.Option(None, "--budget-lifetime", help="the budget's planned lifetime (e.g. 90d): the outside alerts when the burn rate would spend the cap sooner"),
+        no_isolate: bool = typer.Option(False, "--no-isolate", help="run the inside unsandboxed (it could then read the ledger and the keys and kill the meter); for hosts without bwrap or namespaces"),
     ) -> None:
         """Start meter, inside and outside as three supervised processes; print the base URL, an API key and the meter's status URL."""
         from exfilguard.supervise import new_api_key, serve_up, up_config
@@ -84,6 +87,7 @@ def register(app: typer.Typer) -> None:
         cfg = up_config(
             strong, weak, cap, port, data_dir, ledger=ledger, reserve_block=reserve_block, windows=window,
             signing_key=signing_key, metrics=metrics, publish_heads=publish_heads, codec=codec,
-            flush_every=flush_every, flush_ms=flush_ms, device=device, dashboard_port=dashboard_port,
+            flush_every=flush_every, flush_ms=flush_ms, device=device, dashboard_port=dashboard_port, host=host,
+            isolate=not no_isolate, budget_lifetime=budget_lifetime,
         )
         serve_up(cfg, new_api_key(cfg.data_dir))

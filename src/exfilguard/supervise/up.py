@@ -30,6 +30,7 @@ from pathlib import Path
 
 from exfilguard.errors import ChildFailed, ConfigError
 from exfilguard.supervise.assemble import free_port
+from exfilguard.supervise.sandbox import SANDBOX_UID, Sandbox, prepare_socket_dir, python_trees, socket_dir_for
 
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
@@ -55,24 +56,59 @@ class UpConfig:
     windows: list[str] = field(default_factory=list)
     budget: str = "default"
     metrics: str = ""  # HOST:PORT of the meter's /metrics and /status ("" = a free port)
-    publish_heads: str | None = None
+    publish_heads: str | None = None  # DIR, URL or -: where the meter publishes signed heads (up: DATA_DIR/heads)
     codec: str = "auto"
     flush_every: int = 16
     flush_ms: float = 0.0
     device: str = "cpu"
     model_name: str = "exfilguard"
-    dashboard_port: int = 0  # the read-only operator dashboard on 127.0.0.1 (0: not started)
+    dashboard_port: int = 0  # the read-only operator dashboard on `host` (0: not started)
     ready_timeout: float = 600.0  # model loading on a small machine
+    host: str = "127.0.0.1"  # where the API and the dashboard listen
+    isolate: bool = True  # the inside in its sandbox (supervise/sandbox.py); False only with --no-isolate
+    budget_lifetime: str | None = None  # the budget's planned lifetime: the outside's burn-rate alerts
+
+    def private_paths(self) -> list[Path]:
+        """What the inside must never read or write: DATA_DIR, the ledger, the keys, the logs, the heads."""
+        paths = [self.data_dir.resolve(), self.signing_key.resolve().parent]
+        if self.ledger.startswith("sqlite:///"):
+            paths.append(Path(self.ledger[len("sqlite:///"):]).resolve().parent)
+        if self.publish_heads and "://" not in self.publish_heads and self.publish_heads != "-":
+            paths.append(Path(self.publish_heads).resolve())
+        out: list[Path] = []
+        for p in paths:
+            if p not in out:
+                out.append(p)
+        return out
 
 
-def check_port_free(port: int, what: str) -> None:
-    """Raise ConfigError when 127.0.0.1:`port` cannot be bound."""
-    with socket.socket() as s:
+DEFAULT_METRICS = "127.0.0.1:9464"  # the meter's /metrics and /status: fixed, so it can be a Prometheus target
+DEFAULT_DASHBOARD_PORT = 8050
+
+
+def port_free(host: str, port: int) -> str | None:
+    """None when host:port can be bound now, else why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"{what} 127.0.0.1:{port} is not available ({exc.strerror}); pick another with --port") from None
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_port_free(port: int, what: str, flag: str = "--port", host: str = "127.0.0.1") -> None:
+    """Raise ConfigError, naming the option that changes it, when host:`port` cannot be bound."""
+    why = port_free(host, port)
+    if why is not None:
+        raise ConfigError(f"{what} {host}:{port} is not available ({why}); pick another with {flag}")
+
+
+def reachable(host: str) -> str:
+    """How a local client reaches a server bound to `host` (a wildcard address means loopback), URL-ready."""
+    h = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{h}]" if ":" in h else h
 
 
 def new_api_key(data_dir: Path) -> str:
@@ -202,34 +238,49 @@ class Supervisor:
         self.cfg = cfg
         self.inside_port = free_port()
         self.meter_port = free_port()
+        self.sandbox: Sandbox | None = None
+        if cfg.isolate:
+            # The inside's only channel: a UNIX socket in a directory of its own, which the meter connects to.
+            self.sandbox = Sandbox(readable=python_trees([cfg.strong, cfg.weak]), hidden=cfg.private_paths(),
+                                   socket_dir=socket_dir_for(cfg.data_dir), device=cfg.device)
+            inside_at = f"unix:{self.sandbox.socket_inside_path}"
+            upstream = f"unix:{self.sandbox.socket_host_path}"
+        else:
+            inside_at = upstream = f"127.0.0.1:{self.inside_port}"
         self.status_host, self.status_port = ("127.0.0.1", free_port())
         if cfg.metrics:
             from exfilguard.meter.config import parse_hostport
 
             self.status_host, self.status_port = parse_hostport(cfg.metrics, "--metrics")
-        self.status_url = f"http://{self.status_host}:{self.status_port}/status"
-        self.metrics_url = f"http://{self.status_host}:{self.status_port}/metrics"
+        self.status_url = f"http://{reachable(self.status_host)}:{self.status_port}/status"
+        self.metrics_url = f"http://{reachable(self.status_host)}:{self.status_port}/metrics"
+        metrics_at = f"[{self.status_host}]:{self.status_port}" if ":" in self.status_host else f"{self.status_host}:{self.status_port}"
         self._stop = threading.Event()
         exe = [sys.executable, "-m", "exfilguard.cli.main"]
         meter = [
-            *exe, "meter", "--listen", f"127.0.0.1:{self.meter_port}", "--upstream", f"127.0.0.1:{self.inside_port}",
+            *exe, "meter", "--listen", f"127.0.0.1:{self.meter_port}", "--upstream", upstream,
             "--ledger", cfg.ledger, "--cap", str(cfg.cap), "--budget", cfg.budget, "--reserve-block", str(cfg.reserve_block),
-            "--signing-key", str(cfg.signing_key), "--metrics", f"{self.status_host}:{self.status_port}", "--upstream-wait", "0",
+            "--signing-key", str(cfg.signing_key), "--metrics", metrics_at, "--upstream-wait", "0",
         ]
         for w in cfg.windows:
             meter += ["--window", w]
         if cfg.publish_heads:
             meter += ["--publish-heads", cfg.publish_heads]
-        inside = [*exe, "inside", "--strong", cfg.strong, "--weak", cfg.weak, "--listen", f"127.0.0.1:{self.inside_port}",
-                  "--device", cfg.device]
+        inside = [*exe, "inside", "--strong", cfg.strong, "--weak", cfg.weak, "--listen", inside_at, "--device", cfg.device]
+        if self.sandbox is not None:
+            inside = self.sandbox.wrap(inside)
+        host = cfg.host
+        listen_host = f"[{host}]" if ":" in host else host
         outside = [
-            *exe, "outside", "--inside", f"127.0.0.1:{self.meter_port}", "--weak", cfg.weak, "--listen", f"127.0.0.1:{cfg.port}",
+            *exe, "outside", "--inside", f"127.0.0.1:{self.meter_port}", "--weak", cfg.weak, "--listen", f"{listen_host}:{cfg.port}",
             "--api-keys", str(cfg.data_dir / "api-keys"), "--meter-status", self.status_url, "--codec", cfg.codec,
             "--flush-every", str(cfg.flush_every), "--flush-ms", str(cfg.flush_ms), "--model-name", cfg.model_name,
             "--keys-ledger", f"sqlite:///{(cfg.data_dir / 'keys.sqlite').resolve()}",
             # every answer (request, seed, output ids), hash-chained, for `exfilguard verify`
             "--request-log", str((cfg.data_dir / "request-log.jsonl").resolve()),
         ]
+        if cfg.budget_lifetime:
+            outside += ["--budget-lifetime", cfg.budget_lifetime]
         self.meter = Child("meter", meter, lambda c: _status_ok(self.status_url))
         self.inside = Child("inside", inside, lambda c: c.seen.is_set())
         self.inside.expect = "inside worker listening on"
@@ -240,10 +291,10 @@ class Supervisor:
         if cfg.dashboard_port:
             dash = [
                 *exe, "dashboard", "--ledger", cfg.ledger, "--meter-metrics", self.metrics_url,
-                "--tokens-metrics", f"http://127.0.0.1:{cfg.port}/metrics", "--public-key", f"{cfg.signing_key}.pub",
-                "--listen", f"127.0.0.1:{cfg.dashboard_port}",
+                "--tokens-metrics", f"http://{reachable(host)}:{cfg.port}/metrics", "--public-key", f"{cfg.signing_key}.pub",
+                "--listen", f"{listen_host}:{cfg.dashboard_port}",
             ]
-            page = f"http://127.0.0.1:{cfg.dashboard_port}/api/state"
+            page = f"http://{reachable(host)}:{cfg.dashboard_port}/api/state"
             self.dashboard = Child("dashboard", dash, lambda c: c.seen.is_set() and _http_ok(page))
             self.dashboard.expect = "exfilguard dashboard on"
             self.children.append(self.dashboard)
@@ -271,7 +322,9 @@ class Supervisor:
 
     def start_all(self) -> None:
         """Meter first (no model: startup errors show before any model loads), then inside, then outside."""
-        check_port_free(self.cfg.port, "the API port")
+        check_port_free(self.cfg.port, "the API port", host=self.cfg.host)
+        if self.sandbox is not None:
+            prepare_socket_dir(self.sandbox.socket_dir)
         try:
             self._start(self.meter, 60.0)
             # Both load models; neither needs the other to load.
@@ -326,14 +379,24 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
         sup.start_all()
     except _Stopped:
         return
-    print(f"exfilguard is up: base URL http://127.0.0.1:{cfg.port}/v1", flush=True)
+    here = reachable(cfg.host)
+    print(f"exfilguard is up: base URL http://{here}:{cfg.port}/v1" + (f" (listening on {cfg.host})" if here != cfg.host else ""), flush=True)
     print(f"API key: {api_key}", flush=True)
     print(f"processes: meter pid {sup.meter.pid}, inside pid {sup.inside.pid}, outside pid {sup.outside.pid} "
           f"(supervisor pid {os.getpid()})", flush=True)
+    if sup.sandbox is not None:
+        user = f"user nobody (uid {SANDBOX_UID})" if sup.sandbox.as_root else "an unprivileged user namespace"
+        print(f"inside isolated: bwrap, own network (loopback only), PID and mount namespaces, {user}; "
+              f"its only channel is the meter, over unix:{sup.sandbox.socket_host_path}", flush=True)
+    else:
+        print("warning: --no-isolate: the inside runs unsandboxed beside the meter: a compromised inside can read the "
+              "meter key, rewrite the ledger and kill the meter", flush=True)
     print(f"meter status {sup.status_url}, metrics {sup.metrics_url}", flush=True)
+    if cfg.publish_heads:
+        print(f"signed tree heads published to {cfg.publish_heads} (audit: exfilguard ledger verify --trusted-head ...)", flush=True)
     print(f"request log {cfg.data_dir / 'request-log.jsonl'} (audit: exfilguard verify --log {cfg.data_dir / 'request-log.jsonl'} --strong {cfg.strong})", flush=True)
     if sup.dashboard is not None:
-        print(f"dashboard http://127.0.0.1:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
+        print(f"dashboard http://{here}:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
     ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
     print(f"strong {cfg.strong}, weak {cfg.weak}, cap {cfg.cap} bytes, block {cfg.reserve_block} bytes, ledger {ledger_shown} "
           f"(tree heads signed with {cfg.signing_key}; audit: exfilguard ledger verify --ledger "
@@ -350,15 +413,19 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
 def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_dir: str, *, ledger: str | None = None,
               reserve_block: str | None = None, windows: list[str] | None = None, signing_key: Path | None = None,
               metrics: str | None = None, publish_heads: str | None = None, codec: str = "auto", flush_every: int = 16,
-              flush_ms: float = 0.0, device: str = "cpu", dashboard_port: int = 0) -> UpConfig:
-    """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise."""
+              flush_ms: float = 0.0, device: str = "cpu", dashboard_port: int | None = None, host: str = "127.0.0.1",
+              isolate: bool = True, budget_lifetime: str | None = None) -> UpConfig:
+    """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise.
+
+    `metrics` and `dashboard_port` left at None take their defaults (DEFAULT_METRICS, DEFAULT_DASHBOARD_PORT);
+    a default that is taken is replaced by a free port, said on stdout; one given and taken is an error."""
     from exfilguard.ledger.keys import load_private_key
-    from exfilguard.meter.config import DEFAULT_BLOCK, parse_size, parse_window
+    from exfilguard.meter.config import DEFAULT_BLOCK, parse_duration, parse_hostport, parse_size, parse_window
     from exfilguard.models.loading import resolve_weak_spec, weight_file_bytes
 
     ddir = Path(data_dir)
     try:
-        ddir.mkdir(parents=True, exist_ok=True)
+        ddir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the ledger, the keys and the logs: nobody else's
     except OSError as exc:
         raise ConfigError(f"cannot create --data-dir {ddir}: {exc.strerror}") from None
     asked = weak
@@ -377,22 +444,60 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
         raise ConfigError("--reserve-block must be a positive number of bytes")
     for w in windows or ():
         parse_window(w)
+    if budget_lifetime is not None:
+        parse_duration(budget_lifetime)
     key = Path(signing_key) if signing_key else meter_signing_key(ddir)
     load_private_key(key)  # a bad key fails here, before anything starts
+    if not host or any(c.isspace() for c in host):
+        raise ConfigError(f"--host {host!r} is not an address")
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is out of range")
-    check_port_free(port, "the API port")
-    if dashboard_port:
-        if not 0 < dashboard_port < 65536 or dashboard_port == port:
-            raise ConfigError(f"--dashboard-port {dashboard_port} is out of range or the API's port")
-        check_port_free(dashboard_port, "the dashboard port")
+    check_port_free(port, "the API port", "--port", host)
+    dport = _pick_port(dashboard_port, DEFAULT_DASHBOARD_PORT, host, "the dashboard port", "--dashboard-port", avoid={port})
+    if metrics is None:
+        mhost, mport = parse_hostport(DEFAULT_METRICS, "--metrics")
+        mport = _pick_port(None, mport, mhost, "the meter's metrics port", "--metrics HOST:PORT", avoid={port, dport})
+    else:
+        mhost, mport = parse_hostport(metrics, "--metrics")
+        if mport == 0:
+            raise ConfigError(f"--metrics {metrics!r} needs a port (it is a Prometheus target: fixed)")
+        check_port_free(mport, "the meter's metrics address", "--metrics HOST:PORT", mhost)
+    if isolate:
+        if strong.startswith("openai:"):
+            raise ConfigError("--strong openai:URL needs the network, and the inside's sandbox has none: run that inside "
+                              "on its own host (docs/deploy.md) or pass --no-isolate")
+        from exfilguard.supervise.sandbox import check_available
+
+        check_available()
+    heads = publish_heads if publish_heads is not None else str((ddir / "heads").resolve())
     return UpConfig(
         strong=strong, weak=weak_spec, cap=cap_bytes, port=port, data_dir=ddir,
         ledger=ledger or f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", signing_key=key.resolve(),
-        reserve_block=block, windows=list(windows or ()), metrics=metrics or "", publish_heads=publish_heads,
+        reserve_block=block, windows=list(windows or ()), metrics=f"{mhost}:{mport}", publish_heads=heads,
         codec=codec, flush_every=flush_every, flush_ms=flush_ms, device=device,
-        model_name=strong if not strong.startswith("openai:") else "exfilguard", dashboard_port=dashboard_port,
+        model_name=strong if not strong.startswith("openai:") else "exfilguard", dashboard_port=dport,
+        host=host, isolate=isolate, budget_lifetime=budget_lifetime,
     )
 
 
-__all__ = ["ChildFailed", "Supervisor", "UpConfig", "meter_signing_key", "new_api_key", "serve_up", "up_config"]
+def _pick_port(asked: int | None, default: int, host: str, what: str, flag: str, avoid: set[int]) -> int:
+    """The port asked for (0: none; an error when taken), else the default, else a free one (said on stdout)."""
+    if asked is not None:
+        if asked == 0:
+            return 0
+        if not 0 < asked < 65536 or asked in avoid:
+            raise ConfigError(f"{flag} {asked} is out of range or already used by another part of `up`")
+        check_port_free(asked, what, flag, host)
+        return asked
+    why = port_free(host, default) if default not in avoid else "used by another part of `up`"
+    if why is None:
+        return default
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        free = int(s.getsockname()[1])
+    print(f"note: {what}'s default {host}:{default} is taken ({why}); using {host}:{free} instead (choose one with {flag})", flush=True)
+    return free
+
+
+__all__ = ["DEFAULT_DASHBOARD_PORT", "DEFAULT_METRICS", "ChildFailed", "Supervisor", "UpConfig", "check_port_free", "meter_signing_key",
+           "new_api_key", "reachable", "serve_up", "up_config"]
