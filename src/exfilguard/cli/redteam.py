@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def redteam(
-        scenario: str = typer.Option(..., help="raw, fake-tokens, stego, drip or burst"),
+        scenario: str = typer.Option(..., help="raw, fake-tokens, stego, drip, burst, same-host or timing"),
         secret: str = typer.Option(..., help="file the attacker tries to move out (a stand-in for weights)"),
         cap: str = typer.Option("64KiB", help="egress cap of the meter, in bytes (64KiB, 1MB, ...)"),
         strong: str = typer.Option("smollm2", help="strong model the attacker owns (and verify re-runs)"),
@@ -36,6 +36,12 @@ def register(app: typer.Typer) -> None:
             data = Path(secret).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read --secret {secret}: {exc.strerror}") from None
+        if scenario == "same-host":
+            from exfilguard.redteam.samehost_harness import run_same_host
+
+            res_sh = run_same_host(data, parse_size(cap, "--cap"), strong=strong, weak=weak)
+            print(json.dumps(res_sh.as_dict()) if as_json else _same_host_text(res_sh))
+            return
         cfg = RedteamConfig(scenario=scenario, secret=data, cap=parse_size(cap, "--cap"), strong=strong, weak=weak,
                             warmup=warmup, answers=answers, max_tokens=max_tokens, sample_rate=sample_rate,
                             connections=connections)
@@ -67,3 +73,14 @@ def register(app: typer.Typer) -> None:
         for k, v in rows:
             t.add_row(k, str(v))
         Console().print(t)
+
+
+def _same_host_text(res: "object") -> str:
+    """same-host as lines a person reads: each attempt and what stopped it, then the figures."""
+    d = res.as_dict()  # type: ignore[attr-defined]
+    lines = [f"same-host ({'isolated' if d['isolated'] else 'NOT isolated'}): cap {d['cap_bytes']} bytes"]
+    for a in d["attempts"]:
+        lines.append(f"  {'BROKEN' if a['ok'] else 'held  '} {a['what']}: {a['detail']}")
+    lines.append(f"meter survived: {'yes' if d['meter_survived'] else 'NO'}; ledger verifies: {'yes' if d['ledger_verifies'] else 'NO'}")
+    lines.append(f"secret bytes recovered {d['secret_bytes_recovered']} (meter forwarded {d['meter_bytes']}, cap {d['cap_bytes']})")
+    return "\n".join(lines)

@@ -69,7 +69,7 @@ class RedteamConfig:
 
     def validate(self) -> None:
         if self.scenario not in SCENARIOS:
-            raise ConfigError(f"unknown scenario {self.scenario!r}; expected one of {', '.join(SCENARIOS)}")
+            raise ConfigError(f"unknown scenario {self.scenario!r}; expected one of {', '.join(SCENARIOS + ('same-host', 'timing'))}")
         if not self.secret:
             raise ConfigError("the secret file is empty")
         if self.cap <= 0:
