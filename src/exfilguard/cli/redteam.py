@@ -42,6 +42,12 @@ def register(app: typer.Typer) -> None:
             res_sh = run_same_host(data, parse_size(cap, "--cap"), strong=strong, weak=weak)
             print(json.dumps(res_sh.as_dict()) if as_json else _same_host_text(res_sh))
             return
+        if scenario == "timing":
+            from exfilguard.redteam.timing import TimingConfig, run_timing
+
+            res_t = run_timing(TimingConfig(secret=data, cap=parse_size(cap, "--cap"), strong=strong, weak=weak))
+            print(json.dumps(res_t.as_dict()) if as_json else _timing_text(res_t))
+            return
         cfg = RedteamConfig(scenario=scenario, secret=data, cap=parse_size(cap, "--cap"), strong=strong, weak=weak,
                             warmup=warmup, answers=answers, max_tokens=max_tokens, sample_rate=sample_rate,
                             connections=connections)
@@ -83,4 +89,16 @@ def _same_host_text(res: "object") -> str:
         lines.append(f"  {'BROKEN' if a['ok'] else 'held  '} {a['what']}: {a['detail']}")
     lines.append(f"meter survived: {'yes' if d['meter_survived'] else 'NO'}; ledger verifies: {'yes' if d['ledger_verifies'] else 'NO'}")
     lines.append(f"secret bytes recovered {d['secret_bytes_recovered']} (meter forwarded {d['meter_bytes']}, cap {d['cap_bytes']})")
+    return "\n".join(lines)
+
+
+def _timing_text(res: "object") -> str:
+    """timing as lines: per channel, bits recovered against bits the meter charged."""
+    d = res.as_dict()  # type: ignore[attr-defined]
+    lines = [f"timing: cap {d['cap_bytes']} bytes"]
+    for c in d["channels"]:
+        lines.append(f"  {c['channel']}: {c['bits_correct']}/{c['bits_sent']} bits decoded right, {c['recovered_bits']:g} bits of "
+                     f"information; meter forwarded {c['meter_bytes']} bytes, ledger charged {c['charged_bytes']} bytes "
+                     f"({c['charged_bits']} bits, {c['timing_charge_bits']} beyond the content): "
+                     f"recovered <= charged {'yes' if c['target_met'] else 'NO'}")
     return "\n".join(lines)
