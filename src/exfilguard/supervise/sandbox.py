@@ -37,7 +37,7 @@ SOCKET_NAME = "inside.sock"
 
 # Environment variables the inside keeps (by name or prefix); everything else is dropped.
 _ENV_KEEP = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "LANG", "LC_ALL", "TZ")
-_ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "TORCH", "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "EXFILGUARD_")
+_ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "TORCH", "CUDA_", "NVIDIA_", "TOKENIZERS_")  # not HF_ (HF_TOKEN)
 _ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "passwd", "group", "nsswitch.conf", "localtime", "alternatives")
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _NAMESPACES = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
