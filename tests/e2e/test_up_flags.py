@@ -99,3 +99,33 @@ def test_host_fixed_metrics_dashboard_fallback_lifetime_heads_and_no_isolate(tmp
     heads = sorted((data / "heads").glob("*"))
     assert heads, list(data.iterdir())
     assert {"tree_size", "root", "signature"} <= set(json.loads(heads[-1].read_text()))
+
+
+def test_up_publishes_heads_outside_the_ledger_and_refuses_a_rolled_back_ledger(tmp_path):
+    """Issue 22: by default `up` publishes signed heads to DATA_DIR/heads (which the inside cannot see),
+    so a ledger rolled back to an earlier state (consistently: file and WAL together) is refused at the next start."""
+    data = tmp_path / "data"
+    args = ("--strong", "tiny-random", "--weak", "tiny-random", "--cap", "4000", "--data-dir", str(data),
+            "--dashboard-port", "0", "--metrics", f"127.0.0.1:{_free_port()}")
+
+    def run(answer: bool) -> None:
+        up = Up(*args, "--port", str(port := _free_port()))
+        try:
+            up.wait_for("Ctrl-C stops")
+            if answer:
+                key = re.search(r"API key: (\S+)", up.text()).group(1)
+                assert _answer(f"http://127.0.0.1:{port}/v1", key)
+        finally:
+            assert up.stop() == 0, up.text()
+
+    run(answer=False)
+    early = {p.name: p.read_bytes() for p in data.glob("ledger.sqlite*")}  # at rest: a consistent copy
+    run(answer=True)
+    assert sorted((data / "heads").glob("*")), "no head published"
+    for p in data.glob("ledger.sqlite*"):
+        p.unlink()
+    for name, blob in early.items():
+        (data / name).write_bytes(blob)
+    out = subprocess.run([*EXE, "up", *args, "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 5, out.stdout + out.stderr
+    assert "[inside" not in out.stdout, out.stdout
