@@ -145,7 +145,7 @@ def read_budget(driver: Any, budget: str = "default") -> dict[str, Any]:
     if texts is None:
         raise LookupError(f"no card for budget {budget!r} on the page")
     out: dict[str, Any] = {k: _num(texts[k]) for k in
-                           ("cap_bytes", "used_bytes", "remaining_bytes", "outstanding_bytes", "tree_size")}
+                           ("cap_bytes", "forwarded_bytes", "remaining_bytes", "outstanding_bytes", "tree_size")}
     out.update({k: texts[k] for k in ("burn_rate", "exhaustion", "ledger_denials")})
     return out
 

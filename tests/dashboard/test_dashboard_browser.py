@@ -53,7 +53,7 @@ def page_agrees_with_ledger(driver: Any, url: str) -> dict[str, Any]:
         return (page, st) if page["tree_size"] == st["tree_size"] else None
 
     page, st = wait_for(same_size, 60, "the page to show the ledger's tree size")
-    for k in ("cap_bytes", "used_bytes", "remaining_bytes", "outstanding_bytes"):
+    for k in ("cap_bytes", "forwarded_bytes", "remaining_bytes", "outstanding_bytes"):
         assert page[k] == st[k], (k, page, st)
     return page
 
@@ -119,11 +119,11 @@ def test_page_follows_real_traffic_through_the_whole_stack(browser: Any, tmp_pat
         def moved() -> dict[str, Any] | None:
             page = read_budget(browser)
             latest = text_of(browser, "#bpt-latest")
-            return page if page["used_bytes"] > before["used_bytes"] and "bits/token" in latest else None
+            return page if page["forwarded_bytes"] > before["forwarded_bytes"] and "bits/token" in latest else None
 
-        wait_for(moved, 60, "the page's used bytes and bits per token to follow the traffic")
+        wait_for(moved, 60, "the page's forwarded bytes and bits per token to follow the traffic")
         after = page_agrees_with_ledger(browser, ledger)
-        assert after["used_bytes"] > before["used_bytes"]
+        assert after["forwarded_bytes"] > before["forwarded_bytes"]
         assert after["remaining_bytes"] < before["remaining_bytes"]
         assert after["tree_size"] > before["tree_size"]
         assert "0 B/s" != after["burn_rate"]
@@ -172,7 +172,7 @@ def test_page_shows_exhaustion_denials_and_tampering(browser: Any, tmp_path: Pat
         dash.wait_http(f"http://127.0.0.1:{dport}/api/state", 60)
         browser.get(f"http://127.0.0.1:{dport}/")
         before = page_agrees_with_ledger(browser, ledger)
-        assert before["used_bytes"] == 0 and before["remaining_bytes"] == 100_000
+        assert before["forwarded_bytes"] == 0 and before["remaining_bytes"] == 100_000
         assert read_budget(browser)["exhaustion"] == "never at this rate"
         # No token counter given: the page says why there is no bits-per-token line.
         assert "not tokens" in text_of(browser, "#bpt-note")
@@ -182,7 +182,7 @@ def test_page_shows_exhaustion_denials_and_tampering(browser: Any, tmp_path: Pat
         asyncio.run(pull("127.0.0.1", meter.port, 30))  # refused: the budget is spent
         wait_for(lambda: read_budget(browser)["remaining_bytes"] == 0, 60, "the page to show the budget spent")
         spent = page_agrees_with_ledger(browser, ledger)
-        assert spent["used_bytes"] == 100_000 and spent["exhaustion"] == "exhausted"
+        assert spent["forwarded_bytes"] == 100_000 and spent["exhaustion"] == "exhausted"
         wait_for(lambda: int(text_of(browser, '[data-field="meter_denials"]').replace(",", "")) >= 1, 30,
                  "the meter's denials on the page")
         assert text_of(browser, '[data-field="meter_state"]') == "exhausted"

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from exfilguard.dashboard import Collector, DashboardConfig, create_dashboard_app
 from exfilguard.dashboard.collect import _BudgetSeries, burn_rate, exhaustion, parse_prometheus
 from exfilguard.errors import ConfigError
-from exfilguard.ledger import generate_keypair, load_private_key, open_ledger
+from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, open_ledger
 from exfilguard.ledger.keys import sign_tree_head
 from exfilguard.meter.metrics import MeterMetrics
 
@@ -30,9 +30,9 @@ def poll_verified(c: Collector) -> dict:
 
 def test_burn_rate_and_exhaustion_by_hand() -> None:
     s = _BudgetSeries(created_us=0)
-    s.add(0, 0)
-    s.add(10_000_000, 1000)  # 1000 B used at t = 10 s
-    s.add(20_000_000, 3000)  # 3000 B at t = 20 s
+    s.add(0, 4096)  # reserved ahead: not burnt
+    s.add_forwarded(10_000_000, 1000)  # 1000 B forwarded at t = 10 s
+    s.add_forwarded(20_000_000, 2000)  # 3000 B by t = 20 s
     # Over the whole life (window longer than the budget's age): 3000 B / 30 s.
     rate, span = burn_rate(s, 3000, 30_000_000, 3600)
     assert (rate, span) == (100.0, 30.0)
@@ -160,7 +160,7 @@ def test_collector_says_when_the_meter_metrics_are_unreachable(tmp_path: Path) -
         c.close()
     assert snap["ok"]  # the ledger view still works
     assert snap["meter"]["error"] and snap["bits_per_token"]["error"]
-    assert snap["bits_per_token"]["source_bytes"].startswith("ledger used bytes")
+    assert snap["bits_per_token"]["source_bytes"].startswith("ledger forwarded bytes")
 
 
 def test_app_is_read_only_and_serves_state(tmp_path: Path) -> None:
@@ -271,7 +271,8 @@ def test_exhaustion_projection_respects_the_windows(tmp_path: Path) -> None:
     led = open_ledger(url)
     try:
         led.ensure_budget("w", 1_000_000, [Window(3600, 36_000)])  # at most 10 B/s on average
-        led.reserve("w", 36_000, "m", 1)  # a burst that spends the hour's window at once
+        g = led.reserve("w", 36_000, "m", 1)  # a burst that spends the hour's window at once
+        led.release(g.res, 36_000, "m")
     finally:
         led.close()
     c = Collector(DashboardConfig(ledger_url=url))
@@ -315,3 +316,83 @@ def test_app_mounted_under_a_path_polls_and_points_the_page_at_its_api(tmp_path:
         while time.monotonic() < deadline and not client.get("/dashboard/api/state").json().get("ok"):
             time.sleep(0.05)
         assert {b["budget"] for b in client.get("/dashboard/api/state").json()["budgets"]} == {"alpha", "beta"}
+
+
+def _sign(url: str, key: Path) -> None:
+    led = open_ledger(url, create=False)
+    try:
+        head = led.tree_head()
+        led.add_tree_head(sign_tree_head(load_private_key(key), head.tree_size, head.ts, head.root))
+    finally:
+        led.close()
+
+
+def _reserve(url: str, n: int) -> None:
+    led = open_ledger(url, create=False)
+    try:
+        for i in range(n):
+            g = led.reserve("alpha", 10, "m1", 10 + i)
+            led.release(g.res, 10, "m1")
+    finally:
+        led.close()
+
+
+def test_entries_not_yet_signed_are_freshness_not_tampering(tmp_path: Path) -> None:
+    url = _ledger(tmp_path)
+    key, pub = generate_keypair(tmp_path / "k")
+    _sign(url, key)
+    _reserve(url, 2)  # 4 entries after the last head: a running meter signs them at its next head
+    c = Collector(DashboardConfig(ledger_url=url, public_keys=[pub], sth_interval_seconds=30))
+    try:
+        v = poll_verified(c)["verify"]
+    finally:
+        c.close()
+    assert v["state"] == "not yet signed" and v["problems"] == [], v
+    assert v["freshness"]["entries"] == 4 and 0 <= v["freshness"]["next_head_in_s"] <= 30
+    assert v["freshness"]["text"].startswith("4 entries not yet signed (next head in ")
+
+
+def test_rollback_to_a_signed_head_is_red_within_one_poll(tmp_path: Path) -> None:
+    """A consistent rollback (events, budgets and heads together, cut exactly at an earlier signed
+    head) verifies on its own; the page remembers the later head it saw and says so at the next poll."""
+    url = _ledger(tmp_path)
+    key, pub = generate_keypair(tmp_path / "k")
+    _sign(url, key)
+    earlier = sqlite3.connect(":memory:")
+    live = sqlite3.connect(tmp_path / "l.db")
+    live.backup(earlier)  # the whole ledger as it was at the first head
+    _reserve(url, 3)
+    _sign(url, key)
+    c = Collector(DashboardConfig(ledger_url=url, public_keys=[pub], verify_every=3600))
+    try:
+        before = poll_verified(c)["verify"]
+        assert before["state"] == "ok", before
+        earlier.backup(live)  # roll the ledger back to the first head, as a whole
+        snap = c.poll()  # one poll, no full verification in between
+        v = snap["verify"]
+        assert v["state"] == "rolled back" and "shorter than a signed head" in v["problems"][0], v
+        led = open_ledger(url, create=False)
+        try:
+            from exfilguard.ledger import verify_ledger
+
+            assert verify_ledger(led, [load_public_key(pub)]).ok  # on its own the rolled-back ledger verifies
+        finally:
+            led.close()
+    finally:
+        c.close()
+        live.close()
+
+
+def test_bits_per_token_series_holds_between_requests(tmp_path: Path) -> None:
+    """Samples where nothing moved (no request) add no point: the chart never drops to 0 between answers."""
+    c = Collector(DashboardConfig(ledger_url=_ledger(tmp_path), tokens_metrics_url="http://127.0.0.1:1/metrics"))
+    feed = iter([(0, 50), (100, 100), (100, 100), (100, 100), (100, 150), (300, 180), (300, 180)])
+    c._tokens = lambda: (lambda t, b: (float(t), float(b), None))(*next(feed))  # type: ignore[method-assign]
+    try:
+        for _ in range(7):
+            snap = c.poll()
+    finally:
+        c.close()
+    series = [round(v, 3) for _, v in snap["bits_per_token"]["series"]]
+    # (0,50)->(100,100): 8*50/100 = 4; bytes without tokens wait for their tokens: (100,100)->(300,180) = 8*80/200
+    assert series == [4.0, 3.2]

@@ -126,3 +126,36 @@ def test_baselines_are_per_temperature() -> None:
     # ... and then T = 1 is judged against T = 1, T = 0.7 against T = 0.7.
     assert m.observe_answer("t1", 64, int(5.2 * 64 / 8), temperature=1.0) is None
     assert m.observe_answer("t07", 64, int(5.2 * 64 / 8), temperature=0.7) is not None
+
+
+def test_burn_metrics_are_minus_one_when_idle_and_count_forwarded_bytes_without_a_lifetime() -> None:
+    m = monitor()  # no --budget-lifetime: no alert, but the figures are still there for Prometheus
+    text = m.metrics.render().decode()
+    assert "exfilguard_outside_projected_exhaustion_seconds -1.0" in text  # nothing observed: not burning
+    m.observe_budget(100, 10_000)
+    m.clock.t += 100
+    assert m.observe_budget(100, 10_000) is None
+    text = m.metrics.render().decode()
+    assert "exfilguard_outside_burn_rate_bytes_per_second 0.0" in text
+    assert "exfilguard_outside_projected_exhaustion_seconds -1.0" in text  # idle: -1, as the help says
+    m.clock.t += 100
+    m.observe_budget(2100, 10_000, left_bytes=7900)
+    text = m.metrics.render().decode()
+    assert "exfilguard_outside_burn_rate_bytes_per_second 10.0" in text  # 2000 B over the 200 s window
+    assert "exfilguard_outside_burn_window_seconds 200.0" in text
+    assert "exfilguard_outside_projected_exhaustion_seconds 790.0" in text
+    assert "exfilguard_outside_budget_forwarded_bytes 2100.0" in text
+
+
+def test_audit_feeds_forwarded_bytes_not_reservations() -> None:
+    """A meter that reserved a 4 KiB block for 100 forwarded bytes burns 100, not 4096."""
+    from exfilguard.outside.audit import Audit, AuditConfig
+
+    a = Audit(AuditConfig(alerts=AlertConfig(min_history=10)))
+    a.monitor.clock = Clock()
+    st = {"cap_bytes": 100_000, "reserved_bytes": 4096, "remaining_bytes": 95_904, "cap_remaining_bytes": 95_904,
+          "unforwarded_reserved_bytes": 3996, "state": "ok"}
+    a.observe_meter_status(st)
+    text = a.monitor.metrics.render().decode()
+    assert "exfilguard_outside_budget_forwarded_bytes 100.0" in text
+    assert "exfilguard_outside_budget_left_bytes 99900.0" in text

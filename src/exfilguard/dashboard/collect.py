@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Counter of tokens that crossed the meter, as the outside API exposes it (its /metrics).
 TOKENS_METRIC = "exfilguard_outside_tokens_total"
+# Bytes the outside received through the meter, on the same page as the token counter: both read in one scrape.
+OUTSIDE_BYTES_METRIC = "exfilguard_outside_bytes_in_total"
 METER_BYTES_OUT = "exfilguard_meter_bytes_out_total"
 METER_DENIALS = "exfilguard_meter_denials_total"
 
@@ -37,7 +39,8 @@ class DashboardConfig:
     listen: str = "127.0.0.1:8050"
     refresh_seconds: float = 3.0  # how often the page and the collector poll
     verify_every: float = 30.0  # full verify_ledger runs (it rereads the whole log)
-    burn_window_seconds: float = 3600.0  # burn rate: bytes per second over this trailing window
+    burn_window_seconds: float = 3600.0  # burn rate: bytes forwarded per second over this trailing window
+    sth_interval_seconds: float = 30.0  # the meter's --sth-interval: entries newer than this are simply not signed yet
     history_points: int = 720  # bits-per-token samples kept (at 3 s: the last 36 minutes)
 
     def validate(self) -> None:
@@ -79,33 +82,59 @@ def fetch_metrics(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[s
 @dataclass
 class _BudgetSeries:
     created_us: int | None = None
-    # (ts in µs, bytes used after the event), at most one point per second: the last one wins.
+    # (ts in µs, bytes reserved after the event), at most one point per second: the last one wins.
     points: list[tuple[int, int]] = field(default_factory=list)
+    # (ts in µs, bytes forwarded so far: the sum of settled reservations' used bytes), likewise.
+    forwarded: list[tuple[int, int]] = field(default_factory=list)
     denials: dict[str, int] = field(default_factory=dict)
 
     def add(self, ts: int, used: int) -> None:
-        if self.points and self.points[-1][0] // 1_000_000 == ts // 1_000_000:
-            self.points[-1] = (ts, used)
-        else:
-            self.points.append((ts, used))
+        _add(self.points, ts, used)
+
+    def add_forwarded(self, ts: int, nbytes: int) -> None:
+        _add(self.forwarded, ts, (self.forwarded[-1][1] if self.forwarded else 0) + nbytes)
 
     def used_at(self, ts: int) -> int:
-        """Bytes used at time ts (0 before the first event)."""
-        import bisect
+        """Bytes reserved at time ts (0 before the first event)."""
+        return _at(self.points, ts)
 
-        i = bisect.bisect_right(self.points, (ts, math.inf))
-        return self.points[i - 1][1] if i else 0
+    def forwarded_at(self, ts: int) -> int:
+        """Bytes forwarded (settled) at time ts (0 before the first settlement)."""
+        return _at(self.forwarded, ts)
 
 
-def burn_rate(series: _BudgetSeries, used_now: int, now_us: int, window_s: float) -> tuple[float, float]:
-    """Return (bytes per second over the trailing window, seconds the rate is taken over)."""
+def _add(points: list[tuple[int, int]], ts: int, v: int) -> None:
+    if points and points[-1][0] // 1_000_000 == ts // 1_000_000:
+        points[-1] = (ts, v)
+    else:
+        points.append((ts, v))
+
+
+def _at(points: list[tuple[int, int]], ts: int) -> int:
+    import bisect
+
+    i = bisect.bisect_right(points, (ts, math.inf))
+    return points[i - 1][1] if i else 0
+
+
+def _is_unsigned_tail(problem: str) -> bool:
+    """verify_ledger's finding that the newest entries are not under a signed head (or none is)."""
+    return ("entries are not covered by a signed tree head" in problem
+            or problem.startswith("no signed tree heads, but a public key was given"))
+
+
+def burn_rate(series: _BudgetSeries, forwarded_now: int, now_us: int, window_s: float) -> tuple[float, float]:
+    """Return (bytes forwarded per second over the trailing window, seconds the rate is taken over).
+
+    Forwarded, not reserved: reservations come in blocks ahead of the bytes (4 KiB for a 100-byte
+    answer), so a rate of reservations overstates the burn by the block size over the window."""
     start = now_us - int(window_s * 1_000_000)
     if series.created_us is not None:
         start = max(start, series.created_us)
     span = (now_us - start) / 1e6
     if span <= 0:
         return 0.0, 0.0
-    return max(0, used_now - series.used_at(start)) / span, span
+    return max(0, forwarded_now - series.forwarded_at(start)) / span, span
 
 
 def exhaustion(remaining: int, rate: float, now_s: float) -> float | None:
@@ -137,8 +166,45 @@ class Collector:
         self._verifier: threading.Thread | None = None
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"ok": False, "error": "not polled yet"}
+        # The largest signed head this page has seen (signature checked when it has a key): the
+        # ledger must never again be shorter than it, or hold another root at its size. This is
+        # what tells a rollback to an earlier signed head (which verify_ledger alone cannot see)
+        # from entries that are simply not signed yet.
+        self._seen_head: Any = None
+        self._rollback: str | None = None
 
     # -- the ledger ----------------------------------------------------------------------
+    def _check_rollback(self, now_s: float) -> None:
+        """Remember the largest valid signed head; flag a ledger that no longer extends it (every poll, cheap)."""
+        from exfilguard.ledger.keys import key_id, verify_tree_head
+
+        keys = {key_id(k): k for k in self._keys}
+        heads = self._ledger.tree_heads()
+        if self._seen_head is not None and not any(h.tree_size >= self._seen_head.tree_size for h in heads):
+            self._rollback = (f"the signed head of {self._seen_head.tree_size} entries this page saw is gone from the "
+                              "ledger (heads deleted or the ledger rolled back)")
+        for h in heads:
+            if self._seen_head is not None and h.tree_size <= self._seen_head.tree_size:
+                continue
+            k = keys.get(h.key_id)
+            if self._keys and (k is None or not verify_tree_head(k, h)):
+                continue  # a head nobody vouches for must not become the yardstick (verify reports it)
+            self._seen_head = h
+        cur = self._ledger.tree_head()
+        seen = self._seen_head
+        if seen is None:
+            return
+        if cur.tree_size < seen.tree_size:
+            self._rollback = (f"the log is shorter than a signed head: {cur.tree_size} entries, but a head signed at "
+                              f"{time.strftime('%H:%M:%S', time.gmtime(seen.ts / 1e6))} UTC covered {seen.tree_size} "
+                              "(entries deleted or the ledger rolled back)")
+        elif cur.tree_size == seen.tree_size and cur.root != seen.root:
+            self._rollback = (f"the log's root at {cur.tree_size} entries is not the signed head's of that size "
+                              "(the log was rewritten)")
+        if cur.tree_size < self._next_seq:  # read again from the start what is there now
+            self._next_seq = 0
+            self._series.clear()
+
     def _read_new_events(self) -> None:
         import json
 
@@ -161,6 +227,8 @@ class Collector:
             s.add(ts, 0)
         elif kind in ("reserve", "release") and isinstance(ev.get("reserved"), int):
             s.add(ts, ev["reserved"])
+            if kind == "release" and isinstance(ev.get("used"), int):
+                s.add_forwarded(ts, ev["used"])
         elif kind == "deny":
             reason = str(ev.get("reason") or "cap").split(":")[0]
             s.denials[reason] = s.denials.get(reason, 0) + 1
@@ -171,11 +239,15 @@ class Collector:
         for name in self._ledger.budgets():
             st = self._ledger.status(name).as_dict()
             s = self._series.setdefault(name, _BudgetSeries())
-            rate, span = burn_rate(s, st["used_bytes"], now_us, self.config.burn_window_seconds)
+            rate, span = burn_rate(s, st["forwarded_bytes"], now_us, self.config.burn_window_seconds)
             # The windows bound how fast the cap can go, whatever the recent burst did.
             ceiling = min((w["limit_bytes"] / w["seconds"] for w in st["windows"]), default=math.inf)
-            ex = exhaustion(st["remaining_bytes"], min(rate, ceiling), now_s)
+            # Nothing more can be reserved: spent now. Else what can still leave (the cap minus what
+            # left: reserved bytes not yet used can still be forwarded) at the forwarded rate.
+            left = st["cap_bytes"] - st["forwarded_bytes"] if st["remaining_bytes"] > 0 else 0
+            ex = exhaustion(left, min(rate, ceiling), now_s)
             pts = s.points[-300:]
+            fwd = s.forwarded[-300:]
             out.append({
                 **st,
                 "burn_bytes_per_second": rate,
@@ -185,6 +257,7 @@ class Collector:
                 "created_ts": None if s.created_us is None else s.created_us / 1e6,
                 "ledger_denials": dict(s.denials),
                 "used_series": [[t / 1e6, u] for t, u in pts],
+                "forwarded_series": [[t / 1e6, u] for t, u in fwd],
             })
         return out
 
@@ -217,10 +290,12 @@ class Collector:
     def _verify_once(self, now_s: float) -> None:
         from exfilguard.ledger import open_ledger, verify_ledger
 
+        seen = self._seen_head
         try:
             led = open_ledger(self.config.ledger_url, create=False)
             try:
-                rep = verify_ledger(led, self._keys)
+                # The largest head this page saw is a trusted head: the ledger must extend it.
+                rep = verify_ledger(led, self._keys, [seen] if seen is not None else [])
             finally:
                 led.close()
         except ExfilguardError as exc:
@@ -233,15 +308,44 @@ class Collector:
         notes = list(rep.notes)
         if not self._keys:
             notes.append("no --public-key given: signatures of tree heads cannot be checked")
-        state = "ok" if rep.ok else "failed"
-        if rep.ok and rep.unchecked_heads:
+        # Entries after the last signed head are the normal state of a running meter (it signs every
+        # --sth-interval): that is freshness, not tampering. Only the tail problem is set aside.
+        tail = [p for p in rep.problems if _is_unsigned_tail(p)]
+        problems = [p for p in rep.problems if not _is_unsigned_tail(p)]
+        fresh = None
+        if tail:
+            fresh = self._freshness(rep.unsigned_tail, now_s)
+        if problems:
+            state = "failed"
+        elif rep.unchecked_heads:
             # Heads are signed but we were given no key to check them with: not a tamper finding.
             state = "signatures unchecked"
+        elif fresh is not None:
+            state = "overdue" if fresh["overdue"] else "not yet signed"
+        else:
+            state = "ok"
         self._verify = {
             "state": state, "checked_at": now_s, "tree_size": rep.tree_size, "root": rep.root,
-            "signed_heads": rep.signed_heads, "unsigned_tail": rep.unsigned_tail,
-            "problems": rep.problems[:20], "problem_count": len(rep.problems), "notes": notes,
+            "signed_heads": rep.signed_heads, "unsigned_tail": rep.unsigned_tail, "freshness": fresh,
+            "problems": problems[:20], "problem_count": len(problems), "notes": notes,
         }
+
+    def _freshness(self, unsigned: int, now_s: float) -> dict[str, Any]:
+        """How far the unsigned tail is from the meter's next head."""
+        interval = self.config.sth_interval_seconds
+        head = self._seen_head
+        since = head.ts / 1e6 if head is not None else None
+        next_in = None if since is None else since + interval - now_s
+        overdue = next_in is not None and next_in < -2 * interval  # two heads missed: is the meter signing?
+        if next_in is None:
+            text = f"{unsigned} entries not yet signed (no signed head yet; the meter signs every {interval:g} s)"
+        elif overdue:
+            text = (f"{unsigned} entries not signed for {now_s - since:.0f} s (the meter signs every {interval:g} s: "
+                    "is it running?)")
+        else:
+            text = f"{unsigned} entries not yet signed (next head in {max(0.0, next_in):.0f} s)"
+        return {"entries": unsigned, "next_head_in_s": None if next_in is None else max(0.0, next_in),
+                "overdue": overdue, "text": text}
 
     # -- the meter and the token counter ------------------------------------------------
     def _meter(self) -> dict[str, Any] | None:
@@ -265,35 +369,44 @@ class Collector:
             "bytes_out": sum(v for _, v in m.get(METER_BYTES_OUT, [])), "denials": denials, "alerts": alerts,
         }
 
-    def _tokens(self) -> tuple[float | None, str | None]:
+    def _tokens(self) -> tuple[float | None, float | None, str | None]:
+        """(tokens decoded, bytes the outside received, error) from the outside's /metrics, one scrape."""
         url = self.config.tokens_metrics_url
         if url is None:
-            return None, None
+            return None, None, None
         try:
             m = fetch_metrics(url)
         except Exception as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, None, f"{type(exc).__name__}: {exc}"
         if TOKENS_METRIC not in m:
-            return None, f"{url} has no {TOKENS_METRIC} counter"
-        return sum(v for _, v in m[TOKENS_METRIC]), None
+            return None, None, f"{url} has no {TOKENS_METRIC} counter"
+        nbytes = sum(v for _, v in m[OUTSIDE_BYTES_METRIC]) if OUTSIDE_BYTES_METRIC in m else None
+        return sum(v for _, v in m[TOKENS_METRIC]), nbytes, None
 
     def _bits_per_token(self, now_s: float, budgets: list[dict[str, Any]], meter: dict[str, Any] | None) -> dict[str, Any]:
-        tokens, terr = self._tokens()
-        # Bytes that actually crossed: the meter's counter when we have it; else the ledger's
-        # used bytes, which include blocks reserved ahead and so overstate bits per token.
-        if meter is not None and not meter.get("error"):
+        tokens, outside_bytes, terr = self._tokens()
+        # Bytes that actually crossed, read in the same scrape as the tokens when the outside has
+        # them (the meter's counter is read a moment apart: an interval could get a token's bytes
+        # without the token, or the reverse); else the meter's counter; else the ledger's forwarded.
+        if outside_bytes is not None:
+            nbytes, source = outside_bytes, "outside bytes received through the meter"
+        elif meter is not None and not meter.get("error"):
             nbytes, source = meter["bytes_out"], "meter bytes_out"
         else:
-            nbytes, source = float(sum(b["used_bytes"] for b in budgets)), "ledger used bytes (includes reservations ahead)"
+            nbytes, source = float(sum(b["forwarded_bytes"] for b in budgets)), "ledger forwarded bytes (settled)"
         if tokens is not None:
             self._samples.append({"t": now_s, "bytes": nbytes, "tokens": tokens})
         series = []
-        prev = None
+        anchor = None
         for s in self._samples:
-            # A counter that went down means its process restarted: start a new interval.
-            if prev is not None and s["tokens"] > prev["tokens"] and s["bytes"] >= prev["bytes"]:
-                series.append([s["t"], 8.0 * (s["bytes"] - prev["bytes"]) / (s["tokens"] - prev["tokens"])])
-            prev = s
+            if anchor is None or s["tokens"] < anchor["tokens"] or s["bytes"] < anchor["bytes"]:
+                anchor = s  # the first sample, or a counter went down (its process restarted): start again
+                continue
+            # A point only when both moved: between requests nothing moves, and the chart holds
+            # its last value instead of dropping to 0 (or spiking on bytes without their tokens).
+            if s["tokens"] > anchor["tokens"] and s["bytes"] > anchor["bytes"]:
+                series.append([s["t"], 8.0 * (s["bytes"] - anchor["bytes"]) / (s["tokens"] - anchor["tokens"])])
+                anchor = s
         # Since the meter and the outside started: their counters' whole life (every byte that
         # crossed, the outside's connection set-up included), not since this page started.
         overall = None
@@ -312,6 +425,7 @@ class Collector:
         """Read everything once; store and return the snapshot the page shows."""
         now_s = time.time()
         try:
+            self._check_rollback(now_s)
             self._read_new_events()
             budgets = self._budgets(now_s)
             head = self._tree_head()
@@ -322,8 +436,12 @@ class Collector:
             snap = {"ok": False, "error": str(exc)}
         self._run_verify(now_s)
         meter = self._meter()
+        verify = self._verify
+        if self._rollback is not None:  # seen this poll, not at the next full verification
+            verify = {**verify, "state": "rolled back",
+                      "problems": [self._rollback] + [p for p in verify.get("problems", []) if p != self._rollback]}
         snap.update({
-            "now": now_s, "ledger": self._url, "budgets": budgets, "tree_head": head, "verify": self._verify,
+            "now": now_s, "ledger": self._url, "budgets": budgets, "tree_head": head, "verify": verify,
             "meter": meter, "bits_per_token": self._bits_per_token(now_s, budgets, meter),
             "refresh_seconds": self.config.refresh_seconds,
         })

@@ -87,7 +87,8 @@ function chart(svg, series, opts) {
     t.setAttribute("text-anchor", anchor || "start"); t.textContent = s; svg.append(t); };
   if (pts.length === 0) { txt(W / 2, H / 2, opts.empty || "no data yet", "middle"); return; }
   let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
-  let y1 = Math.max(...pts.map((p) => p[1])) * 1.05 || 1;
+  // The top of the axis is the highest point (the cap, when drawn): its label is a figure on the page.
+  let y1 = opts.ymax || Math.max(...pts.map((p) => p[1])) || 1;
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   const sx = (x) => L + (x - x0) / (x1 - x0) * (W - L - R), sy = (y) => H - B - y / y1 * (H - B - T);
   for (const s of series) {
@@ -105,17 +106,17 @@ function chart(svg, series, opts) {
 function budgetCard(b, now) {
   const card = el("div", {class: "card budget", "data-budget": b.budget});
   card.append(el("h2", {}, "budget ", el("code", {}, b.budget)));
-  const pct = b.cap_bytes > 0 ? Math.min(100, 100 * b.used_bytes / b.cap_bytes) : 100;
+  const pct = b.cap_bytes > 0 ? Math.min(100, 100 * b.forwarded_bytes / b.cap_bytes) : 100;
   const bar = el("div", {class: "bar"}, el("div", {style: "width:" + pct.toFixed(2) + "%"}));
   card.append(bar);
   const t = el("table");
   const row = (label, field, text, hum) => t.append(el("tr", {},
     el("td", {}, label), el("td", {class: "num", "data-field": field}, text), el("td", {class: "num muted"}, hum || "")));
   row("cap", "cap_bytes", bytes(b.cap_bytes), human(b.cap_bytes));
-  row("used", "used_bytes", bytes(b.used_bytes), pct.toFixed(2) + "% of cap");
-  row("remaining", "remaining_bytes", bytes(b.remaining_bytes), human(b.remaining_bytes));
-  row("in unsettled reservations", "outstanding_bytes", bytes(b.outstanding_bytes), "");
-  row("burn rate", "burn_rate", rateText(b.burn_bytes_per_second), "over the last " + Math.round(b.burn_window_seconds) + " s");
+  row("forwarded (settled)", "forwarded_bytes", bytes(b.forwarded_bytes), pct.toFixed(2) + "% of cap");
+  row("reserved, not yet settled", "outstanding_bytes", bytes(b.outstanding_bytes), "part may have left already");
+  row("left for new answers", "remaining_bytes", bytes(b.remaining_bytes), "cap - forwarded - reserved");
+  row("burn rate (forwarded)", "burn_rate", rateText(b.burn_bytes_per_second), "over the last " + Math.round(b.burn_window_seconds) + " s");
   let ex = b.remaining_bytes <= 0 ? "exhausted" : (b.exhaustion_ts == null ? "never at this rate" : when(b.exhaustion_ts));
   const capped = b.window_ceiling_bytes_per_second != null && b.window_ceiling_bytes_per_second < b.burn_bytes_per_second;
   row("projected exhaustion", "exhaustion", ex, b.exhaustion_ts && b.remaining_bytes > 0 ?
@@ -128,12 +129,12 @@ function budgetCard(b, now) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", "0 0 600 180");
   svg.setAttribute("class", "used-chart");
-  card.append(el("div", {class: "muted"}, "used bytes over time (red: cap)"), svg);
-  const pts = b.used_series.concat([[now, b.used_bytes]]);
-  const x0 = pts.length ? pts[0][0] : now;
-  chart(svg, [{points: pts, color: "#3d6fd8", name: "used"},
+  card.append(el("div", {class: "muted"}, "bytes forwarded over time (settled; red: cap)"), svg);
+  const pts = (b.forwarded_series || []).concat([[now, b.forwarded_bytes]]);
+  const x0 = b.created_ts != null ? Math.min(b.created_ts, pts[0][0]) : pts[0][0];
+  chart(svg, [{points: [[x0, 0]].concat(pts), color: "#3d6fd8", name: "forwarded"},
               {points: [[x0, b.cap_bytes], [now, b.cap_bytes]], color: "#b00020", dash: true, name: "cap"}],
-        {fmt: human});
+        {fmt: human, ymax: Math.max(b.cap_bytes, b.forwarded_bytes)});
   return card;
 }
 
@@ -154,7 +155,9 @@ function render(s) {
   $("bpt-overall").textContent = bpt.since_start == null ? "–" : bpt.since_start.toFixed(3) + " bits/token";
   $("bpt-tokens").textContent = bpt.tokens_total == null ? "–" : Math.round(bpt.tokens_total).toLocaleString("en-US");
   $("bpt-source").textContent = bpt.source_bytes || "–";
-  chart($("bpt-chart"), [{points: bpt.series, color: "#6a3dd8", name: "bits-per-token"}],
+  // Held flat to now: no answer since the last point means no new figure, not 0 bits per token.
+  const bpts = bpt.series.length ? bpt.series.concat([[s.now, bpt.series[bpt.series.length - 1][1]]]) : [];
+  chart($("bpt-chart"), [{points: bpts, color: "#6a3dd8", name: "bits-per-token"}],
         {fmt: (v) => v.toPrecision(3), empty: bpt.error ? "no token counter" : "waiting for traffic"});
 
   const mb = $("meter-body");
@@ -179,10 +182,13 @@ function render(s) {
 
   const v = s.verify || {state: "pending"};
   const vs = $("verify-state");
-  vs.textContent = v.state; vs.className = v.state === "ok" ? "good" : (v.state === "pending" ? "muted" : (v.state === "signatures unchecked" ? "warn" : "bad"));
+  // Red only for findings: entries the meter has not signed yet are its normal state between heads.
+  const colour = {"ok": "good", "pending": "muted", "not yet signed": "", "overdue": "warn", "signatures unchecked": "warn"};
+  vs.textContent = v.state; vs.className = v.state in colour ? colour[v.state] : "bad";
   $("verify-when").textContent = v.checked_at ? "(checked " + when(v.checked_at) + ")" : "";
   const vd = $("verify-detail"); vd.replaceChildren();
   if (v.tree_size != null) vd.append(el("div", {}, v.tree_size.toLocaleString("en-US") + " entries, " + v.signed_heads + " signed heads verified, " + v.unsigned_tail + " entries after the last signed head"));
+  if (v.freshness) vd.append(el("div", {class: v.freshness.overdue ? "warn" : "", "data-field": "freshness"}, v.freshness.text));
   for (const p of v.problems || []) vd.append(el("div", {class: "bad"}, "problem: " + p));
   for (const n of v.notes || []) vd.append(el("div", {class: "muted"}, "note: " + n));
 

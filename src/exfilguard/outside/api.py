@@ -12,6 +12,54 @@ from exfilguard.errors import RequestInvalid
 _EGRESS = "it would raise egress through the meter, which exfilguard refuses"
 
 
+MAX_JSON_DEPTH = 32  # no field of the API nests deeper than 4; this leaves room and stops a parser bomb early
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object of valid Unicode text; RequestInvalid (400) for anything else.
+
+    Never a 500: nesting deeper than the parser can follow, lone UTF-16 surrogates ("\\ud800", which
+    JSON allows and no tokenizer can encode) and invalid UTF-8 are the client's errors."""
+    import json
+
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise RequestInvalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", "body") from None
+    except (ValueError, UnicodeDecodeError):
+        raise RequestInvalid("the request body is not valid JSON", "body") from None
+    if not isinstance(body, dict):
+        raise RequestInvalid("the request body must be a JSON object", "body")
+    check_json_text(body)
+    return body
+
+
+def check_json_text(body: dict[str, Any]) -> None:
+    """RequestInvalid naming the first string (key or value) that is not valid Unicode, or nesting too deep."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:  # iterative: a deep body must not exhaust the stack here either
+        v, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestInvalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", path or "body")
+        if isinstance(v, str):
+            _check_text(v, path)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                _check_text(k, path or "body")
+                stack.append((x, f"{path}.{k}" if path else k, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def _check_text(s: str, param: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = s[exc.start]
+        raise RequestInvalid(f"'{param}' holds a lone UTF-16 surrogate (U+{ord(bad):04X}), which is not text; "
+                             "send valid Unicode", param) from None
+
+
 @dataclass
 class Sampling:
     """What a client asked for, validated."""

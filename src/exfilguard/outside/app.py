@@ -32,6 +32,7 @@ from exfilguard.outside.api import (
     TextAssembler,
     fit_context,
     parse_messages,
+    parse_body,
     parse_prompt,
     parse_sampling,
 )
@@ -286,16 +287,15 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
             raise RequestTooLarge(f"the request body has {declared} bytes; the limit is {cfg.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > cfg.max_body_bytes:
-            raise RequestTooLarge(f"the request body has {len(raw)} bytes; the limit is {cfg.max_body_bytes}")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise RequestInvalid("the request body is not valid JSON", "body") from None
-        if not isinstance(body, dict):
-            raise RequestInvalid("the request body must be a JSON object", "body")
-        return body
+        # Counted while it streams in (a chunked body declares no length): never more than the
+        # limit in memory, whatever the client sends.
+        parts, n = [], 0
+        async for part in request.stream():
+            n += len(part)
+            if n > cfg.max_body_bytes:
+                raise RequestTooLarge(f"the request body has more than {cfg.max_body_bytes} bytes, the limit")
+            parts.append(part)
+        return parse_body(b"".join(parts))
 
     def codec_for() -> str:
         if cfg.codec != "auto":
@@ -323,7 +323,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         """200 when meter, ledger, budget and inside are all up; else 503 with the reason (outside/health.py)."""
         from exfilguard.outside.health import health_report
 
-        code, body = await health_report(conn, cfg.meter_status_url)
+        code, body = await health_report(conn, cfg.meter_status_url, admission)
         return JSONResponse(body, status_code=code)
 
     @app.get("/metrics")

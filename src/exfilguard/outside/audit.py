@@ -85,11 +85,12 @@ class Audit:
             log.exception("request log / alert scoring failed")
 
     def observe_meter_status(self, status: dict[str, Any]) -> None:
-        """Feed one meter status object (GET /status) to the burn-rate alert."""
-        cap = status.get("cap_bytes")
-        remaining = status.get("cap_remaining_bytes", status.get("remaining_bytes"))
-        if isinstance(cap, int) and isinstance(remaining, int):
-            self.monitor.observe_budget(cap - remaining, cap)
+        """Feed one meter status object (GET /status) to the burn-rate alert: bytes forwarded, not reserved."""
+        from exfilguard.outside.budget import MeterFigures
+
+        f = MeterFigures.from_status(status)
+        if f is not None and f.cap is not None:
+            self.monitor.observe_budget(f.forwarded, f.cap, left_bytes=f.cap_left)
 
     def start(self) -> None:
         """Start polling the meter for the burn-rate alert when a status URL is configured."""

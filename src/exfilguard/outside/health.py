@@ -27,8 +27,15 @@ async def _meter_status(url: str) -> tuple[dict[str, Any] | None, str]:
     return d, ""
 
 
-async def health_report(conn: InsideConnection, meter_status_url: str | None) -> tuple[int, dict[str, Any]]:
-    """Return (HTTP status, body) of the health check."""
+async def health_report(conn: InsideConnection, meter_status_url: str | None,
+                        admission: Any = None) -> tuple[int, dict[str, Any]]:
+    """Return (HTTP status, body) of the health check.
+
+    The budget block names what each figure counts (bytes): forwarded (left through the meter),
+    reserved (held against the cap: forwarded + reserved ahead), left (can still be forwarded),
+    left_for_new_answers (less the allowances of answers in flight: what admission goes by)."""
+    from exfilguard.outside.budget import AnswerCost, MeterFigures
+
     reasons: list[str] = []
     body: dict[str, Any] = {"status": "ok", "reason": None, "meter": None, "ledger": "unknown", "budget": None,
                             "inside_connected": False}
@@ -41,21 +48,34 @@ async def health_report(conn: InsideConnection, meter_status_url: str | None) ->
             state = str(st.get("state", ""))
             body["meter"] = state
             body["ledger"] = "down" if state == "ledger_down" else "ok"
-            body["budget"] = {k: st.get(k) for k in ("budget", "cap_bytes", "reserved_bytes", "remaining_bytes")}
-            remaining = st.get("remaining_bytes")
+            f = MeterFigures.from_status(st)
+            cost = admission.cost if admission is not None else AnswerCost()
+            left_new = None
+            if admission is not None and f is not None:
+                left_new, _ = await admission.left_for_new()
+            body["budget"] = None if f is None else {
+                "budget": st.get("budget"), "cap_bytes": f.cap, "forwarded_bytes": f.forwarded,
+                "reserved_bytes": f.reserved, "left_bytes": f.left, "left_for_new_answers_bytes": left_new,
+            }
             if state == "ledger_down":
                 reasons.append(f"ledger down, the meter forwards nothing: {st.get('ledger_error') or 'unavailable'}")
-            elif state == "exhausted" or (isinstance(remaining, int) and remaining <= 0):
-                reasons.append("egress budget spent: the meter forwards nothing more")
-            elif state != "ok":
+            elif f is not None and f.left < cost.bound(1):
+                # By the bytes that can still leave, not by reservations: after a meter crash its
+                # old blocks stay reserved while the budget still has bytes to forward.
+                reasons.append(f"egress budget spent: the meter can forward {f.left} more bytes and an answer of one "
+                               f"token may cost up to {cost.bound(1)}")
+            elif state not in ("ok", "exhausted"):
                 reasons.append(f"meter is {state or 'in an unknown state'}")
     if not reasons:
         # Through the meter: proves the path to the inside, not just the outside's own socket.
         try:
             await asyncio.wait_for(conn._connect(), 5.0)
             body["inside_connected"] = conn.hello is not None and conn._dead is None
-        except (TimeoutError, ExfilguardError, OSError) as exc:
-            reasons.append(f"inside unreachable through the meter: {exc or type(exc).__name__}")
+        except (TimeoutError, asyncio.TimeoutError):
+            reasons.append("inside unreachable through the meter: no HELLO within 5 s (the inside is stalled, "
+                           "overloaded or still loading its models)")
+        except (ExfilguardError, OSError) as exc:
+            reasons.append(f"inside unreachable through the meter: {str(exc) or type(exc).__name__}")
         if not reasons and not body["inside_connected"]:
             reasons.append("inside unreachable through the meter")
     else:

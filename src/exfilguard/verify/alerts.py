@@ -7,7 +7,9 @@ Two signals, both cheap enough to run on every answer:
   so one odd answer cannot drag the baseline). Flagged answers are kept out of the baseline, so an attacker cannot raise
   it by attacking. Made-up tokens cost the weak-model codec 10-20 bits each against ~1-3 for
   honest answers, so they stand out at once.
-* burn rate: bytes used per second over a sliding window, from the meter's own count. When that
+* burn rate: bytes forwarded per second over a sliding window (--burn-window, or since the
+  outside started when that is shorter), from the meter's count of bytes that left (not its
+  reservations, which run ahead in blocks). When that
   rate would exhaust the cap before the budget's planned lifetime ends, an alert fires (once per
   episode) and, with throttling on, the outside refuses new answers (429) until it falls back.
 
@@ -84,9 +86,20 @@ class AlertMetrics:
                                         buckets=(0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.answers = Counter(p + "answers", "Answers decoded", registry=r)
         self.alerts = Counter(p + "alerts", "Anomaly alerts raised", ["kind"], registry=r)
-        self.burn_rate = Gauge(p + "burn_rate_bytes_per_second", "Budget bytes used per second over the burn window", registry=r)
-        self.planned_rate = Gauge(p + "planned_rate_bytes_per_second", "Rate that would use the rest of the budget exactly at the end of its lifetime", registry=r)
+        self.burn_rate = Gauge(p + "burn_rate_bytes_per_second", "Bytes the meter forwarded per second over the burn window "
+                               "(exfilguard_outside_burn_window_seconds)", registry=r)
+        self.burn_window = Gauge(p + "burn_window_seconds", "Seconds the burn rate is taken over: --burn-window, or since "
+                                 "the first sample when that is shorter", registry=r)
+        self.planned_rate = Gauge(p + "planned_rate_bytes_per_second", "Rate that would use the rest of the budget exactly "
+                                  "at the end of its lifetime (-1: no --budget-lifetime)", registry=r)
         self.exhaustion = Gauge(p + "projected_exhaustion_seconds", "Seconds until the budget is spent at the current burn rate (-1: not burning)", registry=r)
+        self.forwarded = Gauge(p + "budget_forwarded_bytes", "Bytes the meter's budget has forwarded (left through the meter), as last read", registry=r)
+        self.left = Gauge(p + "budget_left_bytes", "Bytes the meter's budget can still forward (cap and windows), as last read", registry=r)
+        # Before the first sample nothing is burning: -1, as the help says (0 would read as "spent now").
+        self.exhaustion.set(-1)
+        self.planned_rate.set(-1)
+        self.forwarded.set(-1)
+        self.left.set(-1)
         self.throttled = Gauge(p + "throttled", "1 while the outside refuses new answers because the budget burns too fast", registry=r)
 
     def render(self) -> bytes:
@@ -152,8 +165,11 @@ class AnomalyMonitor:
                                               "z": round(z, 2)})
 
     # -- burn rate -----------------------------------------------------------------------
-    def observe_budget(self, used_bytes: int, cap_bytes: int, now: float | None = None) -> Alert | None:
-        """Add a sample of the budget's use (from the meter); an Alert when a burn episode starts."""
+    def observe_budget(self, used_bytes: int, cap_bytes: int, now: float | None = None,
+                       left_bytes: int | None = None) -> Alert | None:
+        """Add a sample of the budget: `used_bytes` forwarded so far (bytes that left, not reserved),
+        `left_bytes` what it can still forward (default cap - used). Sets the burn-rate metrics;
+        an Alert when a burn episode starts (only with a planned lifetime)."""
         cfg = self.config
         now = self.clock() if now is None else now
         with self._lock:
@@ -163,14 +179,19 @@ class AnomalyMonitor:
             while len(self._samples) > 2 and self._samples[1][0] <= now - cfg.burn_window_s:
                 self._samples.popleft()
             t0, u0 = self._samples[0]
-            if cfg.lifetime_s is None or now <= t0:
+            left = max(cap_bytes - used_bytes, 0) if left_bytes is None else max(left_bytes, 0)
+            self.metrics.forwarded.set(used_bytes)
+            self.metrics.left.set(left)
+            if now <= t0:
                 return None
             rate = max(used_bytes - u0, 0) / (now - t0)
-            life_left = cfg.lifetime_s - (now - self._start)
-            left = max(cap_bytes - used_bytes, 0)
             self.metrics.burn_rate.set(rate)
-            self.metrics.planned_rate.set(left / life_left if life_left > 0 else 0.0)
+            self.metrics.burn_window.set(now - t0)
             self.metrics.exhaustion.set(left / rate if rate > 0 else -1)
+            if cfg.lifetime_s is None:
+                return None
+            life_left = cfg.lifetime_s - (now - self._start)
+            self.metrics.planned_rate.set(left / life_left if life_left > 0 else 0.0)
             # Would the budget run out before the planned end, at this rate?
             burning = life_left > 0 and rate > 0 and left / rate < life_left
             started = burning and not self.burning
@@ -178,8 +199,9 @@ class AnomalyMonitor:
             self.metrics.throttled.set(1 if (burning and cfg.throttle) else 0)
         if not started:
             return None
-        return self._raise("burn_rate", {"used_bytes": used_bytes, "cap_bytes": cap_bytes, "rate_bytes_per_s": round(rate, 3),
-                                         "exhausted_in_s": round(left / rate, 1), "lifetime_left_s": round(life_left, 1)})
+        return self._raise("burn_rate", {"forwarded_bytes": used_bytes, "cap_bytes": cap_bytes, "rate_bytes_per_s": round(rate, 3),
+                                         "window_s": round(now - t0, 1), "exhausted_in_s": round(left / rate, 1),
+                                         "lifetime_left_s": round(life_left, 1)})
 
     @property
     def throttled(self) -> bool:
