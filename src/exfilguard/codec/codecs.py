@@ -40,6 +40,26 @@ class CodecState(ABC):
     def observe(self, token: int) -> None:
         """Encoder side: a token was pushed (lets a model state do its work as tokens come)."""
 
+    # Progressive coding (stream format v2, codec/stream.py) is offered by states whose
+    # `progressive` is True; they also give segment_rows / param_costs / row_dist /
+    # commit_tokens (encoder) and next_row / accept (decoder), and `n_params`.
+    progressive: bool = False
+    n_params: int = 1
+
+
+def tables_exact(model: Any) -> bool:
+    """Whether the weak model's next-token tables are exact integers (`Session.frequencies()`),
+    the same on every machine and batch shape. Asked once per model object (one forward on a
+    1-token prompt) and remembered on it."""
+    known = getattr(model, "_exfilguard_tables_exact", None)
+    if known is None:
+        known = model.session([0]).frequencies() is not None
+        try:
+            model._exfilguard_tables_exact = known
+        except AttributeError:  # a model that refuses attributes is simply asked again
+            pass
+    return bool(known)
+
 
 class Codec(ABC):
     """A way to code chunks of token ids. `codec_id` goes in the stream header (4 bits)."""
@@ -369,6 +389,54 @@ class _ModelState(WeakModelState):
             # The session read the wrong tokens: rebuild it from the true history.
             self._session = None
             self._pending = []
+
+    # -- progressive coding (stream format v2): the same tables, one token at a time
+    @property
+    def progressive(self) -> bool:
+        # Exact tables cannot desync, so v2 needs no per-chunk check or raw resend; float
+        # tables keep v1's checked, resendable chunks.
+        return tables_exact(self.model)
+
+    @property
+    def n_params(self) -> int:
+        return 1 if tables_exact(self.model) else len(Q.TAUS)
+
+    def segment_rows(self, tokens: Sequence[int]) -> list[Q.Levels | np.ndarray]:
+        """Encoder: the rows (tables or levels) of a segment's tokens; history is unchanged."""
+        tokens = [int(t) for t in tokens]
+        for tok in tokens:
+            if not 0 <= tok < self.model.vocab_size:
+                raise ValueError(f"token id {tok} is outside the weak model's vocabulary")
+        return self._chunk_levels(tokens)
+
+    def param_costs(self, rows: Sequence[Q.Levels | np.ndarray], tokens: Sequence[int]) -> np.ndarray:
+        """Bits of the segment under each param (table temperature; one param for exact tables)."""
+        if self.n_params == 1:
+            return np.zeros(1)
+        costs = Q.chunk_tau_costs(list(rows), list(tokens))  # type: ignore[arg-type]
+        if self.codec.tau is not None:
+            costs = np.where(np.arange(costs.size) == self.codec.tau, costs, np.inf)
+        return costs
+
+    def row_dist(self, row: Q.Levels | np.ndarray, param: int) -> Q.QuantizedDist:
+        t = time.perf_counter()
+        out = Q.from_frequencies(row) if isinstance(row, np.ndarray) else Q.from_levels(row, param)
+        self.codec.stats.codec_s += time.perf_counter() - t
+        return out
+
+    def commit_tokens(self, tokens: Sequence[int], rows: Sequence[Any] = ()) -> None:
+        """Encoder: the segment was coded; its tokens become history."""
+        self.history += [int(t) for t in tokens]
+        self.codec.stats.tokens += len(tokens)
+
+    def next_row(self) -> Q.Levels | np.ndarray:
+        """Decoder: the row of the next position (runs the weak model)."""
+        return self._dist_row(self._ensure_session(self.history))
+
+    def accept(self, token: int) -> None:
+        """Decoder: the token at that position."""
+        self.history.append(int(token))
+        self._pending.append(int(token))
 
 
 @dataclass

@@ -323,6 +323,63 @@ class _CoupledState(WeakModelState):
             self._session = None
             self._pending = []
 
+    # -- progressive coding (stream format v2, codec/stream.py): the same tables per token
+    n_params = PLAIN + 1
+
+    @property
+    def progressive(self) -> bool:
+        from exfilguard.codec.codecs import tables_exact
+
+        return tables_exact(self.model)
+
+    def segment_rows(self, tokens: Sequence[int]) -> list[Position]:
+        """Encoder: the positions of a segment's tokens (as encode_chunk); history unchanged."""
+        tokens = [int(t) for t in tokens]
+        for tok in tokens:
+            if not 0 <= tok < self.model.vocab_size:
+                raise ValueError(f"token id {tok} is outside the weak model's vocabulary")
+        if self._use_teacher_forced():
+            return self._teacher_forced_rows(tokens)
+        if len(self._rows) != len(tokens):  # tokens pushed without observe()
+            self._rows = []
+            for tok in tokens:
+                self.observe(tok)
+        rows, self._rows = self._rows, []
+        return rows
+
+    def param_costs(self, rows: Sequence[Position], tokens: Sequence[int]) -> np.ndarray:
+        """Bits of the segment in every mode (the encoder picks one per segment)."""
+        t0 = time.perf_counter()
+        costs = np.zeros(len(TAUS) + 1)
+        for pos, tok in zip(rows, tokens):
+            costs += token_cost_bits(pos, tok)
+        if self.codec.tau is not None:
+            costs = np.where(np.arange(costs.size) == self.codec.tau, costs, np.inf)
+        self.codec.stats.codec_s += time.perf_counter() - t0
+        return costs
+
+    def row_dist(self, row: Position, param: int) -> Q.QuantizedDist:
+        t0 = time.perf_counter()
+        out = mode_dist(row, param)
+        self.codec.stats.codec_s += time.perf_counter() - t0
+        return out
+
+    def commit_tokens(self, tokens: Sequence[int], rows: Sequence[Position] = ()) -> None:
+        """Encoder: the segment was coded; its tokens become history."""
+        for pos, tok in zip(rows, tokens):
+            self.codec.stats.agreements += int(pos.ids[0] == tok)
+        self.codec.stats.tokens += len(tokens)
+        self.history += [int(t) for t in tokens]
+
+    def next_row(self) -> Position:
+        """Decoder: the position of the next token (runs the weak model)."""
+        return self._position(len(self.history))
+
+    def accept(self, token: int) -> None:
+        """Decoder: the token at that position."""
+        self.history.append(int(token))
+        self._pending.append(int(token))
+
 
 @dataclass
 class CoupledStats(CodecStats):

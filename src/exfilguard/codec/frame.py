@@ -15,6 +15,7 @@ the cap and raises FrameCorrupt on anything it does not accept.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from exfilguard.errors import FrameCorrupt
 
 MAGIC = 0xA0  # high nibble of the first byte: magic and format version 1
+MAGIC_V2 = 0xB0  # format version 2: one progressive range-coded body (codec/stream.py)
 MAX_VARINT_BYTES = 10
 MAX_STREAM_TOKENS = 1 << 20  # a corrupt count must not make the decoder run a model for hours
 MAX_CHUNK_BYTES = 1 << 24
@@ -163,6 +165,53 @@ def parse_record(buf: bytes | bytearray, pos: int) -> tuple[Record, int]:
     payload = bytes(buf[p : p + n])
     check = bytes(buf[p + n : p + n + check_len])
     return Record(count, param, last, payload, check), p + n + check_len
+
+
+# ---------------------------------------------------------------- format v2
+#
+#   stream := byte(0xB0 | codec_id) body
+#   body   := range-coded symbols (rangecoding.SettlingEncoder), see docs/format.md:
+#             { ctl [param] token }* END check
+#
+# Everything a v1 header said per stream (fingerprint prefix, stream id) is folded into the
+# keyed check instead, so it costs no bits and is still verified.
+
+CHECK_BITS = 32
+CTL_TOTAL = 1 << 24
+CTL_RARE = 1 << 15  # frequency of END and of SWITCH: 9 bits each, 0.0028 bits per NEXT
+CTL_NEXT, CTL_SWITCH, CTL_END = 0, 1, 2
+
+
+def ctl_cumulative(n_params: int) -> list[int]:
+    """Cumulative table of the control symbol before each token: NEXT, [SWITCH,] END."""
+    if n_params > 1:
+        return [0, CTL_TOTAL - 2 * CTL_RARE, CTL_TOTAL - CTL_RARE, CTL_TOTAL]
+    return [0, CTL_TOTAL - CTL_RARE, CTL_TOTAL]
+
+
+def ctl_symbol(n_params: int, index: int) -> int:
+    """The control value (CTL_*) of a decoded control symbol index."""
+    if n_params > 1:
+        return index
+    return CTL_NEXT if index == 0 else CTL_END
+
+
+def stream_check(codec_id: int, fingerprint: str | None, stream_id: int, prompt_ids: Sequence[int]) -> "hashlib._Hash":
+    """The running hash whose first CHECK_BITS bits end a v2 stream: BLAKE2b keyed by what the
+    two sides must agree on (codec, weak-model fingerprint, stream id, prompt), then fed every
+    token id as a varint. A different model, stream, prompt or any corruption fails it."""
+    h = hashlib.blake2b(digest_size=8, person=b"exfilguard-v2")
+    h.update(bytes([codec_id]))
+    h.update(varint(stream_id))
+    fp = (fingerprint or "").encode()
+    h.update(varint(len(fp)) + fp)
+    h.update(varint(len(prompt_ids)))
+    h.update(varints(prompt_ids))
+    return h
+
+
+def check_value(h: "hashlib._Hash") -> int:
+    return int.from_bytes(h.digest()[: CHECK_BITS // 8], "big")
 
 
 def raw_resend(chunk_index: int, ids: Sequence[int]) -> bytes:

@@ -75,9 +75,10 @@ class _Decoder:
             raise FrameCorrupt(f"unexpected raw resend: {exc}") from None
 
     def finish(self) -> list[int]:
+        # Raises if the stream is incomplete; returns what push() has not handed out (v2: the
+        # last tokens, which only the end of the stream determines, after the check).
         with self.region():
-            self._dec.finish()  # raises if the stream is incomplete; tokens were already handed out
-        return []
+            return self._dec.close()
 
 
 class RealCodecFactory:
