@@ -58,3 +58,22 @@ def test_a_process_in_the_sandbox_sees_only_what_it_must(tmp_path: Path) -> None
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert (sock / "x").read_text() == "1" and not Path("/tmp/y").exists()
+
+
+def test_a_data_dir_that_holds_the_code_is_refused(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    from exfilguard.errors import ConfigError
+    from exfilguard.supervise.sandbox import check_layout
+
+    with pytest.raises(ConfigError, match="keep DATA_DIR, the ledger and the signing key in a directory of their own"):
+        check_layout([tmp_path / "venv", tmp_path / "src"], [tmp_path])
+    check_layout([tmp_path / "venv"], [tmp_path / "data"])  # beside it: fine
+    # Through `up`: refused before anything is written there (no key made) or started.
+    code = tmp_path / "code"
+    code.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = sp.run([sys.executable, "-m", "exfilguard.cli.main", "up", "--strong", "tiny-random", "--weak", "tiny-random",
+                "--cap", "5000", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "of their own" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "meter-key").exists()

@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t = json.loads(args.targets)
     targets = Targets(tcp=t["tcp"], addresses=t["addresses"], meter_pid=t["meter_pid"], supervisor_pid=t["supervisor_pid"],
-                      files_read=t["files_read"], ledger=t["ledger"], outbound=[tuple(x) for x in t.get("outbound", [])] or
-                      Targets.__dataclass_fields__["outbound"].default_factory())  # type: ignore[misc]
+                      files_read=t["files_read"], ledger=t["ledger"], outbound=[(h, int(p)) for h, p in t["outbound"]])
     for a in try_everything(targets):
         print(a.line(), flush=True)
     asyncio.run(serve_raw(args.listen, bytes.fromhex(args.secret_hex)))

@@ -136,12 +136,10 @@ def python_trees(model_specs: list[str]) -> list[Path]:
              Path(exfilguard.__file__).parent.parent]
     trees += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     for spec in model_specs:
-        while True:
-            kind, sep, rest = spec.partition(":")
-            if not sep or kind not in ("match",):
-                break
-            spec = rest
-        if sep and kind not in ("openai",):
+        while spec.startswith("match:"):  # match:SPEC wraps another spec
+            spec = spec[len("match:"):]
+        kind, sep, rest = spec.partition(":")
+        if sep and kind != "openai":  # hf:PATH[?gguf=F], student:PATH, ngram:PATH, exact:PATH
             trees.append(Path(rest.partition("?")[0]))
     out: list[Path] = []
     for t in trees:
@@ -177,9 +175,8 @@ def check_available(as_root: bool | None = None) -> None:
     """Raise ConfigError, saying what is missing and how to fix it, when the sandbox cannot start here."""
     root = os.geteuid() == 0 if as_root is None else as_root
     probe = Sandbox(readable=[], hidden=[], socket_dir=Path(tempfile.gettempdir()), as_root=root)
-    argv = [a for a in probe.wrap(["/bin/true"])]
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(probe.wrap(["/bin/true"]), capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError(f"the inside's sandbox (bwrap) cannot start here: {exc}; pass --no-isolate to run the inside unisolated") from None
     if r.returncode != 0:
@@ -191,6 +188,16 @@ def check_available(as_root: bool | None = None) -> None:
                           "or pass --no-isolate to run the inside unisolated (it could then reach the ledger, the keys and the meter)")
 
 
+def check_layout(readable: list[Path], hidden: list[Path]) -> None:
+    """ConfigError when a private path (DATA_DIR, the ledger's or the key's directory) holds code or
+    models the inside must read: masking it would hide those too, and not masking it would show it."""
+    for h in hidden:
+        for tree in readable:
+            if _under(tree, h):
+                raise ConfigError(f"{h} holds {tree}, which the inside's sandbox must read, and also the ledger, keys "
+                                  "or logs it must not: keep DATA_DIR, the ledger and the signing key in a directory of their own")
+
+
 def _under(p: Path, tree: Path) -> bool:
     return p == tree or tree in p.parents
 
@@ -200,4 +207,4 @@ def _outermost(trees: list[Path]) -> list[Path]:
     return [t for t in trees if not any(o != t and _under(t, o) for o in trees)]
 
 
-__all__ = ["SANDBOX_UID", "Sandbox", "bwrap_path", "check_available", "prepare_socket_dir", "python_trees", "sandbox_env", "socket_dir_for"]
+__all__ = ["SANDBOX_UID", "Sandbox", "bwrap_path", "check_available", "check_layout", "prepare_socket_dir", "python_trees", "sandbox_env", "socket_dir_for"]

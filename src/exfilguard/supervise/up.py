@@ -446,8 +446,7 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
         parse_window(w)
     if budget_lifetime is not None:
         parse_duration(budget_lifetime)
-    key = Path(signing_key) if signing_key else meter_signing_key(ddir)
-    load_private_key(key)  # a bad key fails here, before anything starts
+    key = Path(signing_key) if signing_key else ddir / "meter-key"
     if not host or any(c.isspace() for c in host):
         raise ConfigError(f"--host {host!r} is not an address")
     if not 0 < port < 65536:
@@ -470,7 +469,7 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
 
         check_available()
     heads = publish_heads if publish_heads is not None else str((ddir / "heads").resolve())
-    return UpConfig(
+    cfg = UpConfig(
         strong=strong, weak=weak_spec, cap=cap_bytes, port=port, data_dir=ddir,
         ledger=ledger or f"sqlite:///{(ddir / 'ledger.sqlite').resolve()}", signing_key=key.resolve(),
         reserve_block=block, windows=list(windows or ()), metrics=f"{mhost}:{mport}", publish_heads=heads,
@@ -478,6 +477,14 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
         model_name=strong if not strong.startswith("openai:") else "exfilguard", dashboard_port=dport,
         host=host, isolate=isolate, budget_lifetime=budget_lifetime,
     )
+    if isolate:
+        from exfilguard.supervise.sandbox import check_layout
+
+        check_layout(python_trees([cfg.strong, cfg.weak]), cfg.private_paths())
+    if not signing_key:
+        meter_signing_key(ddir)  # made on first use, once the layout is known to be safe
+    load_private_key(key)  # a bad key fails here, before anything starts
+    return cfg
 
 
 def _pick_port(asked: int | None, default: int, host: str, what: str, flag: str, avoid: set[int]) -> int:
