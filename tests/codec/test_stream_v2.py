@@ -237,3 +237,10 @@ def test_protocol_adapter_hands_out_every_token_once():
         got += dec.push(enc.finish())
         got += dec.finish()
         assert got == tokens
+
+
+@pytest.mark.parametrize("name", ["raw", "zstd-ids"])
+def test_v2_header_for_a_v1_only_codec_is_frame_corrupt(name):
+    c = get_codec(name)
+    with pytest.raises(FrameCorrupt, match="only has format v1"):
+        decode_stream(c, bytes([MAGIC_V2 | c.codec_id, 1, 2, 3]), PROMPT)

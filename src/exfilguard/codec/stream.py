@@ -609,6 +609,10 @@ class Decoder:
                 )
                 self._failed = exc
                 raise exc
+            if not getattr(self.codec, "uses_model", False) or not hasattr(self.codec.new_state(self._prompt), "row_dist"):
+                exc = FrameCorrupt(f"a format v2 stream for the {self.codec.name!r} codec, which only has format v1")
+                self._failed = exc
+                raise exc
             self._impl = DecoderV2(self.codec, self._prompt, self.expected_stream_id)
             rest = bytes(self._pre[1:])
         elif b0 & 0xF0 == MAGIC:
