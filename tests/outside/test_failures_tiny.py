@@ -71,3 +71,37 @@ def test_weak_model_mismatch_is_500_naming_both():
         assert "0" * 64 in e.value.message and s.model.info.fingerprint[:16] in e.value.message
     finally:
         s.close()
+
+
+def test_client_disconnect_mid_non_streaming_answer_is_499_and_stops_the_inside(caplog):
+    """A non-streaming answer sends nothing until it is whole, so only a watch on the connection can see
+    the client leave: the answer stops (the inside drops its row on CANCEL) and the log says 499
+    with the meter bytes it spent."""
+    import json
+    import logging
+    import socket
+
+    from tinystack import access_lines
+
+    caplog.set_level(logging.INFO, logger="exfilguard.access")
+    s = TinyStack()
+    try:
+        engine = s.inside.backend
+        body = json.dumps({"prompt": "x", "max_tokens": 4000, "seed": 1, "temperature": 1.0}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not engine._rows and time.monotonic() < deadline:  # generating
+            time.sleep(0.01)
+        assert engine._rows
+        start = engine.steps
+        sock.close()  # the client gives up
+        while engine._rows and time.monotonic() < deadline + 30:
+            time.sleep(0.01)
+        assert not engine._rows  # the inside stopped generating for it
+        assert engine.steps - start < 3000  # long before its 4000 tokens
+        (line,) = access_lines(caplog, 1)
+        assert line["status"] == 499 and isinstance(line["meter_bytes"], int)
+    finally:
+        s.close()

@@ -164,3 +164,26 @@ def test_max_tokens_over_the_servers_limit_says_so(tiny_stack):
     with pytest.raises(openai.BadRequestError) as e:
         tiny_stack.client().completions.create(model="tiny-random", prompt="x", max_tokens=0)
     assert e.value.message.endswith("- 'max_tokens' must be at least 1")
+
+
+def test_access_log_file_has_every_request_but_the_scrapes(tmp_path):
+    import json as _json
+
+    from tinystack import TinyStack
+
+    path = tmp_path / "access.jsonl"
+    s = TinyStack(access_log_file=str(path))
+    try:
+        c = s.client()
+        for _ in range(3):
+            httpx.get(s.base_url.removesuffix("/v1") + "/metrics")  # the dashboard's scrape: not logged
+        c.completions.create(model="tiny-random", prompt="x", max_tokens=3, seed=1)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="nope", prompt="x", max_tokens=3)
+        httpx.get(s.base_url.removesuffix("/v1") + "/health")
+    finally:
+        s.close()
+    lines = [_json.loads(x) for x in path.read_text().splitlines()]
+    assert [(a["method"], a["path"], a["status"]) for a in lines] == [
+        ("POST", "/v1/completions", 200), ("POST", "/v1/completions", 404), ("GET", "/health", lines[2]["status"])]
+    assert lines[0]["meter_bytes"] > 0 and lines[0]["completion_tokens"] == 3

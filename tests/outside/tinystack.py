@@ -25,7 +25,8 @@ def access_lines(caplog, n: int) -> list[dict]:
 
 class TinyStack:
     def __init__(self, cap: int = 10**9, flush_every: int = 4, outside_fingerprint: str | None = None,
-                 keys_ledger: str | None = None, max_tokens_default: int = 16, meter_ledger: str | None = None) -> None:
+                 keys_ledger: str | None = None, max_tokens_default: int = 16, meter_ledger: str | None = None,
+                 access_log_file: str | None = None) -> None:
         from exfilguard.models import load_model
         from exfilguard.outside.app import OutsideConfig
         from exfilguard.inside.serve import make_backend, start_inside
@@ -39,7 +40,7 @@ class TinyStack:
         self.lt = LoopThread()
         self.inside = self.lt.run(start_inside(make_backend(self.model), self.codecs, tok, self.model.info.vocab_size))
         cfg = OutsideConfig(model_name="tiny-random", flush_every=flush_every, default_max_tokens=max_tokens_default,
-                            max_context=4096, keys_ledger=keys_ledger)
+                            max_context=4096, keys_ledger=keys_ledger, access_log_file=access_log_file)
         self.real_meter = meter_ledger is not None
         if self.real_meter:  # the real `exfilguard meter` process, with its JSON /status
             from exfilguard.outside.client import http_status_probe

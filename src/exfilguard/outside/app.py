@@ -62,7 +62,9 @@ class OutsideConfig:
     meter_status_url: str | None = None  # the meter's JSON /status: /health (meter, ledger, budget) and the budget header
     answer_cost: AnswerCost = field(default_factory=AnswerCost)  # the bound admission holds per answer (outside/budget.py)
     window_retry_after: int = 60  # Retry-After (s) when the meter's window, not its cap, is spent
-    access_log: bool = True  # one JSON line per request on the exfilguard.access logger (stderr)
+    access_log: bool = True  # one JSON line per request on the exfilguard.access logger (stderr unless a file is given)
+    access_log_file: str | None = None  # append the lines to this file instead of stderr (`outside --access-log FILE`)
+    access_log_skip: tuple[str, ...] = ("/metrics",)  # GET paths not logged: scrapes (the dashboard's every 3 s)
     audit: AuditConfig | None = None  # request log (for `exfilguard verify`) and anomaly alerts
 
 
@@ -117,6 +119,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         await conn.close()
         if audit is not None:
             audit.close()
+        if access_file is not None:
+            access_file.close()
 
     app = FastAPI(title="exfilguard outside", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     keys = [k.encode() for k in api_keys]
@@ -127,13 +131,24 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
         store = KeyStore(open_ledger(cfg.keys_ledger))
     access = logging.getLogger(ACCESS_LOG)
-    if cfg.access_log and not access.handlers:
+    access.setLevel(logging.INFO)
+    access_file = None
+    if cfg.access_log and cfg.access_log_file:
+        import os
+
+        try:
+            fd = os.open(cfg.access_log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        except OSError as exc:
+            from exfilguard.errors import ConfigError
+
+            raise ConfigError(f"cannot open the access log {cfg.access_log_file}: {exc.strerror}") from None
+        access_file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")  # a line each, whole lines only
+    elif cfg.access_log and not access.handlers:
         import sys
 
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(h)
-        access.setLevel(logging.INFO)
     async def fetch_meter_status() -> dict[str, Any] | None:
         import httpx
 
@@ -211,7 +226,13 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         n, b = a.get("completion_tokens"), a.get("meter_bytes")
         if isinstance(n, int) and n > 0 and isinstance(b, int):
             a["bits_per_token"] = round(8 * b / n, 3)
-        access.info(json.dumps(a, separators=(",", ":"), ensure_ascii=False))
+        line = json.dumps(a, separators=(",", ":"), ensure_ascii=False)
+        if access_file is not None:
+            try:
+                access_file.write(line + "\n")
+            except (OSError, ValueError) as exc:  # a full disk must not stop serving; say so where it shows
+                log.error("cannot write the access log %s: %s", cfg.access_log_file, exc)
+        access.info(line)
 
     class AccessLog:
         """ASGI middleware: one JSON line per request, written when its last body byte is sent
@@ -221,7 +242,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             self.inner = inner
 
         async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or not cfg.access_log:
+            if (scope["type"] != "http" or not cfg.access_log
+                    or (scope.get("method") == "GET" and scope.get("path") in cfg.access_log_skip)):
                 await self.inner(scope, receive, send)
                 return
             t0, info = time.monotonic(), {}
@@ -377,6 +399,11 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             out["x-exfilguard-budget-remaining"] = str(max(0, min(parts)))
         return out
 
+    async def client_gone(request: Request) -> None:
+        """Return when the client hangs up (the body is read by then: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     def check_model(s: Sampling) -> str:
         served = [cfg.model_name]
         if s.model is not None and s.model not in served:
@@ -473,20 +500,38 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
 
         if not s.stream:
             parts = []
+
+            async def collect() -> None:
+                try:
+                    async for ids in tokens:
+                        parts.append(text.push(ids))
+                        await cover()
+                        if text.finish_reason is not None:
+                            break
+                except BudgetExhausted as exc:
+                    # The bytes of what was decoded left already: hand that text out, cut at "length".
+                    if not text.completion_tokens:
+                        raise
+                    note(request, budget_cut=exc.error_type)
+                finally:
+                    noted()
+                    await asyncio.shield(close())
+
+            # Nothing is sent until the answer is whole, so nothing else notices a client that hangs
+            # up: watch for it, and stop the answer at once (the inside at its next step, on CANCEL).
+            work = asyncio.ensure_future(collect())
+            gone = asyncio.ensure_future(client_gone(request))
             try:
-                async for ids in tokens:
-                    parts.append(text.push(ids))
-                    await cover()
-                    if text.finish_reason is not None:
-                        break
-            except BudgetExhausted as exc:
-                # The bytes of what was decoded left already: hand that text out, cut at "length".
-                if not text.completion_tokens:
-                    raise
-                note(request, budget_cut=exc.error_type)
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                noted()
-                await asyncio.shield(close())
+                gone.cancel()
+                if not work.done():
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+            if work.cancelled():
+                return Response(status_code=499)  # logged as 499, with the bytes it spent; nobody reads it
+            work.result()  # the answer's own error, if any, becomes its response
             parts.append(text.finish())
             noted()
             content = "".join(parts)
