@@ -62,7 +62,7 @@ def main() -> None:
         finally:
             c.close()
         led = open_ledger(url, create=False)
-        from exfilguard.ledger import verify_ledger
+        from exfilguard.ledger.verify import verify_ledger
 
         t = time.perf_counter()
         rep = verify_ledger(led, [])

@@ -55,8 +55,8 @@ def run(url: str, n: int, per_tx: int) -> str:
     led.ensure_budget("b", 10**15, [Window(3600, 10**14)])
     led.follow_log()
     box = [0]
-    orig = led._begin_write
-    led._begin_write = lambda: _Counting(orig(), box)
+    orig = led.db.begin_write
+    led.db.begin_write = lambda: _Counting(orig(), box)  # type: ignore[method-assign]
     prev = [g.res for g in led.batch([("reserve", ("b", 4096, "m", i)) for i in range(per_tx)])]
     box[0] = 0
     txs = max(1, n // per_tx)

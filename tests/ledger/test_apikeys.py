@@ -8,7 +8,7 @@ import pytest
 
 from exfilguard.errors import ConfigError
 from exfilguard.ledger.apikeys import UNLIMITED, KeyStore, hash_key, remaining_of
-from exfilguard.ledger.store import Window, open_ledger
+from exfilguard.ledger import Window, open_ledger
 from exfilguard.ledger.verify import verify_ledger
 
 

@@ -23,8 +23,10 @@ from exfilguard.errors import (
     WrongBudget,
 )
 from exfilguard.ledger import approvals as A
-from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
+from sqlkit import forge
 
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
 HOUR = 3600
@@ -111,8 +113,8 @@ def test_expired_is_checked_by_the_ledger_clock_too(led, keys):
     req = raise_to(led, 5000, expires_in=60, now=int((time.time() - HOUR) * 1e6))
     ap = req["approvers"]
     with pytest.raises(RequestExpired):
-        led.apply_budget_change("b", nonce=req["nonce"], expires=req["expires"], approvers=(ap["threshold"], ap["keys"]),
-                                approvals=[], request=req, old_cap=1000, new_cap=5000)
+        A.apply_budget_change(led, "b", nonce=req["nonce"], expires=req["expires"], approvers=(ap["threshold"], ap["keys"]),
+                              approvals=[], request=req, old_cap=1000, new_cap=5000)
 
 
 def test_replayed(led, keys):
@@ -133,7 +135,7 @@ def test_replay_race_applies_once(led, keys):
     req = raise_to(led, 5000)
     sigs = signed(req, keys[0], keys[1])
     results: list[object] = []
-    url = led.url if led.dialect == "sqlite" else led._dsn
+    url = led.url if led.dialect == "sqlite" else led.db._dsn
 
     def go():
         other = open_ledger(url, create=False)
@@ -247,7 +249,7 @@ def test_approver_set_change_is_k_of_n(led, keys):
     with pytest.raises(ApprovalsShort):  # the incoming key is not an approver yet
         A.apply_request(led, change, signed(change, keys[0], keys[3]))
     A.apply_request(led, change, signed(change, keys[0], keys[1]))
-    assert led.approver_set("b") == (1, [A.raw_key(keys[3].public_key())])
+    assert A.approver_set(led, "b") == (1, [A.raw_key(keys[3].public_key())])
     # the old approvers are nobody now; the new one alone is enough
     req = raise_to(led, 2000)
     with pytest.raises(ApprovalsShort):
@@ -294,8 +296,8 @@ def test_verify_catches_a_cap_raised_without_approvals(led, keys, url):
     # An attacker with write access appends a well-formed cap_change signed by keys it owns.
     req = raise_to(led, 10**9)
     fake = signed(req, keys[3])
-    led.record("cap_change", budget="b", old_cap=1000, new_cap=10**9,
-               approvals=[{"public_key": f["public_key"], "signature": f["signature"]} for f in fake], request=req)
+    forge(url, "cap_change", budget="b", old_cap=1000, new_cap=10**9,
+          approvals=[{"public_key": f["public_key"], "signature": f["signature"]} for f in fake], request=req)
     conn, ph = _db(url)
     conn.execute(f"UPDATE budgets SET cap_bytes = {ph} WHERE name = 'b'", (10**9,))
     rep = verify_ledger(led)
@@ -323,7 +325,7 @@ def test_verify_catches_a_replayed_change_in_the_log(led, keys, url):
     low = A.make_request(led, "b", reason="less", expires_in=HOUR, new_cap=1000)
     A.apply_request(led, low, signed(low, keys[0]))
     # re-append the old raise as-is: the signatures are genuine, the nonce is spent
-    led.record("cap_change", **{k: ev[k] for k in ("budget", "old_cap", "new_cap", "approvals", "request")})
+    forge(url, "cap_change", **{k: ev[k] for k in ("budget", "old_cap", "new_cap", "approvals", "request")})
     rep = verify_ledger(led)
     assert any("replayed" in p for p in rep.problems), rep.problems
 

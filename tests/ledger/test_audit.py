@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from exfilguard.errors import ConfigError, LedgerTampered
 from exfilguard.ledger import approvals as A
-from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, open_ledger
+from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, merkle_proofs, open_ledger
 from exfilguard.ledger.checkpoint import Checkpoint, head_to_json, load_checkpoint, make_checkpoint, write_checkpoint
 from exfilguard.ledger.events import decode_event, encode_event
+from sqlkit import forge
 from exfilguard.ledger.keys import sign_tree_head
 from exfilguard.ledger.proofs import (
     ConsistencyProof,
@@ -199,7 +200,7 @@ def test_forked_ledger_cannot_prove_consistency(world):
     write_checkpoint(d / "fork.json", Checkpoint(head))
     # the best proof the forger can make, from the forked tree
     write_proof(d / "fp.json", ConsistencyProof(cp1.head.tree_size, cp1.head.root, head.tree_size, head.root,
-                                                merkle.consistency_proof(leaves, cp1.head.tree_size)))
+                                                merkle_proofs.consistency_proof(leaves, cp1.head.tree_size)))
     out = _cli("audit", "verify", "--old", d / "cp1.json", "--new", d / "fork.json", "--proof", d / "fp.json", "--public-key", world["pub"])
     assert out.returncode == 5 and "NOT an extension" in out.stderr and "rewritten or forked" in out.stderr
     # and the honest ledger refuses to prove the fork's head
@@ -216,7 +217,7 @@ def test_inclusion_of_a_forged_cap_change_fails_its_signature_check(world):
     req = A.make_request(led, "b", reason="sneak", expires_in=3600, new_cap=10**9)
     a = A.approve(req, Ed25519PrivateKey.generate())
     forged = {"public_key": req["approvers"]["keys"][0], "signature": a["signature"]}  # a real approver's key, a wrong signature
-    seq = led.record("cap_change", budget="b", old_cap=50_000, new_cap=10**9, approvals=[forged], request=req)
+    seq = forge(world["url"], "cap_change", budget="b", old_cap=50_000, new_cap=10**9, approvals=[forged], request=req)
     # make_checkpoint refuses a ledger that does not verify, so sign the head the way the meter
     # publishes it (a bare signed tree head)
     th = led.tree_head()

@@ -7,7 +7,7 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exfilguard.ledger import merkle
+from exfilguard.ledger import merkle, merkle_proofs
 
 # RFC 6962 reference leaves and the root for each tree size 0..8, as published with the
 # Certificate Transparency reference implementation (and transparency-dev/merkle testonly).
@@ -69,17 +69,17 @@ def test_frontier_matches_vectors():
 def test_inclusion_vectors():
     for index, size, proof in INCLUSION:
         want = [bytes.fromhex(p) for p in proof]
-        assert merkle.inclusion_proof(HASHES[:size], index) == want
-        assert merkle.verify_inclusion(HASHES[index], index, size, want, ROOTS[size])
-        assert not merkle.verify_inclusion(HASHES[index], index ^ 1, size, want, ROOTS[size])
+        assert merkle_proofs.inclusion_proof(HASHES[:size], index) == want
+        assert merkle_proofs.verify_inclusion(HASHES[index], index, size, want, ROOTS[size])
+        assert not merkle_proofs.verify_inclusion(HASHES[index], index ^ 1, size, want, ROOTS[size])
 
 
 def test_consistency_vectors():
     for old, new, proof in CONSISTENCY:
         want = [bytes.fromhex(p) for p in proof]
-        assert merkle.consistency_proof(HASHES[:new], old) == want
-        assert merkle.verify_consistency(old, new, ROOTS[old], ROOTS[new], want)
-        assert not merkle.verify_consistency(old, new, ROOTS[old - 1], ROOTS[new], want)
+        assert merkle_proofs.consistency_proof(HASHES[:new], old) == want
+        assert merkle_proofs.verify_consistency(old, new, ROOTS[old], ROOTS[new], want)
+        assert not merkle_proofs.verify_consistency(old, new, ROOTS[old - 1], ROOTS[new], want)
 
 
 def test_every_proof_in_small_trees():
@@ -87,19 +87,19 @@ def test_every_proof_in_small_trees():
     roots = [merkle.root(leaves[:n]) for n in range(34)]
     for n in range(1, 34):
         for i in range(n):
-            p = merkle.inclusion_proof(leaves[:n], i)
-            assert merkle.verify_inclusion(leaves[i], i, n, p, roots[n])
+            p = merkle_proofs.inclusion_proof(leaves[:n], i)
+            assert merkle_proofs.verify_inclusion(leaves[i], i, n, p, roots[n])
             if p:
                 bad = list(p)
                 bad[-1] = bytes(32)
-                assert not merkle.verify_inclusion(leaves[i], i, n, bad, roots[n])
-                assert not merkle.verify_inclusion(leaves[i], i, n, p[:-1], roots[n])
+                assert not merkle_proofs.verify_inclusion(leaves[i], i, n, bad, roots[n])
+                assert not merkle_proofs.verify_inclusion(leaves[i], i, n, p[:-1], roots[n])
         for m in range(n + 1):
-            p = merkle.consistency_proof(leaves[:n], m)
-            assert merkle.verify_consistency(m, n, roots[m], roots[n], p)
+            p = merkle_proofs.consistency_proof(leaves[:n], m)
+            assert merkle_proofs.verify_consistency(m, n, roots[m], roots[n], p)
             if p:
-                assert not merkle.verify_consistency(m, n, roots[m], roots[n], p[:-1])
-                assert not merkle.verify_consistency(m, n, roots[m], roots[n], p + [bytes(32)])
+                assert not merkle_proofs.verify_consistency(m, n, roots[m], roots[n], p[:-1])
+                assert not merkle_proofs.verify_consistency(m, n, roots[m], roots[n], p + [bytes(32)])
 
 
 def _recursive_mth(d: list[bytes]) -> bytes:

@@ -8,7 +8,7 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exfilguard.ledger import merkle
+from exfilguard.ledger import merkle, merkle_proofs
 
 # Test vectors from transparency-dev/merkle, proof/verify_test.go (the same tables drive its
 # cmd/proofgen/main.go, which writes testdata/inclusion and testdata/consistency): the 8-leaf
@@ -78,15 +78,15 @@ def test_vector_roots():
 def test_inclusion_vectors_generate_and_verify():
     for leaf_idx, size, proof in INCLUSION:
         i, want = leaf_idx - 1, _h(proof)
-        assert merkle.inclusion_proof(HASHES[:size], i) == want, (leaf_idx, size)
-        assert merkle.verify_inclusion(HASHES[i], i, size, want, ROOTS[size - 1])
+        assert merkle_proofs.inclusion_proof(HASHES[:size], i) == want, (leaf_idx, size)
+        assert merkle_proofs.verify_inclusion(HASHES[i], i, size, want, ROOTS[size - 1])
 
 
 def test_consistency_vectors_generate_and_verify():
     for size1, size2, proof in CONSISTENCY:
         want = _h(proof)
-        assert merkle.consistency_proof(HASHES[:size2], size1) == want, (size1, size2)
-        assert merkle.verify_consistency(size1, size2, ROOTS[size1 - 1], ROOTS[size2 - 1], want)
+        assert merkle_proofs.consistency_proof(HASHES[:size2], size1) == want, (size1, size2)
+        assert merkle_proofs.verify_consistency(size1, size2, ROOTS[size1 - 1], ROOTS[size2 - 1], want)
 
 
 def _bad_inclusion_probes(i: int, size: int, proof: list[bytes], root: bytes, leaf: bytes):
@@ -116,7 +116,7 @@ def test_inclusion_vector_corruptions_all_fail():
     for leaf_idx, size, proof in INCLUSION:
         i = leaf_idx - 1
         for desc, pi, psize, proot, pleaf, pproof in _bad_inclusion_probes(i, size, _h(proof), ROOTS[size - 1], HASHES[i]):
-            assert not merkle.verify_inclusion(pleaf, pi, psize, pproof, proot), (leaf_idx, size, desc)
+            assert not merkle_proofs.verify_inclusion(pleaf, pi, psize, pproof, proot), (leaf_idx, size, desc)
             n += 1
     assert n > 60
 
@@ -124,13 +124,13 @@ def test_inclusion_vector_corruptions_all_fail():
 def test_inclusion_static_probes_fail():
     # proofgen's "additional" and "single-entry" probes
     for index, size in [(0, 0), (0, 1), (1, 0), (2, 1)]:
-        assert not merkle.verify_inclusion(SOME_HASH, index, size, [], b"")
-        assert not merkle.verify_inclusion(b"", index, size, [], EMPTY)
-        assert not merkle.verify_inclusion(SOME_HASH, index, size, [], EMPTY)
+        assert not merkle_proofs.verify_inclusion(SOME_HASH, index, size, [], b"")
+        assert not merkle_proofs.verify_inclusion(b"", index, size, [], EMPTY)
+        assert not merkle_proofs.verify_inclusion(SOME_HASH, index, size, [], EMPTY)
     h = merkle.leaf_hash(b"data")
-    assert merkle.verify_inclusion(h, 0, 1, [], h)
-    assert not merkle.verify_inclusion(b"", 0, 1, [], h)
-    assert not merkle.verify_inclusion(h, 0, 1, [], b"")
+    assert merkle_proofs.verify_inclusion(h, 0, 1, [], h)
+    assert not merkle_proofs.verify_inclusion(b"", 0, 1, [], h)
+    assert not merkle_proofs.verify_inclusion(h, 0, 1, [], b"")
 
 
 def _bad_consistency_probes(s1: int, s2: int, r1: bytes, r2: bytes, proof: list[bytes]):
@@ -162,24 +162,24 @@ def test_consistency_vector_corruptions_all_fail():
         if not proof:  # proofgen corrupts only the non-trivial proofs
             continue
         for desc, a, b, r1, r2, p in _bad_consistency_probes(s1, s2, ROOTS[s1 - 1], ROOTS[s2 - 1], _h(proof)):
-            assert not merkle.verify_consistency(a, b, r1, r2, p), (s1, s2, desc)
+            assert not merkle_proofs.verify_consistency(a, b, r1, r2, p), (s1, s2, desc)
             n += 1
     assert n > 70
 
 
 def test_consistency_static_probes():
     r1, r2 = b"don't care 1", b"don't care 2"
-    assert not merkle.verify_consistency(0, 0, r1, r2, [])  # sizes equal, roots not
-    assert not merkle.verify_consistency(1, 1, r1, r2, [])
-    assert not merkle.verify_consistency(1, 0, r1, r2, [])  # time travel
-    assert not merkle.verify_consistency(2, 1, r1, r2, [])
-    assert not merkle.verify_consistency(1, 2, r1, r2, [])  # empty proof
-    assert not merkle.verify_consistency(0, 0, EMPTY, r2, [])
-    assert not merkle.verify_consistency(1, 1, EMPTY, r2, [])
-    assert not merkle.verify_consistency(0, 0, EMPTY, EMPTY, [EMPTY])  # sizes match, proof not empty
-    assert not merkle.verify_consistency(1, 1, EMPTY, EMPTY, [EMPTY])
-    assert not merkle.verify_consistency(0, 1, EMPTY, EMPTY, [EMPTY])
-    assert merkle.verify_consistency(1, 1, ROOTS[0], ROOTS[0], [])
+    assert not merkle_proofs.verify_consistency(0, 0, r1, r2, [])  # sizes equal, roots not
+    assert not merkle_proofs.verify_consistency(1, 1, r1, r2, [])
+    assert not merkle_proofs.verify_consistency(1, 0, r1, r2, [])  # time travel
+    assert not merkle_proofs.verify_consistency(2, 1, r1, r2, [])
+    assert not merkle_proofs.verify_consistency(1, 2, r1, r2, [])  # empty proof
+    assert not merkle_proofs.verify_consistency(0, 0, EMPTY, r2, [])
+    assert not merkle_proofs.verify_consistency(1, 1, EMPTY, r2, [])
+    assert not merkle_proofs.verify_consistency(0, 0, EMPTY, EMPTY, [EMPTY])  # sizes match, proof not empty
+    assert not merkle_proofs.verify_consistency(1, 1, EMPTY, EMPTY, [EMPTY])
+    assert not merkle_proofs.verify_consistency(0, 1, EMPTY, EMPTY, [EMPTY])
+    assert merkle_proofs.verify_consistency(1, 1, ROOTS[0], ROOTS[0], [])
 
 
 # -- brute-force reference: the RFC 6962 section 2.1 definitions, recursively, nothing shared --
@@ -228,9 +228,9 @@ def test_every_proof_up_to_20_leaves_matches_the_reference():
     for n in range(1, 21):
         assert merkle.root(hashes[:n]) == _ref_mth(entries[:n])
         for i in range(n):
-            assert merkle.inclusion_proof(hashes[:n], i) == _ref_path(i, entries[:n]), (i, n)
+            assert merkle_proofs.inclusion_proof(hashes[:n], i) == _ref_path(i, entries[:n]), (i, n)
         for m in range(n + 1):
-            assert merkle.consistency_proof(hashes[:n], m) == _ref_proof(m, entries[:n]), (m, n)
+            assert merkle_proofs.consistency_proof(hashes[:n], m) == _ref_proof(m, entries[:n]), (m, n)
 
 
 # -- properties --------------------------------------------------------------------------
@@ -253,10 +253,10 @@ def test_every_m_n_i_round_trips(t):
     n, m, i, seed = t
     leaves = _leaves(n, seed)
     rn, rm = merkle.root(leaves), merkle.root(leaves[:m])
-    assert merkle.verify_inclusion(leaves[i], i, n, merkle.inclusion_proof(leaves, i), rn)
-    assert merkle.verify_consistency(m, n, rm, rn, merkle.consistency_proof(leaves, m))
+    assert merkle_proofs.verify_inclusion(leaves[i], i, n, merkle_proofs.inclusion_proof(leaves, i), rn)
+    assert merkle_proofs.verify_consistency(m, n, rm, rn, merkle_proofs.consistency_proof(leaves, m))
     if m >= 1 and i < m:  # inclusion in the old tree too
-        assert merkle.verify_inclusion(leaves[i], i, m, merkle.inclusion_proof(leaves[:m], i), rm)
+        assert merkle_proofs.verify_inclusion(leaves[i], i, m, merkle_proofs.inclusion_proof(leaves[:m], i), rm)
 
 
 @settings(max_examples=150, deadline=None)
@@ -265,19 +265,19 @@ def test_any_flipped_bit_fails(t, data):
     n, m, i, seed = t
     leaves = _leaves(n, seed)
     rn, rm = merkle.root(leaves), merkle.root(leaves[:m])
-    ip = merkle.inclusion_proof(leaves, i)
+    ip = merkle_proofs.inclusion_proof(leaves, i)
     # the leaf, the root, or any proof element: one flipped bit anywhere breaks the proof
     parts = [leaves[i], rn] + ip
     k = data.draw(st.integers(0, len(parts) - 1))
     bit = data.draw(st.integers(0, 255))
     parts[k] = parts[k][: bit // 8] + bytes([parts[k][bit // 8] ^ (1 << (bit % 8))]) + parts[k][bit // 8 + 1 :]
-    assert not merkle.verify_inclusion(parts[0], i, n, parts[2:], parts[1])
-    cp = merkle.consistency_proof(leaves, m)
+    assert not merkle_proofs.verify_inclusion(parts[0], i, n, parts[2:], parts[1])
+    cp = merkle_proofs.consistency_proof(leaves, m)
     if 0 < m < n:
         parts = [rm, rn] + cp
         k = data.draw(st.integers(0, len(parts) - 1))
         parts[k] = parts[k][: bit // 8] + bytes([parts[k][bit // 8] ^ (1 << (bit % 8))]) + parts[k][bit // 8 + 1 :]
-        assert not merkle.verify_consistency(m, n, parts[0], parts[1], parts[2:])
+        assert not merkle_proofs.verify_consistency(m, n, parts[0], parts[1], parts[2:])
 
 
 @settings(max_examples=100, deadline=None)
@@ -291,5 +291,5 @@ def test_a_forked_log_is_not_consistent(t, extra):
     j = (n * 7 + extra) % m
     fork = list(leaves)
     fork[j] = merkle.leaf_hash(b"rewritten" + seed)
-    proof = merkle.consistency_proof(fork, m)
-    assert not merkle.verify_consistency(m, len(fork), merkle.root(leaves[:m]), merkle.root(fork), proof)
+    proof = merkle_proofs.consistency_proof(fork, m)
+    assert not merkle_proofs.verify_consistency(m, len(fork), merkle.root(leaves[:m]), merkle.root(fork), proof)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from exfilguard.errors import LedgerTampered
-from exfilguard.ledger import Window, merkle, open_ledger, verify_ledger
+from exfilguard.ledger import Window, merkle, open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from sqlkit import q
 
 

@@ -15,8 +15,8 @@ from exfilguard.ledger import (
     load_public_key,
     merkle,
     open_ledger,
-    verify_ledger,
 )
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.checkpoint import (
     head_to_json,
     load_checkpoint,

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from exfilguard.errors import ConfigError, LedgerUnavailable
-from exfilguard.ledger import Window, merkle, open_ledger, verify_ledger
+from exfilguard.ledger import Window, merkle, open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event, encode_event
 
 

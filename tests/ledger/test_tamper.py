@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, open_ledger, verify_ledger
+from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event, encode_event
 from exfilguard.ledger.keys import sign_tree_head
 

@@ -22,7 +22,8 @@ import time
 import pytest
 from meterkit import CHUNK, MeterProcess, Upstream, get_metrics, pull_many
 
-from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
 from exfilguard.meter import Meter, MeterConfig, parse_window
 from exfilguard.meter.proxy import GROW_MAX, GROW_TARGET, _Conn, _Res

@@ -12,7 +12,8 @@ from meterkit import MeterProcess, Upstream, get_status, pull
 
 from exfilguard.errors import ApprovalRefused, ApprovalsShort
 from exfilguard.ledger import approvals as A
-from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger.verify import verify_ledger
 
 BLOCK = 16384
 CAP = 4 * BLOCK

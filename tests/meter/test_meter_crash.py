@@ -14,7 +14,8 @@ import random
 import pytest
 from meterkit import MeterProcess, Upstream, pull
 
-from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.meter.proxy import WRITE_SLACK  # the client write buffer's high-water mark + one read
 
 CLIENTS = 4

@@ -15,7 +15,8 @@ import pytest
 import uvloop
 from meterkit import Upstream
 
-from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.meter import Meter, MeterConfig
 from exfilguard.meter.proxy import READ_SIZE, WRITE_SLACK
 

@@ -9,7 +9,8 @@ import os
 import pytest
 from meterkit import Upstream, pull, pull_many
 
-from exfilguard.ledger import generate_keypair, load_public_key, open_ledger, verify_ledger
+from exfilguard.ledger import generate_keypair, load_public_key, open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
 from exfilguard.meter import Meter, MeterConfig, budget_status, parse_window
 

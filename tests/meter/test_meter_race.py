@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from meterkit import MeterProcess, Upstream, pull_many
 
-from exfilguard.ledger import open_ledger, verify_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger.verify import verify_ledger
 from exfilguard.meter import Meter, MeterConfig
 
 CLIENTS = 50

@@ -14,7 +14,7 @@ import pytest
 from tinystack import TinyStack, access_lines
 
 from exfilguard.ledger.apikeys import KeyStore
-from exfilguard.ledger.store import open_ledger
+from exfilguard.ledger import open_ledger
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.protocol.wire import Kind, encode_frame
 

@@ -40,7 +40,7 @@ def keys_add(
 ) -> None:
     """Make an API key with a budget of its own (under the meter's global cap); print its secret once."""
     from exfilguard.ledger.apikeys import KeyStore
-    from exfilguard.ledger.store import open_ledger
+    from exfilguard.ledger import open_ledger
     from exfilguard.meter.config import parse_size, parse_window
 
     _ensure_sqlite_dir(ledger)
@@ -61,7 +61,7 @@ def keys_list(
     import json
 
     from exfilguard.ledger.apikeys import UNLIMITED, KeyStore, remaining_of
-    from exfilguard.ledger.store import open_ledger
+    from exfilguard.ledger import open_ledger
 
     store = KeyStore(open_ledger(ledger, create=False))
     rows = []
@@ -93,7 +93,7 @@ def keys_revoke(
 ) -> None:
     """Revoke an API key: refused from the next request on (its budget and history stay in the ledger)."""
     from exfilguard.ledger.apikeys import KeyStore
-    from exfilguard.ledger.store import open_ledger
+    from exfilguard.ledger import open_ledger
 
     KeyStore(open_ledger(ledger, create=False)).revoke(name)
     typer.echo(f"revoked API key {name}")

@@ -53,7 +53,8 @@ def ledger_verify(
 ) -> None:
     """Recompute the Merkle tree, check every signed tree head and the accounting; exit 0 if all hold."""
     from exfilguard.errors import LedgerTampered
-    from exfilguard.ledger import load_public_key, open_ledger, verify_ledger
+    from exfilguard.ledger import load_public_key, open_ledger
+    from exfilguard.ledger.verify import verify_ledger
     from exfilguard.ledger.checkpoint import load_trusted_heads
 
     keys = [load_public_key(p) for p in public_key or ()]

@@ -288,7 +288,8 @@ class Collector:
             self._verifier.join(timeout)
 
     def _verify_once(self, now_s: float) -> None:
-        from exfilguard.ledger import open_ledger, verify_ledger
+        from exfilguard.ledger import open_ledger
+        from exfilguard.ledger.verify import verify_ledger
 
         seen = self._seen_head
         try:

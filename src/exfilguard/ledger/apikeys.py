@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from exfilguard.errors import ConfigError
-from exfilguard.ledger.store import BudgetStatus, Grant, Ledger, Window, windows_to_json
+from exfilguard.ledger.accounting import Grant, Window, windows_to_json
+from exfilguard.ledger.store import BudgetStatus, Ledger
 
 KEY_PREFIX = "sk-exfilguard-"
 BUDGET_PREFIX = "key:"
@@ -65,7 +66,7 @@ class KeyStore:
         self.ledger = ledger
         self._lock = threading.Lock()
         with self._lock:
-            self.ledger._write(lambda cur, head: cur.execute(self.ledger._ddl(_DDL)))
+            self.ledger.write(lambda cur, head: cur.execute(self.ledger.db.ddl(_DDL)))
 
     # -- administration ------------------------------------------------------------------
     def add(self, name: str, cap: int | None = None, windows: Sequence[Window] = ()) -> str:
@@ -82,19 +83,19 @@ class KeyStore:
         led = self.ledger
 
         def body(cur: Any, head: Any) -> None:
-            if cur.execute(led._sql("SELECT name FROM api_keys WHERE name = ?"), (name,)).fetchone():
+            if cur.execute(led.db.sql("SELECT name FROM api_keys WHERE name = ?"), (name,)).fetchone():
                 raise ConfigError(f"key {name!r} exists already (revoked keys keep their name); choose another name")
-            if cur.execute(led._sql("SELECT name FROM budgets WHERE name = ?"), (budget,)).fetchone():
+            if cur.execute(led.db.sql("SELECT name FROM budgets WHERE name = ?"), (budget,)).fetchone():
                 raise ConfigError(f"budget {budget!r} exists already in ledger {led.url}; choose another key name")
-            cur.execute(led._sql("INSERT INTO budgets (name, cap_bytes, reserved_bytes, outstanding_bytes, windows) "
+            cur.execute(led.db.sql("INSERT INTO budgets (name, cap_bytes, reserved_bytes, outstanding_bytes, windows) "
                                  "VALUES (?, ?, 0, 0, ?)"), (budget, cap_bytes, wjson))
-            led._append(cur, head, "budget_created", budget=budget, cap=cap_bytes, windows=json.loads(wjson))
-            cur.execute(led._sql("INSERT INTO api_keys (name, key_hash, budget, created, revoked) VALUES (?, ?, ?, ?, NULL)"),
+            led.append(cur, head, "budget_created", budget=budget, cap=cap_bytes, windows=json.loads(wjson))
+            cur.execute(led.db.sql("INSERT INTO api_keys (name, key_hash, budget, created, revoked) VALUES (?, ?, ?, ?, NULL)"),
                         (name, h, budget, head.now))
-            led._append(cur, head, "key_added", budget=budget, key=name, key_id=h[:16])
+            led.append(cur, head, "key_added", budget=budget, key=name, key_id=h[:16])
 
         with self._lock:
-            led._write(body)
+            led.write(body)
         return secret
 
     def revoke(self, name: str) -> None:
@@ -102,28 +103,28 @@ class KeyStore:
         led = self.ledger
 
         def body(cur: Any, head: Any) -> None:
-            row = cur.execute(led._sql("SELECT budget, revoked FROM api_keys WHERE name = ?"), (name,)).fetchone()
+            row = cur.execute(led.db.sql("SELECT budget, revoked FROM api_keys WHERE name = ?"), (name,)).fetchone()
             if row is None:
                 raise ConfigError(f"no key {name!r} in ledger {led.url} (exfilguard keys list shows them)")
             if row[1] is not None:
                 raise ConfigError(f"key {name!r} is revoked already")
-            cur.execute(led._sql("UPDATE api_keys SET revoked = ? WHERE name = ?"), (head.now, name))
-            led._append(cur, head, "key_revoked", budget=row[0], key=name)
+            cur.execute(led.db.sql("UPDATE api_keys SET revoked = ? WHERE name = ?"), (head.now, name))
+            led.append(cur, head, "key_revoked", budget=row[0], key=name)
 
         with self._lock:
-            led._write(body)
+            led.write(body)
 
     def keys(self) -> list[ApiKey]:
         """Every key, active and revoked, by name."""
         with self._lock:
-            rows = self.ledger._read("SELECT name, key_hash, budget, created, revoked FROM api_keys ORDER BY name")
+            rows = self.ledger.query("SELECT name, key_hash, budget, created, revoked FROM api_keys ORDER BY name")
         return [ApiKey(r[0], r[1][:16], r[2], int(r[3]), None if r[4] is None else int(r[4])) for r in rows]
 
     # -- serving -------------------------------------------------------------------------
     def lookup(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, else None (revocation takes effect at once)."""
         with self._lock:
-            rows = self.ledger._read(
+            rows = self.ledger.query(
                 "SELECT name, key_hash, budget, created, revoked FROM api_keys WHERE key_hash = ?", (hash_key(secret),))
         if not rows or rows[0][4] is not None:
             return None
@@ -161,7 +162,7 @@ class KeyStore:
             for w in st.windows:
                 if w["remaining_bytes"] > 0:
                     continue
-                rows = self.ledger._read("SELECT MIN(ts) FROM reservations WHERE budget = ? AND ts > ?",
+                rows = self.ledger.query("SELECT MIN(ts) FROM reservations WHERE budget = ? AND ts > ?",
                                          (key.budget, now - w["seconds"] * 1_000_000))
                 oldest = rows[0][0] if rows and rows[0][0] is not None else now
                 waits.append(max(1, -(-(int(oldest) + w["seconds"] * 1_000_000 - now) // 1_000_000)))

@@ -28,25 +28,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from exfilguard.errors import (
+    ApprovalRefused,
     ApprovalsShort,
     ConfigError,
+    LedgerTampered,
     RequestExpired,
     RequestReplayed,
+    RequestStale,
     RequestTampered,
     WrongBudget,
 )
 from exfilguard.ledger import merkle
-from exfilguard.ledger.checkpoint import canonical_json
+from exfilguard.ledger.approval_check import APPROVAL_DOMAIN, event_approval_problems, needed, request_digest, verify_one
+from exfilguard.ledger.events import canonical as canonical_json
 from exfilguard.ledger.store import Ledger
 
 REQUEST_TYPE = "exfilguard-budget-request-v1"
 APPROVAL_TYPE = "exfilguard-budget-approval-v1"
-APPROVAL_DOMAIN = b"exfilguard-budget-approval-v1\x00"
 MAX_KEYS = 64
 
 
@@ -75,15 +77,109 @@ def approver_set_json(threshold: int, keys: Sequence[str]) -> dict[str, Any]:
     return {"threshold": threshold, "keys": sorted(keys)}
 
 
-def request_digest(request: dict[str, Any]) -> bytes:
-    """Return the SHA-256 of the canonical request: what every approver signs."""
-    return hashlib.sha256(canonical_json(request)).digest()
+def approver_set(ledger: Ledger, budget: str) -> tuple[int, list[str]] | None:
+    """Return a budget's (threshold, sorted hex public keys), or None when it has none yet."""
+    rows = ledger.query("SELECT threshold, keys FROM budget_approvers WHERE budget = ?", (budget,))
+    return (int(rows[0][0]), list(json.loads(rows[0][1]))) if rows else None
+
+
+def applied_request(ledger: Ledger, nonce: str) -> int | None:
+    """Return the ledger entry that applied the request with this nonce, or None."""
+    rows = ledger.query("SELECT seq FROM applied_requests WHERE nonce = ?", (nonce,))
+    return int(rows[0][0]) if rows else None
 
 
 def init_approvers(ledger: Ledger, budget: str, threshold: int, public_keys: Sequence[Ed25519PublicKey]) -> int:
-    """Give a budget its first approver set; return the ledger entry that records it."""
+    """Give a budget its first approver set; return the ledger entry that records it (refused once it has one)."""
     s = approver_set_json(threshold, [raw_key(k) for k in public_keys])
-    return ledger.init_approvers(budget, s["threshold"], s["keys"])
+    sql = ledger.db.sql
+
+    def body(cur: Any, head: Any) -> int:
+        if budget not in ledger.state.budgets:
+            raise ConfigError(f"no budget {budget!r} in ledger {ledger.url}; give --cap to create it")
+        if cur.execute(sql("SELECT 1 FROM budget_approvers WHERE budget = ?"), (budget,)).fetchone() is not None:
+            raise ConfigError(
+                f"budget {budget!r} already has approvers; changing them is itself a k-of-n change "
+                "(`exfilguard budget request --approvers ... --threshold K`)"
+            )
+        cur.execute(sql("INSERT INTO budget_approvers (budget, threshold, keys) VALUES (?, ?, ?)"),
+                    (budget, s["threshold"], json.dumps(s["keys"], separators=(",", ":"))))
+        return ledger.append(cur, head, "approvers_set", budget=budget, threshold=s["threshold"], keys=s["keys"],
+                             approvals=[], request=None)
+
+    return ledger.write(body)
+
+
+def apply_budget_change(
+    ledger: Ledger,
+    budget: str,
+    *,
+    nonce: str,
+    expires: int,
+    approvers: tuple[int, Sequence[str]],
+    approvals: list[dict[str, str]],
+    request: dict[str, Any],
+    old_cap: int | None = None,
+    new_cap: int | None = None,
+    new_approvers: tuple[int, Sequence[str]] | None = None,
+) -> int:
+    """Apply an approved cap change (old_cap -> new_cap) or approver-set change; return its seq.
+
+    In one transaction, on the replayed log: refuses a nonce applied before (RequestReplayed), a
+    request past `expires` by the ledger's clock (RequestExpired), a budget whose approver set is
+    not `approvers` or whose cap is not `old_cap` any more (RequestStale), and a cap below the
+    bytes already reserved (ApprovalRefused): the new cap must hold what already left. The
+    appended event is replayed like any other: its approvals are checked again (approval_check.py).
+    """
+    sql = ledger.db.sql
+
+    def body(cur: Any, head: Any) -> int:
+        row = cur.execute(sql("SELECT seq FROM applied_requests WHERE nonce = ?"), (nonce,)).fetchone()
+        if row is not None:
+            raise RequestReplayed(f"request {nonce} was applied already (ledger entry {int(row[0])}); make a new request")
+        if head.now > expires:
+            raise RequestExpired(f"request {nonce} expired at {_iso(expires)} (ledger time {_iso(head.now)}); make a new request")
+        b = ledger.state.budgets.get(budget)
+        if b is None:
+            raise WrongBudget(f"no budget {budget!r} in ledger {ledger.url}: the request is for another ledger")
+        if b.approvers is None:
+            raise ApprovalRefused(f"budget {budget!r} has no approvers; set them once with `exfilguard budget init`")
+        if (b.approvers[0], sorted(b.approvers[1])) != (approvers[0], sorted(approvers[1])):
+            raise RequestStale(f"the approver set of budget {budget!r} changed since the request was made; make a new request")
+        if new_approvers is None:
+            if old_cap is None or new_cap is None:
+                raise ValueError("a cap change needs old_cap and new_cap")
+            if b.cap != old_cap:
+                raise RequestStale(
+                    f"budget {budget!r} has cap {b.cap} bytes now; the request was made when it was {old_cap}: make a new request"
+                )
+            if new_cap < b.reserved:
+                raise ApprovalRefused(
+                    f"cannot lower the cap of budget {budget!r} to {new_cap} bytes: {b.reserved} bytes are already "
+                    f"reserved; request a cap of at least {b.reserved}"
+                )
+            n = cur.execute(sql("UPDATE budgets SET cap_bytes = ? WHERE name = ? AND cap_bytes = ? AND reserved_bytes = ?"),
+                            (new_cap, budget, b.cap, b.reserved)).rowcount
+            if n != 1:
+                raise LedgerTampered(f"ledger {ledger.url}: budget {budget!r} row differs from the log (row changed)")
+            seq = ledger.append(cur, head, "cap_change", budget=budget, old_cap=old_cap, new_cap=new_cap,
+                                approvals=approvals, request=request)
+        else:
+            keys = sorted(new_approvers[1])
+            cur.execute(sql("UPDATE budget_approvers SET threshold = ?, keys = ? WHERE budget = ?"),
+                        (new_approvers[0], json.dumps(keys, separators=(",", ":")), budget))
+            seq = ledger.append(cur, head, "approvers_set", budget=budget, threshold=new_approvers[0], keys=keys,
+                                approvals=approvals, request=request)
+        cur.execute(sql("INSERT INTO applied_requests (nonce, budget, seq) VALUES (?, ?, ?)"), (nonce, budget, seq))
+        return seq
+
+    return ledger.write(body)
+
+
+def _iso(ts_us: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts_us / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def make_request(
@@ -104,7 +200,7 @@ def make_request(
     if expires_in <= 0:
         raise ConfigError("--expires must be a positive duration, e.g. 1h or 2d")
     st = ledger.status(budget)
-    current = ledger.approver_set(budget)
+    current = approver_set(ledger, budget)
     if current is None:
         raise ConfigError(f"budget {budget!r} has no approvers yet; set them once with `exfilguard budget init`")
     now = int(time.time() * 1_000_000) if now is None else now
@@ -243,15 +339,6 @@ def _is_hex(text: str, n: int) -> bool:
     return len(text) == n and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def _verify_one(digest: bytes, public_hex: str, signature_hex: str) -> bool:
-    try:
-        pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
-        pub.verify(bytes.fromhex(signature_hex), APPROVAL_DOMAIN + digest)
-    except (ValueError, InvalidSignature):
-        return False
-    return True
-
-
 @dataclass
 class Tally:
     """How the signatures on a request counted against an approver set."""
@@ -280,7 +367,7 @@ def tally(request: dict[str, Any], approvals: Sequence[dict[str, Any]], keys: Se
                 f"signature #{i + 1} (key {who}) is for request {a['request'][:16]}..., not this one "
                 f"({digest.hex()[:16]}...): the request was changed after it was signed, or the signature is for another request"
             )
-        if not _verify_one(digest, a["public_key"], a["signature"]):
+        if not verify_one(digest, a["public_key"], a["signature"]):
             raise RequestTampered(f"signature #{i + 1} (key {who}) does not verify: the signature file was changed")
         if a["public_key"] in seen:
             t.duplicates += 1
@@ -290,13 +377,6 @@ def tally(request: dict[str, Any], approvals: Sequence[dict[str, Any]], keys: Se
             seen[a["public_key"]] = a["signature"]
     t.counted = [{"public_key": k, "signature": seen[k]} for k in sorted(seen)]
     return t
-
-
-def needed(request: dict[str, Any]) -> int:
-    """Return how many approvers the request needs: one to lower a cap, else the threshold."""
-    if request["action"] == "cap" and request["new_cap"] < request["old_cap"]:
-        return 1
-    return int(request["approvers"]["threshold"])
 
 
 def describe(request: dict[str, Any]) -> str:
@@ -345,7 +425,7 @@ def apply_request(
         if a["budget"] != name:
             raise WrongBudget(f"signature #{i + 1} approves a request for budget {a['budget']!r}, not {name!r}")
     t = tally(request, approvals, request["approvers"]["keys"])
-    seq = ledger.applied_request(request["nonce"])
+    seq = applied_request(ledger, request["nonce"])
     if seq is not None:
         raise RequestReplayed(f"request {request['nonce']} was applied already (ledger entry {seq}); make a new request")
     if time.time() * 1_000_000 > request["expires"]:
@@ -364,9 +444,9 @@ def apply_request(
     common = dict(nonce=request["nonce"], expires=request["expires"], approvers=(ap["threshold"], ap["keys"]),
                   approvals=t.counted, request=request)
     if request["action"] == "cap":
-        return ledger.apply_budget_change(name, old_cap=request["old_cap"], new_cap=request["new_cap"], **common)
+        return apply_budget_change(ledger, name, old_cap=request["old_cap"], new_cap=request["new_cap"], **common)
     na = request["new_approvers"]
-    return ledger.apply_budget_change(name, new_approvers=(na["threshold"], na["keys"]), **common)
+    return apply_budget_change(ledger, name, new_approvers=(na["threshold"], na["keys"]), **common)
 
 
 def _check_history(ledger: Ledger, request: dict[str, Any]) -> None:
@@ -387,37 +467,11 @@ def _check_history(ledger: Ledger, request: dict[str, Any]) -> None:
 def check_event_approvals(event: dict[str, Any], keys: Sequence[str], threshold: int) -> list[str]:
     """Return what is wrong with a cap_change / approvers_set event's approvals against a set (empty: ok).
 
-    Used offline (``verify``): the embedded request must match the event, and its signatures
-    must come from enough distinct keys of the set in force.
+    Used offline (``audit``): the embedded request must be well formed and match the event, and its
+    signatures must come from enough distinct keys of the set in force (approval_check.py, as the replay).
     """
-    req = event.get("request")
     try:
-        check_request(req)
+        check_request(event.get("request"))
     except RequestTampered as exc:
         return [f"its request is malformed ({exc})"]
-    problems: list[str] = []
-    if req["budget"] != event["budget"]:
-        problems.append(f"its request is for budget {req['budget']!r}")
-    if (req["approvers"]["threshold"], req["approvers"]["keys"]) != (threshold, sorted(keys)):
-        problems.append("its request was made under another approver set than the one in force")
-    if event["kind"] == "cap_change":
-        if req["action"] != "cap" or (req["old_cap"], req["new_cap"]) != (event["old_cap"], event["new_cap"]):
-            problems.append("its request does not ask for this cap change")
-    elif req["action"] != "approvers" or req["new_approvers"] != {"threshold": event["threshold"], "keys": event["keys"]}:
-        problems.append("its request does not ask for this approver set")
-    if not isinstance(event["ts"], int) or event["ts"] > req["expires"]:
-        problems.append("it was applied after its request expired")
-    approvals = event.get("approvals")
-    if not isinstance(approvals, list) or not all(
-        isinstance(a, dict) and isinstance(a.get("public_key"), str) and isinstance(a.get("signature"), str) for a in approvals
-    ):
-        return problems + ["its approvals are malformed"]
-    digest = request_digest(req)
-    good = {a["public_key"] for a in approvals if a["public_key"] in set(keys) and _verify_one(digest, a["public_key"], a["signature"])}
-    bad = [short_id(a["public_key"]) for a in approvals
-           if not _verify_one(digest, a["public_key"], a["signature"])]
-    if bad:
-        problems.append(f"signatures by {', '.join(bad)} do not verify")
-    if len(good) < needed(req):
-        problems.append(f"only {len(good)} distinct approver keys signed it, {needed(req)} needed")
-    return problems
+    return event_approval_problems(event, keys, threshold)

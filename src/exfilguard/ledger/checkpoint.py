@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from exfilguard.errors import ConfigError, LedgerTampered
-from exfilguard.ledger.keys import TreeHead, key_id, sign_tree_head, verify_tree_head
+from exfilguard.ledger.events import canonical
+from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json, key_id, sign_tree_head, verify_tree_head
 
 CHECKPOINT_DOMAIN = b"exfilguard-checkpoint-v1\x00"
 CHECKPOINT_VERSION = 1
@@ -54,11 +55,6 @@ class Checkpoint:
                 "signature": self.signature.hex()}
 
 
-def canonical(obj: Any) -> bytes:
-    """The canonical JSON bytes of `obj` (what signatures cover)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
 # The name the audit and approvals code uses.
 canonical_json = canonical
 
@@ -66,31 +62,6 @@ canonical_json = canonical
 def checkpoint_to_json(cp: Checkpoint) -> dict[str, Any]:
     """The file form of a checkpoint: a bare published head when it carries no checkpoint signature."""
     return cp.as_json() if cp.signature else head_to_json(cp.head)
-
-
-def head_to_json(head: TreeHead) -> dict[str, Any]:
-    """The published form of a signed tree head."""
-    return {"tree_size": head.tree_size, "ts": head.ts, "root": head.root.hex(), "key_id": head.key_id,
-            "signature": head.signature.hex()}
-
-
-def head_from_json(obj: Any, where: str = "head") -> TreeHead:
-    """Parse a published head; raise ConfigError naming what is malformed."""
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where} is not a JSON object")
-    try:
-        size, ts, root, kid, sig = obj["tree_size"], obj["ts"], obj["root"], obj["key_id"], obj["signature"]
-    except KeyError as exc:
-        raise ConfigError(f"{where} lacks {exc.args[0]!r}") from None
-    if not (isinstance(size, int) and size >= 0 and isinstance(ts, int) and ts >= 0):
-        raise ConfigError(f"{where}: tree_size and ts must be non-negative integers")
-    if not (isinstance(root, str) and re.fullmatch(r"[0-9a-f]{64}", root)):
-        raise ConfigError(f"{where}: root must be 64 lowercase hex digits")
-    if not (isinstance(kid, str) and re.fullmatch(r"[0-9a-f]{16}", kid)):
-        raise ConfigError(f"{where}: key_id must be 16 lowercase hex digits")
-    if not (isinstance(sig, str) and re.fullmatch(r"(?:[0-9a-f]{2})+", sig)):
-        raise ConfigError(f"{where}: signature must be hex")
-    return TreeHead(size, ts, bytes.fromhex(root), kid, bytes.fromhex(sig))
 
 
 def _signed_part(cp: Checkpoint) -> bytes:

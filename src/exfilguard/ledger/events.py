@@ -36,6 +36,11 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def canonical(obj: Any) -> bytes:
+    """The canonical JSON bytes of `obj`: what entries are and what signatures cover."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def encode_event(event: dict[str, Any]) -> bytes:
     """Return the canonical leaf bytes of an event (raises ValueError on an unknown kind)."""
     kind = event.get("kind")
@@ -44,7 +49,7 @@ def encode_event(event: dict[str, Any]) -> bytes:
     missing = [f for f in ("v", "seq", "ts", "prev", *KINDS[kind]) if f not in event]
     if missing:
         raise ValueError(f"{kind} event lacks {', '.join(missing)}")
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return canonical(event)
 
 
 def decode_event(entry: bytes) -> dict[str, Any]:

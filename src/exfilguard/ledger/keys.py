@@ -2,16 +2,19 @@
 
 The signed message of a tree head is ``b"exfilguard-sth-v1\\x00" || tree_size (8 bytes,
 big-endian) || timestamp in microseconds (8 bytes, big-endian) || root (32 bytes)``.
-A key id is the first 16 hex digits of SHA-256 of the raw 32-byte public key.
+A key id is the first 16 hex digits of SHA-256 of the raw 32-byte public key. A published
+head is the JSON ``{"tree_size", "ts", "root" (hex), "key_id", "signature" (hex)}``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -105,3 +108,28 @@ def verify_tree_head(public: Ed25519PublicKey, head: TreeHead) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+def head_to_json(head: TreeHead) -> dict[str, Any]:
+    """The published form of a signed tree head."""
+    return {"tree_size": head.tree_size, "ts": head.ts, "root": head.root.hex(), "key_id": head.key_id,
+            "signature": head.signature.hex()}
+
+
+def head_from_json(obj: Any, where: str = "head") -> TreeHead:
+    """Parse a published head; raise ConfigError naming what is malformed."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where} is not a JSON object")
+    try:
+        size, ts, root, kid, sig = obj["tree_size"], obj["ts"], obj["root"], obj["key_id"], obj["signature"]
+    except KeyError as exc:
+        raise ConfigError(f"{where} lacks {exc.args[0]!r}") from None
+    if not (isinstance(size, int) and size >= 0 and isinstance(ts, int) and ts >= 0):
+        raise ConfigError(f"{where}: tree_size and ts must be non-negative integers")
+    if not (isinstance(root, str) and re.fullmatch(r"[0-9a-f]{64}", root)):
+        raise ConfigError(f"{where}: root must be 64 lowercase hex digits")
+    if not (isinstance(kid, str) and re.fullmatch(r"[0-9a-f]{16}", kid)):
+        raise ConfigError(f"{where}: key_id must be 16 lowercase hex digits")
+    if not (isinstance(sig, str) and re.fullmatch(r"(?:[0-9a-f]{2})+", sig)):
+        raise ConfigError(f"{where}: signature must be hex")
+    return TreeHead(size, ts, bytes.fromhex(root), kid, bytes.fromhex(sig))

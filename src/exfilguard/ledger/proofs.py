@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerTampered
-from exfilguard.ledger import merkle
+from exfilguard.ledger import merkle, merkle_proofs
 from exfilguard.ledger.checkpoint import Checkpoint, canonical_json
 from exfilguard.ledger.events import decode_event
 from exfilguard.ledger.keys import TreeHead
@@ -77,7 +77,7 @@ def prove_consistency(ledger: Ledger, old: TreeHead, new: TreeHead) -> Consisten
     leaves = _leaf_hashes(ledger, new.tree_size)
     _check_head(leaves, old, "old")
     _check_head(leaves, new, "new")
-    return ConsistencyProof(old.tree_size, old.root, new.tree_size, new.root, merkle.consistency_proof(leaves, old.tree_size))
+    return ConsistencyProof(old.tree_size, old.root, new.tree_size, new.root, merkle_proofs.consistency_proof(leaves, old.tree_size))
 
 
 def prove_inclusion(ledger: Ledger, seq: int, head: TreeHead) -> InclusionProof:
@@ -89,7 +89,7 @@ def prove_inclusion(ledger: Ledger, seq: int, head: TreeHead) -> InclusionProof:
     entry = next(e for s, e in ledger.entries(seq) if s == seq)
     if merkle.leaf_hash(entry) != leaves[seq]:
         raise LedgerTampered(f"entry {seq} changed while the proof was made")
-    return InclusionProof(seq, head.tree_size, head.root, entry, merkle.inclusion_proof(leaves, seq))
+    return InclusionProof(seq, head.tree_size, head.root, entry, merkle_proofs.inclusion_proof(leaves, seq))
 
 
 def proof_to_json(proof: ConsistencyProof | InclusionProof) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def check_consistency(old: Checkpoint, new: Checkpoint, proof: ConsistencyProof)
     if old.head.tree_size > new.head.tree_size:
         raise LedgerTampered(f"the old checkpoint has more entries ({old.head.tree_size}) than the new one "
                              f"({new.head.tree_size}): the log shrank (or swap --old and --new)")
-    if not merkle.verify_consistency(old.head.tree_size, new.head.tree_size, old.head.root, new.head.root, proof.path):
+    if not merkle_proofs.verify_consistency(old.head.tree_size, new.head.tree_size, old.head.root, new.head.root, proof.path):
         raise LedgerTampered(
             f"the log of {new.head.tree_size} entries is NOT an extension of the log of {old.head.tree_size} entries: "
             "history was rewritten or forked (or the proof was changed)"
@@ -180,7 +180,7 @@ def check_inclusion(checkpoint: Checkpoint, proof: InclusionProof) -> dict[str, 
     if (proof.tree_size, proof.root) != (checkpoint.head.tree_size, checkpoint.head.root):
         raise LedgerTampered(f"the proof is for a tree of {proof.tree_size} entries, not the checkpoint's "
                              f"({checkpoint.head.tree_size} entries, root {checkpoint.head.root.hex()})")
-    if not merkle.verify_inclusion(merkle.leaf_hash(proof.entry), proof.seq, proof.tree_size, proof.path, proof.root):
+    if not merkle_proofs.verify_inclusion(merkle.leaf_hash(proof.entry), proof.seq, proof.tree_size, proof.path, proof.root):
         raise LedgerTampered(f"entry {proof.seq} as given is NOT in the checkpoint's log (entry or proof changed)")
     try:
         event = decode_event(proof.entry)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerUnavailable
-from exfilguard.ledger.store import Ledger
+from exfilguard.ledger.storage import Storage
 
 
-class SQLiteLedger(Ledger):
+class SQLiteStorage(Storage):
     """A ledger in one SQLite file: WAL, synchronous=FULL, writes under BEGIN IMMEDIATE.
 
     A ledger file with no write permission bits is treated as frozen, even for root: the meter
@@ -20,6 +19,7 @@ class SQLiteLedger(Ledger):
     """
 
     dialect = "sqlite"
+    errors = (sqlite3.Error, OSError)
 
     def __init__(self, url: str, path: str, *, create: bool = True):
         self.url = url
@@ -32,13 +32,10 @@ class SQLiteLedger(Ledger):
         self._conn: sqlite3.Connection | None = None
         self._connect()
         if create:
-            self._check_writable()
-            self._init_schema()
+            self.check_writable()
+            self.init_schema()
 
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        return (sqlite3.Error, OSError)
-
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
             conn.execute("PRAGMA busy_timeout = 30000")
@@ -50,8 +47,10 @@ class SQLiteLedger(Ledger):
             conn.close()
             raise LedgerUnavailable(f"ledger {self.path} cannot use WAL mode (got {mode})")
         self._conn = conn
+        return conn
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """Raise LedgerUnavailable when the file is gone or has no write permission bits."""
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -59,44 +58,34 @@ class SQLiteLedger(Ledger):
         if not st.st_mode & 0o222:
             raise LedgerUnavailable(f"ledger file {self.path} is read-only")
 
-    def _begin_write(self) -> sqlite3.Cursor:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        self._check_writable()
-        cur = self._conn.cursor()
+    def begin_write(self) -> sqlite3.Cursor:
+        conn = self._conn or self._connect()
+        self.check_writable()
+        cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         return cur
 
-    def _head_sql(self) -> str:
-        return "SELECT tree_size, frontier, last_ts, last_leaf, ? FROM ledger_head WHERE id = 1"
+    def head_query(self) -> tuple[str, tuple[Any, ...]]:
+        # BEGIN IMMEDIATE already holds the write lock; the clock is this host's
+        return "SELECT tree_size, frontier, last_ts, last_leaf, ? FROM ledger_head WHERE id = 1", (int(time.time() * 1_000_000),)
 
-    def _head_params(self) -> tuple[Any, ...]:
-        return (int(time.time() * 1_000_000),)
-
-    def _commit(self) -> None:
+    def commit(self) -> None:
         assert self._conn is not None
         self._conn.execute("COMMIT")
 
-    def _rollback(self) -> None:
+    def rollback(self) -> None:
         if self._conn is not None and self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
 
-    def _begin_snapshot(self) -> None:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        self._conn.execute("BEGIN")  # deferred: WAL gives this transaction one snapshot from its first read
+    def begin_snapshot(self) -> None:
+        (self._conn or self._connect()).execute("BEGIN")  # deferred: WAL gives it one snapshot from its first read
 
-    def _end_snapshot(self) -> None:
+    def end_snapshot(self) -> None:
         if self._conn is not None and self._conn.in_transaction:
             self._conn.execute("COMMIT")
 
-    def _read_rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        return self._conn.execute(sql, tuple(params)).fetchall()
+    def read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return (self._conn or self._connect()).execute(sql, params).fetchall()
 
     def close(self) -> None:
         if self._conn is not None:

@@ -3,17 +3,20 @@ and replay the accounting. Reads only; trusts nothing the ledger says about itse
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from exfilguard.errors import LedgerUnavailable
+from exfilguard.ledger.storage import one_line
 from exfilguard.ledger import merkle
 from exfilguard.ledger.events import GENESIS_PREV, decode_event
 from exfilguard.ledger.keys import TreeHead, key_id, verify_tree_head
-from exfilguard.ledger.replay import LedgerState, budget_row_problems, reservation_row_problems
+from exfilguard.ledger.accounting import LedgerState, budget_row_problems, reservation_row_problems
 from exfilguard.ledger.store import Ledger
 
 
@@ -51,7 +54,7 @@ def verify_ledger(
     entries, with their root. With `public_keys`, the last entry must be covered by a signed
     head (a log truncated to before its last heads, or stripped of them, fails).
     """
-    with ledger.snapshot():
+    with snapshot(ledger):
         return _verify(ledger, public_keys, trusted, check_heads)
 
 
@@ -111,7 +114,8 @@ def _verify(
     rep.root = root.hex()
 
     # The head row is a cache of the tree; it must agree with the entries.
-    size, frontier, _ts, last_leaf = ledger.head_row()
+    size, frontier = ledger.query("SELECT tree_size, frontier FROM ledger_head WHERE id = 1")[0]
+    size, frontier = int(size), [bytes(frontier)[i : i + 32] for i in range(0, len(bytes(frontier)), 32)]
     if size != n:
         rep.problems.append(
             f"the ledger head says {size} entries but {n} are stored"
@@ -209,8 +213,11 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
         if ev is not None:
             st.apply(ev)
     rep.problems.extend(st.problems)
-    rep.problems.extend(budget_row_problems(st, ledger.budget_rows()))
-    rep.problems.extend(reservation_row_problems(st, ledger.reservation_rows()))
+    brows = ledger.query("SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets ORDER BY name")
+    rrows = ledger.query("SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")
+    rep.problems.extend(budget_row_problems(st, [(r[0], int(r[1]), int(r[2]), int(r[3]), r[4]) for r in brows]))
+    rep.problems.extend(reservation_row_problems(
+        st, [(int(a), b, int(c), int(d), None if e is None else int(e)) for a, b, c, d, e in rrows]))
     rep.problems.extend(_approval_row_problems(ledger, st))
     rep.state = st
 
@@ -219,8 +226,9 @@ def _approval_row_problems(ledger: Ledger, st: LedgerState) -> list[str]:
     """Compare the approver-set and applied-request tables (k-of-n changes) with the log."""
     out: list[str] = []
     try:
-        approver_rows = {r[0]: (r[1], r[2]) for r in ledger.approver_rows()}
-        applied = {r[0]: (r[1], r[2]) for r in ledger.applied_request_rows()}
+        approver_rows = {r[0]: (int(r[1]), list(json.loads(r[2])))
+                         for r in ledger.query("SELECT budget, threshold, keys FROM budget_approvers ORDER BY budget")}
+        applied = {r[0]: (r[1], int(r[2])) for r in ledger.query("SELECT nonce, budget, seq FROM applied_requests ORDER BY seq")}
     except LedgerUnavailable:
         # a ledger made before k-of-n changes existed, opened read-only, lacks these tables
         approver_rows, applied = {}, {}
@@ -237,3 +245,24 @@ def _approval_row_problems(ledger: Ledger, st: LedgerState) -> list[str]:
 
 def _is_hex32(text: object) -> bool:
     return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+@contextlib.contextmanager
+def snapshot(ledger: Ledger) -> Iterator[None]:
+    """Make the reads inside see one consistent state, while writers keep appending meanwhile."""
+    db = ledger.db
+    if db.in_snapshot:
+        yield
+        return
+    try:
+        db.begin_snapshot()
+    except db.errors as exc:
+        db.broken()
+        raise LedgerUnavailable(f"ledger {ledger.url} cannot be read: {one_line(exc)}") from None
+    db.in_snapshot = True
+    try:
+        yield
+    finally:
+        db.in_snapshot = False
+        with contextlib.suppress(Exception):
+            db.end_snapshot()

@@ -6,7 +6,7 @@ Public API: ``MeterConfig``, ``Meter`` (start/stop/status), ``run_meter(config, 
 ``budget_status(ledger_url, budget)`` (remaining bytes, for telling 429 from 503).
 """
 
-from exfilguard.ledger.store import BudgetStatus, Window, open_ledger
+from exfilguard.ledger import BudgetStatus, Window, open_ledger
 from exfilguard.meter.config import DEFAULT_BLOCK, MeterConfig, parse_duration, parse_size, parse_window
 from exfilguard.meter.proxy import Meter, run_meter
 

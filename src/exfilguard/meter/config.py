@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exfilguard.errors import ConfigError
-from exfilguard.ledger.store import Window
+from exfilguard.ledger.accounting import Window
 
 DEFAULT_BLOCK = 16 * 2**20  # the largest reservation block (--reserve-block): the ceiling of adaptive sizing
 DEFAULT_MIN_BLOCK = 4 * 2**10  # the first block of a connection, and what an idle connection keeps reserved

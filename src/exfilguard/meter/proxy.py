@@ -23,7 +23,7 @@ from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable, UpstreamUnavailable
 from exfilguard.ledger.keys import load_private_key, sign_tree_head
-from exfilguard.ledger.store import Grant, Ledger, open_ledger
+from exfilguard.ledger import Grant, Ledger, open_ledger
 from exfilguard.meter import loop as event_loop
 from exfilguard.meter.config import MeterConfig, parse_hostport
 from exfilguard.meter.metrics import MeterMetrics

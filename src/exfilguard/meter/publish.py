@@ -2,20 +2,21 @@
 
 Targets: a directory (one JSON file per head, created exclusively, never rewritten), an
 HTTP(S) URL (one POST of the head JSON per head) or ``-`` (one JSON line per head on stdout).
-The head JSON is ``checkpoint.head_to_json``; ``ledger verify --trusted-head DIR`` reads the
-directory back.
+The head JSON is ``keys.head_to_json``; ``ledger verify --trusted-head DIR`` reads the
+directory back, and so does the meter at start (a ledger shorter than a published head is refused).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import urllib.request
 from pathlib import Path
 
 from exfilguard.errors import ConfigError
-from exfilguard.ledger.checkpoint import canonical, head_to_json, load_trusted_heads
-from exfilguard.ledger.keys import TreeHead
+from exfilguard.ledger.events import canonical
+from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json
 
 
 class HeadPublisher:
@@ -54,9 +55,16 @@ class HeadPublisher:
 
     def published(self) -> list[TreeHead]:
         """The heads already in a directory target (none for stdout and URL targets)."""
-        if self.kind != "dir" or not any(Path(self.target).glob("*.json")):
+        if self.kind != "dir":
             return []
-        return [cp.head for cp in load_trusted_heads([self.target], None)]
+        heads = []
+        for f in sorted(Path(self.target).glob("*.json")):
+            try:
+                obj = json.loads(f.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"published head {f} cannot be read: {exc}") from None
+            heads.append(head_from_json(obj["head"] if isinstance(obj, dict) and "head" in obj else obj, f"published head {f}"))
+        return heads
 
 
 def parse_target(target: str | None) -> HeadPublisher | None:

@@ -127,7 +127,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
     store = None
     if cfg.keys_ledger:
         from exfilguard.ledger.apikeys import KeyStore
-        from exfilguard.ledger.store import open_ledger
+        from exfilguard.ledger import open_ledger
 
         store = KeyStore(open_ledger(cfg.keys_ledger))
     access = logging.getLogger(ACCESS_LOG)

@@ -1,23 +1,60 @@
-"""Replay the event log into the budgets and reservations it implies: the one place that says
-what each event kind does to the accounting.
+"""The accounting rules, pure: what each event does to a budget, and what a reservation may be granted.
 
-The log is the ledger; the ``budgets`` and ``reservations`` tables are a cache of it that the
-database uses for its CHECK constraints. Both the offline audit (``verify_ledger``) and the
-meter (at open, and before every debit) derive the totals here and compare the cache with them,
-so a changed summary row can never lend bytes the log does not have.
+No I/O. The log is the ledger: ``LedgerState.apply`` replays it event by event (``HANDLERS``:
+kind -> rule), and ``grantable`` decides how many bytes a reservation gets from the replayed
+state. The meter's ledger (store.py) decides every reserve, release and settlement with these
+functions and then appends the event, which the same rules apply; ``ledger verify`` replays the
+log with them. Nothing else decides whether a byte may pass.
 
-To add an event kind: write a handler ``(state, event) -> None`` and add it to ``HANDLERS``
-(and the kind's fields to ``events.KINDS``). A handler reports what does not add up with
-``state.bad(seq, message)`` and must leave the state usable.
+Invariants a replay checks (``state.problems``, one line each): a budget is created once
+before use; a reservation is positive, its ``reserved`` is the running debit, and the debit
+never exceeds the cap nor any window's limit; a release settles an open reservation of its
+budget once, at 0 <= used <= amount, returning the rest; a cap change carries enough valid
+approvals (approval_check.py) and never drops below what is reserved.
+
+To add an event kind: a rule ``(state, event) -> None`` in ``HANDLERS`` (and its fields in
+``events.KINDS``); it reports what does not add up with ``state.bad`` and leaves the state usable.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from exfilguard.ledger.approval_check import event_approval_problems
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rolling window: at most `limit` bytes reserved in any `seconds`-long interval."""
+
+    seconds: int
+    limit: int
+
+    def label(self) -> str:
+        return f"{self.seconds}s"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The answer to a reservation: `granted` bytes (0 when denied) under reservation `res`."""
+
+    res: int | None
+    granted: int
+    reserved_after: int
+    remaining: int
+    reason: str = ""  # why fewer bytes than asked: "cap" or "window:<seconds>s"
+
+
+def windows_to_json(windows: Sequence[Window]) -> str:
+    return json.dumps(sorted([w.seconds, w.limit] for w in windows), separators=(",", ":"))
+
+
+def windows_from_json(text: str) -> list[Window]:
+    return [Window(int(s), int(n)) for s, n in json.loads(text)]
 
 
 @dataclass
@@ -36,8 +73,8 @@ class BudgetState:
 
     cap: int
     windows: list[tuple[int, int]]
-    reserved: int = 0
-    outstanding: int = 0
+    reserved: int = 0  # the debit against the cap: settled reservations at `used`, open ones in full
+    outstanding: int = 0  # open reservations, in full
     # per window: reservation ids inside it (oldest first), the same as a set, and their net sum
     inside: list[deque[int]] = field(default_factory=list)
     members: list[set[int]] = field(default_factory=list)
@@ -61,7 +98,7 @@ class LedgerState:
     def apply(self, event: dict[str, Any]) -> None:
         """Apply one decoded event (in log order)."""
         handler = HANDLERS.get(event["kind"])
-        if handler is None:  # decode_event refuses unknown kinds; a kind without a handler is a bug here
+        if handler is None:  # decode_event refuses unknown kinds; a kind without a rule is a bug here
             self.bad(event["seq"], f"no replay rule for event kind {event['kind']!r}")
         else:
             handler(self, event)
@@ -86,6 +123,48 @@ class LedgerState:
         return b
 
 
+# -- deciding: what a reservation may get, and whether a settlement is valid ----------------
+def grantable(want: int, cap: int, reserved: int, windows: Sequence[Window], usage: Sequence[int]) -> tuple[int, str]:
+    """How many of `want` bytes the cap and every window (with `usage` bytes counted in it) allow,
+    and what limited the grant ("" when nothing did)."""
+    grant, reason = min(want, cap - reserved), "cap" if cap - reserved < want else ""
+    for w, used in zip(windows, usage):
+        room = max(0, w.limit - used)
+        if room < grant:
+            grant, reason = room, f"window:{w.label()}"
+    return grant, reason
+
+
+def decide_reserve(st: LedgerState, budget: str, want: int, now: int) -> tuple[int, str]:
+    """The grant for `want` bytes of `budget` at time `now` on the replayed state (0: denied) and why."""
+    if want <= 0:
+        raise ValueError("a reservation is for a positive number of bytes")
+    b = st.budgets[budget]
+    windows = [Window(s, n) for s, n in b.windows]
+    return grantable(want, b.cap, b.reserved, windows, st.window_used(budget, now))
+
+
+def check_release(st: LedgerState, res: int, used: int) -> ResState:
+    """The open reservation `res` that may settle at `used` bytes; ValueError when it cannot."""
+    r = st.reservations.get(res)
+    if r is None:
+        raise ValueError(f"no reservation {res}")
+    if r.used is not None:
+        raise ValueError(f"reservation {res} is already settled")
+    if not 0 <= used <= r.amount:
+        raise ValueError(f"reservation {res} of {r.amount} bytes cannot settle at {used}")
+    return r
+
+
+def check_settlement(st: LedgerState, releases: Sequence[tuple[int, int]]) -> None:
+    """Validate every (reservation, used) of one settlement before any is applied; ValueError if one cannot."""
+    if len({res for res, _ in releases}) != len(releases):
+        raise ValueError("a reservation appears twice in one settlement")
+    for res, used in releases:
+        check_release(st, res, used)
+
+
+# -- the rules: what each event kind does to the state ---------------------------------------
 def _budget_created(st: LedgerState, ev: dict[str, Any]) -> None:
     seq, name = ev["seq"], ev["budget"]
     if name in st.budgets:
@@ -148,31 +227,35 @@ def _release(st: LedgerState, ev: dict[str, Any]) -> None:
         st.bad(seq, f"records {ev['reserved']} bytes reserved, the log adds up to {b.reserved}")
 
 
+def _first_approvers_ok(ev: dict[str, Any]) -> bool:
+    """A budget's first approver set (`budget init`): 1..64 distinct sorted keys, 1 <= threshold <= n, no approvals."""
+    keys, k = ev["keys"], ev["threshold"]
+    return (isinstance(keys, list) and 1 <= len(keys) <= 64 and all(isinstance(x, str) for x in keys)
+            and keys == sorted(set(keys)) and isinstance(k, int) and not isinstance(k, bool)
+            and 1 <= k <= len(keys) and ev["approvals"] == [])
+
+
 def _budget_change(st: LedgerState, ev: dict[str, Any]) -> None:
     """A k-of-n budget change (cap_change, approvers_set): re-check its approvals against the set in force."""
-    from exfilguard.ledger.approvals import approver_set_json, check_event_approvals
-
     seq, kind = ev["seq"], ev["kind"]
     b = st.budget(seq, ev)
     if b is None:
         return
     if kind == "approvers_set" and b.approvers is None and ev["request"] is None:
-        try:  # the first set of a budget (`budget init`) needs no approvals
-            s = approver_set_json(ev["threshold"], ev["keys"])
-        except Exception as exc:  # noqa: BLE001 - anything malformed is a finding
-            st.bad(seq, f"sets an unusable approver set ({exc})")
-            return
-        if ev["approvals"] != [] or s["keys"] != ev["keys"]:
+        if not _first_approvers_ok(ev):
             st.bad(seq, "first approver set is not in canonical form")
-        b.approvers = (s["threshold"], s["keys"])
+            return
+        b.approvers = (ev["threshold"], list(ev["keys"]))
         return
     if b.approvers is None:
         st.bad(seq, f"{kind} for budget {ev['budget']!r} before it had approvers")
         return
-    problems = check_event_approvals(ev, b.approvers[1], b.approvers[0])
+    problems = event_approval_problems(ev, b.approvers[1], b.approvers[0])
     req = ev["request"] if isinstance(ev["request"], dict) else {}
     nonce = req.get("nonce")
-    if nonce in st.nonces:
+    if not isinstance(nonce, str):
+        problems.append("its request has no nonce")
+    elif nonce in st.nonces:
         problems.append(f"its request was applied before (entry {st.nonces[nonce][1]}): replayed")
     for p in problems:
         st.bad(seq, f"{kind}: {p}")
@@ -211,6 +294,7 @@ HANDLERS: dict[str, Callable[[LedgerState, dict[str, Any]], None]] = {
 }
 
 
+# -- the tables are a cache of the log: what differs ----------------------------------------
 def budget_row_problems(
     st: LedgerState, rows: Iterable[tuple[str, int, int, int, str]], names: Iterable[str] | None = None
 ) -> list[str]:
@@ -219,28 +303,24 @@ def budget_row_problems(
     With `names`, only those budgets are compared (the rest of the table is not read)."""
     out: list[str] = []
     by_name = {r[0]: r for r in rows}
-    wanted = list(st.budgets) if names is None else list(names)
-    for name in wanted:
-        b = st.budgets.get(name)
-        row = by_name.pop(name, None)
+    for name in list(st.budgets) if names is None else list(names):
+        b, row = st.budgets.get(name), by_name.pop(name, None)
         if b is None:
             if row is not None:
                 out.append(f"budget {name!r} is in the budgets table but was never created in the log (row inserted)")
-            continue
-        if row is None:
+        elif row is None:
             out.append(f"budget {name!r} is in the log but not in the budgets table (row deleted)")
-            continue
-        _, cap, reserved, outstanding, wjson = row
-        if (cap, reserved, outstanding) != (b.cap, b.reserved, b.outstanding):
-            out.append(
-                f"budget {name!r} row says cap={cap} reserved={reserved} outstanding={outstanding}, "
-                f"the log says cap={b.cap} reserved={b.reserved} outstanding={b.outstanding} (row changed)"
-            )
-        if sorted(tuple(w) for w in json.loads(wjson)) != sorted(b.windows):
-            out.append(f"budget {name!r} row's windows differ from the log's (row changed)")
+        else:
+            _, cap, reserved, outstanding, wjson = row
+            if (cap, reserved, outstanding) != (b.cap, b.reserved, b.outstanding):
+                out.append(
+                    f"budget {name!r} row says cap={cap} reserved={reserved} outstanding={outstanding}, "
+                    f"the log says cap={b.cap} reserved={b.reserved} outstanding={b.outstanding} (row changed)"
+                )
+            if sorted(tuple(w) for w in json.loads(wjson)) != sorted(b.windows):
+                out.append(f"budget {name!r} row's windows differ from the log's (row changed)")
     if names is None:
-        for name in by_name:
-            out.append(f"budget {name!r} is in the budgets table but was never created in the log (row inserted)")
+        out += [f"budget {name!r} is in the budgets table but was never created in the log (row inserted)" for name in by_name]
     return out
 
 
@@ -254,6 +334,5 @@ def reservation_row_problems(st: LedgerState, rows: Iterable[tuple[int, str, int
             out.append(f"reservation {rid} is in the log but not in the reservations table (row deleted)")
         elif (row[1], row[2], row[3], row[4]) != (r.budget, r.ts, r.amount, r.used):
             out.append(f"reservation {rid} row differs from the log (row changed)")
-    for rid in stored:
-        out.append(f"reservation {rid} is in the reservations table but not in the log (row inserted)")
+    out += [f"reservation {rid} is in the reservations table but not in the log (row inserted)" for rid in stored]
     return out
