@@ -26,7 +26,7 @@ from exfilguard.ledger import open_ledger
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
 from exfilguard.meter import Meter, MeterConfig, parse_window
-from exfilguard.meter.proxy import GROW_MAX, GROW_TARGET, _Conn, _Res
+from exfilguard.meter.blocks import GROW_MAX, GROW_TARGET, next_size, stalled_size
 
 FIRST = 4096
 
@@ -188,21 +188,17 @@ def test_settlement_happens_on_idle_and_only_then(tmp_path, echo):
     assert end == got == 20_000  # and a clean close settles them exactly
 
 
-def test_next_block_size_rules(tmp_path):
+def test_next_block_size_rules():
     """The next block: what the drain rate uses in GROW_TARGET s, at most GROW_MAX x, within [first, ceiling]."""
-    m = Meter(_cfg(f"sqlite:///{tmp_path}/l.db", "127.0.0.1:9", reserve_block=1 << 20))
-    c = _Conn(1, None, block=FIRST)  # type: ignore[arg-type]
-    c.cur, c.cur_since = _Res(1, FIRST, FIRST // 2), 100.0
-    assert m._next_size(c, 100.001) == GROW_MAX * FIRST  # drained fast: grows, by GROW_MAX at most
-    c.cur = _Res(2, 1 << 20, 1 << 19)
-    assert m._next_size(c, 100.001) == 1 << 20  # never above the ceiling
-    c.cur = _Res(3, 1 << 20, 100_000)
-    assert m._next_size(c, 101.0) == int(100_000 * GROW_TARGET)  # traffic slowed: shrinks to its rate
-    c.cur = _Res(4, 1 << 20, 10)
-    assert m._next_size(c, 110.0) == FIRST  # never below the first block
-    fixed = Meter(_cfg(f"sqlite:///{tmp_path}/l.db", "127.0.0.1:9", reserve_block=1000))
-    c.cur = _Res(5, 1000, 1000)
-    assert fixed.config.first_block == 1000 and fixed._next_size(c, 100.001) == 1000  # --reserve-block <= first: fixed
+    def size(used: int, secs: float, amount: int, ceiling: int = 1 << 20) -> int:
+        return next_size(used, secs, FIRST, amount, 0.0, min(FIRST, ceiling), ceiling)
+
+    assert size(FIRST // 2, 0.001, FIRST) == GROW_MAX * FIRST  # drained fast: grows, by GROW_MAX at most
+    assert size(1 << 19, 0.001, 1 << 20) == 1 << 20  # never above the ceiling
+    assert size(100_000, 1.0, 1 << 20) == int(100_000 * GROW_TARGET)  # traffic slowed: shrinks to its rate
+    assert size(10, 10.0, 1 << 20) == FIRST  # never below the first block
+    assert size(1000, 0.001, 1000, ceiling=1000) == 1000  # --reserve-block <= first: fixed
+    assert stalled_size(FIRST, 1 << 20) == GROW_MAX * FIRST and stalled_size(1 << 19, 1 << 20) == 1 << 20
 
 
 class _Server(socketserver.ThreadingTCPServer):

@@ -207,7 +207,7 @@ def _check_heads(
 
 
 def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> None:
-    """Replay the log (ledger/replay.py) and compare the tables the meter reads with it."""
+    """Replay the log (ledger/accounting.py) and compare the tables the meter reads with it."""
     st = LedgerState()
     for ev in events:
         if ev is not None:

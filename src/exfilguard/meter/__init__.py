@@ -8,7 +8,7 @@ Public API: ``MeterConfig``, ``Meter`` (start/stop/status), ``run_meter(config, 
 
 from exfilguard.ledger import BudgetStatus, Window, open_ledger
 from exfilguard.meter.config import DEFAULT_BLOCK, MeterConfig, parse_duration, parse_size, parse_window
-from exfilguard.meter.proxy import Meter, run_meter
+from exfilguard.meter.service import Meter, run_meter
 
 
 def budget_status(ledger_url: str, budget: str | None = None) -> BudgetStatus:

@@ -1,4 +1,5 @@
-"""Publish every signed tree head outside the ledger, where a rollback of the ledger cannot reach.
+"""Signed tree heads: the meter signs one every --sth-interval (when the log grew) and at stop, stores
+it in the ledger and publishes it outside the ledger, where a rollback of the ledger cannot reach.
 
 Targets: a directory (one JSON file per head, created exclusively, never rewritten), an
 HTTP(S) URL (one POST of the head JSON per head) or ``-`` (one JSON line per head on stdout).
@@ -8,15 +9,23 @@ directory back, and so does the meter at start (a ledger shorter than a publishe
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from exfilguard.errors import ConfigError
 from exfilguard.ledger.events import canonical
-from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json
+from exfilguard.ledger import Ledger
+from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json, key_id, sign_tree_head
+from exfilguard.meter.proxy import LEDGER_FAILURES
+
+log = logging.getLogger("exfilguard.meter")
 
 
 class HeadPublisher:
@@ -74,4 +83,43 @@ def parse_target(target: str | None) -> HeadPublisher | None:
     return HeadPublisher(target)
 
 
-__all__ = ["HeadPublisher", "parse_target"]
+
+class HeadSigner:
+    """Meter's head signing (a mixin: it uses the Meter's key, worker and publisher)."""
+
+    def _key_id(self) -> str | None:
+        if self._key is None:
+            return None
+        return key_id(self._key.public_key())
+
+    async def _sign_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sth_interval)
+            try:
+                await self._sign_head()
+            except LEDGER_FAILURES as exc:
+                self._ledger_failed(exc)
+
+    async def _sign_head(self) -> None:
+        if self._key is None:
+            return
+        key = self._key
+
+        def sign(led: Ledger) -> tuple[int, Any]:
+            head = led.tree_head()
+            if head.tree_size == self._signed_size:
+                return head.tree_size, None
+            sth = sign_tree_head(key, head.tree_size, max(head.ts, int(time.time() * 1_000_000)), head.root)
+            led.add_tree_head(sth)
+            return head.tree_size, sth
+
+        self._signed_size, sth = await self._worker.call(sign)
+        if sth is not None and self._publisher is not None:
+            # Outside the ledger, so that rolling the ledger back cannot take the head with it.
+            try:
+                await asyncio.to_thread(self._publisher.publish, sth)
+            except OSError as exc:
+                self.metrics.ledger_failures.inc()
+                log.error("could not publish signed tree head %d to %s: %s", sth.tree_size, self._publisher.target, exc)
+
+__all__ = ["HeadPublisher", "HeadSigner", "parse_target"]
