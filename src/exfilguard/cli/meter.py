@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def meter(
         listen: str = typer.Option(..., "--listen", help="HOST:PORT the outside connects to."),
-        upstream: str = typer.Option(..., "--upstream", help="HOST:PORT of the inside worker."),
+        upstream: str = typer.Option(..., "--upstream", help="HOST:PORT of the inside worker, or unix:PATH (a UNIX socket; a symlink is refused)."),
         ledger: str = typer.Option(..., "--ledger", help="Ledger URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DB."),
         cap: str = typer.Option(..., "--cap", help="Total bytes that may ever leave (e.g. 10GB, 500MiB). Fixed once the budget exists."),
         budget: str = typer.Option("default", "--budget", help="Budget name (meters that share a name share the cap)."),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,31 @@ def parse_window(text: str) -> Window:
     return Window(parse_duration(d), parse_size(b, "window limit"))
 
 
+def parse_upstream(text: str, what: str = "--upstream") -> tuple[str, int] | str:
+    """Parse HOST:PORT, or unix:PATH (a UNIX socket, e.g. a sandboxed inside's) as its PATH."""
+    if str(text).startswith("unix:"):
+        path = str(text)[len("unix:") :]
+        if not path or "\0" in path:
+            raise ConfigError(f"{what} {text!r} is not unix:PATH")
+        return path
+    return parse_hostport(text, what)
+
+
+def unix_socket(path: str) -> str:
+    """`path` if it is a UNIX socket itself (not a symlink to one); else ConfigError.
+
+    The inside can write the directory its socket lives in: a symlink there must not redirect
+    the meter to some other socket.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"upstream socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"upstream {path} is not a UNIX socket" + (" (a symlink)" if stat.S_ISLNK(mode) else ""))
+    return path
+
+
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     """Parse HOST:PORT (IPv6 as [::1]:PORT)."""
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\s]+):(\d+)", str(text).strip())
@@ -62,7 +89,7 @@ class MeterConfig:
     """Everything a meter needs. Sizes in bytes, times in seconds."""
 
     listen: str
-    upstream: str
+    upstream: str  # HOST:PORT or unix:PATH
     ledger: str
     cap: int
     budget: str = "default"
@@ -87,8 +114,7 @@ class MeterConfig:
     def validate(self) -> None:
         """Raise ConfigError when a value cannot work."""
         parse_hostport(self.listen, "--listen")
-        if not self.upstream.startswith("unix:") or len(self.upstream) <= 5:
-            parse_hostport(self.upstream, "--upstream")
+        parse_upstream(self.upstream)
         if self.metrics:
             parse_hostport(self.metrics, "--metrics")
         if not isinstance(self.cap, int) or self.cap < 0:
@@ -110,4 +136,4 @@ class MeterConfig:
             )
 
 
-__all__ = ["DEFAULT_BLOCK", "DEFAULT_MIN_BLOCK", "DEFAULT_SETTLE_IDLE", "MeterConfig", "Window", "parse_duration", "parse_hostport", "parse_size", "parse_window"]
+__all__ = ["DEFAULT_BLOCK", "DEFAULT_MIN_BLOCK", "DEFAULT_SETTLE_IDLE", "MeterConfig", "Window", "parse_duration", "parse_hostport", "parse_size", "parse_upstream", "unix_socket", "parse_window"]

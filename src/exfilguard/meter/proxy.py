@@ -20,12 +20,13 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from exfilguard.errors import LedgerTampered, LedgerUnavailable
+from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import Grant
 from exfilguard.meter.blocks import GROW_MAX, GROW_TARGET, next_size, stalled_size
-from exfilguard.meter.config import MeterConfig, parse_hostport
+from exfilguard.meter.config import MeterConfig, parse_upstream, unix_socket
 from exfilguard.meter.conn import _Conn, _Cut, _Res
 from exfilguard.meter.metrics import MeterMetrics
 from exfilguard.meter.worker import LedgerWorker
@@ -40,6 +41,14 @@ WRITE_SLACK = WRITE_HIGH + READ_SIZE
 # A ledger that cannot be written or does not add up: either way, fail closed.
 LEDGER_FAILURES = (LedgerUnavailable, LedgerTampered)
 __all__ = ["GROW_MAX", "GROW_TARGET", "LEDGER_FAILURES", "READ_SIZE", "WRITE_SLACK", "Proxy", "_Conn", "_Res"]
+
+
+async def connect_upstream(upstream: str, protocol: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
+    """Open a connection to the upstream: HOST:PORT, or unix:PATH when PATH is a socket (not a symlink)."""
+    loop, where = asyncio.get_running_loop(), parse_upstream(upstream)
+    if isinstance(where, str):
+        return await loop.create_unix_connection(protocol, unix_socket(where))
+    return await loop.create_connection(protocol, *where)
 
 
 class Proxy:
@@ -94,12 +103,10 @@ class Proxy:
             self._ask(c, c.block)  # the first (small) block commits while the upstream connection opens
             if self.state == "exhausted":  # wait for it: another meter may release bytes, a window may move
                 await self._next_block(c)
-            host, port = parse_hostport(cfg.upstream, "--upstream")
             try:
-                await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                    lambda: _UpstreamSide(self, c), host, port), cfg.upstream_connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                c.reason = f"upstream unreachable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+                await asyncio.wait_for(connect_upstream(cfg.upstream, lambda: _UpstreamSide(self, c)), cfg.upstream_connect_timeout)
+            except (OSError, ConfigError, asyncio.TimeoutError) as exc:
+                c.reason = f"upstream unreachable ({getattr(exc, 'strerror', None) or exc or type(exc).__name__})"
                 log.warning("conn %d: %s", c.id, c.reason)
                 return
             assert c.done is not None

@@ -25,7 +25,7 @@ from exfilguard.meter.config import MeterConfig, parse_hostport
 from exfilguard.meter.heads import HeadSigner, parse_target
 from exfilguard.meter.metrics import MeterMetrics
 from exfilguard.meter.probe import LedgerProbe
-from exfilguard.meter.proxy import LEDGER_FAILURES, Proxy, _ClientSide
+from exfilguard.meter.proxy import LEDGER_FAILURES, Proxy, _ClientSide, connect_upstream
 from exfilguard.meter.worker import LedgerWorker
 
 log = logging.getLogger("exfilguard.meter")
@@ -165,18 +165,18 @@ class Meter(Proxy, LedgerProbe, HeadSigner):
                     await asyncio.wait_for(srv.wait_closed(), 1.0)
 
     async def _wait_upstream(self) -> None:
-        host, port = parse_hostport(self.config.upstream, "--upstream")
         deadline = time.monotonic() + self.config.upstream_wait
         last: BaseException | None = None
         while True:
             try:
-                _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), max(0.1, deadline - time.monotonic()))
-                w.close()
+                t, _p = await asyncio.wait_for(connect_upstream(self.config.upstream, asyncio.Protocol),
+                                               max(0.1, deadline - time.monotonic()))
+                t.close()
                 return
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (OSError, ConfigError, asyncio.TimeoutError) as exc:
                 last = exc
             if time.monotonic() >= deadline:
-                reason = getattr(last, "strerror", None) or type(last).__name__
+                reason = getattr(last, "strerror", None) or str(last) or type(last).__name__
                 raise UpstreamUnavailable(
                     f"upstream {self.config.upstream} is unreachable ({reason}) after {self.config.upstream_wait:g}s; "
                     "start the inside worker first or fix --upstream"
