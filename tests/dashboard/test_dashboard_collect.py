@@ -373,7 +373,7 @@ def test_rollback_to_a_signed_head_is_red_within_one_poll(tmp_path: Path) -> Non
         assert v["state"] == "rolled back" and "shorter than a signed head" in v["problems"][0], v
         led = open_ledger(url, create=False)
         try:
-            from exfilguard.ledger import verify_ledger
+            from exfilguard.ledger.verify import verify_ledger
 
             assert verify_ledger(led, [load_public_key(pub)]).ok  # on its own the rolled-back ledger verifies
         finally:

@@ -13,7 +13,7 @@ import pytest
 from tinystack import KEY, TinyStack, access_lines
 
 from exfilguard.ledger.apikeys import KeyStore
-from exfilguard.ledger.store import open_ledger
+from exfilguard.ledger import open_ledger
 from exfilguard.protocol.wire import Kind, encode_frame
 
 from test_keys import add_key
