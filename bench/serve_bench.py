@@ -85,7 +85,7 @@ def ideal_bits(weak, prompts, outs) -> float:  # noqa: ANN001
     return total
 
 
-def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int) -> dict:  # noqa: ANN001
+def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int, flush_ms: float = 0.0) -> dict:  # noqa: ANN001
     import openai
     from standin_meter import StandInMeter
 
@@ -101,7 +101,7 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int) -> d
     inside = lt.run(start_inside(make_backend(strong), codecs, tok, strong.info.vocab_size))
     meter = StandInMeter(inside.port, 10**12)
     mport = lt.run(meter.start())
-    cfg = OutsideConfig(model_name="smollm2", codec=codec, flush_every=flush, default_max_tokens=args.max_tokens)
+    cfg = OutsideConfig(model_name="smollm2", codec=codec, flush_every=flush, flush_ms=flush_ms, default_max_tokens=args.max_tokens)
     outside, port = lt.run(start_outside(codecs, tok, codecs.weak_fingerprint, ["k"], "127.0.0.1", mport, meter.status, config=cfg))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=3600)
     client.models.list()
@@ -151,7 +151,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--settings", default="model:0,model:16,coupled:0,coupled:4,coupled:16",
-                    help="comma-separated CODEC:FLUSH_EVERY (0 = one flush at the end)")
+                    help="comma-separated CODEC:FLUSH_EVERY[:FLUSH_MS] (0 = one flush at the end; FLUSH_MS: also flush "
+                         "when that many ms passed since the last flush)")
     args = ap.parse_args()
 
     from exfilguard.models.loading import load_models, resolve_weak_spec
@@ -170,11 +171,12 @@ def main() -> None:
     print("| codec | flush every | meter bits/token | UTF-8 text bits/token | meter / ideal | tok/s | vs alone | req/s | TTFT p50 s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in args.settings.split(","):
-        codec, _, flush = s.partition(":")
-        r = run_setting(strong, weak, prompts, seeds, args, codec, int(flush or 0))
+        codec, _, rest = s.partition(":")
+        flush, _, ms = rest.partition(":")
+        r = run_setting(strong, weak, prompts, seeds, args, codec, int(flush or 0), float(ms or 0))
         n = max(r["tokens"], 1)
         tps = r["tokens"] / r["wall_s"]
-        print(f"| {codec} | {r['flush'] or 'end'} | {8 * r['meter_bytes'] / n:.2f} | {8 * r['text_bytes'] / n:.1f} | "
+        print(f"| {codec} | {(r['flush'] or 'end') if not ms else f'{flush} or {ms} ms'} | {8 * r['meter_bytes'] / n:.2f} | {8 * r['text_bytes'] / n:.1f} | "
               f"{8 * r['meter_bytes'] / max(ideal * n / alone_toks, 1e-9):.2f} | {tps:.1f} | {tps / (alone_toks / alone_s):.2f} | "
               f"{len(prompts) / r['wall_s']:.2f} | {r['ttft_p50_s']:.2f} |", flush=True)
 

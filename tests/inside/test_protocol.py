@@ -8,12 +8,14 @@ from hypothesis import strategies as st
 
 from exfilguard.errors import FrameCorrupt, RequestInvalid
 from exfilguard.protocol.wire import (
+    DATA_IMPLIED,
     FailCode,
     FrameReader,
     GenerationRequest,
     Hello,
     Kind,
     encode_frame,
+    data_cut,
     encode_varint,
     parse_resend,
 )
@@ -51,8 +53,8 @@ def test_frame_overhead_is_small():
 
 
 def test_rejects_wrong_direction_and_garbage():
-    with pytest.raises(FrameCorrupt):
-        FrameReader("upstream").feed(encode_frame(Kind.REQUEST, 1, b"{}"))
+    # Upstream, kind numbers 5-7 are DATA frames of implied length (protocol v2), so only the
+    # downstream reader has a kind to refuse.
     with pytest.raises(FrameCorrupt):
         FrameReader("downstream").feed(encode_frame(Kind.DATA, 1, b"x"))
     with pytest.raises(FrameCorrupt):  # over-long varint
@@ -85,3 +87,24 @@ def test_request_validation():
                 b'{"prompt_ids":[1],"max_tokens":1,"seed":0,"stop":[1]}'):
         with pytest.raises(RequestInvalid):
             GenerationRequest.from_bytes(bad, 49152)
+
+
+@given(st.lists(st.tuples(st.integers(0, 4095), st.binary(min_size=1, max_size=14)), max_size=20), st.integers(1, 9))
+def test_data_frames_of_implied_length_round_trip(frames, step):
+    """DATA of 4, 6 or 8 bytes has no length field; the reader gives Kind.DATA back for all."""
+    data = b"".join(encode_frame(Kind.DATA, s, p) for s, p in frames)
+    r = FrameReader("upstream")
+    got = []
+    for i in range(0, len(data), step):
+        got += r.feed(data[i : i + step])
+    assert [(f.kind, f.slot, f.payload) for f in got] == [(Kind.DATA, s, p) for s, p in frames]
+    for s, p in frames:
+        head = len(encode_varint(s << 3))
+        assert len(encode_frame(Kind.DATA, s, p)) == head + len(p) + (0 if len(p) in DATA_IMPLIED.values() else 1)
+
+
+def test_data_cut_holds_back_at_most_four_bytes():
+    for n in range(40):
+        k = data_cut(n)
+        assert 0 <= n - k <= 4 and (k == n or k in DATA_IMPLIED.values())
+    assert [data_cut(n) for n in range(13)] == [0, 1, 2, 3, 4, 4, 6, 6, 8, 8, 8, 8, 8]

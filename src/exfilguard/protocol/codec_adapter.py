@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ContextManager
 
 from exfilguard.errors import ConfigError
+from exfilguard.protocol.wire import data_cut
 
 
 def _region_factory(weak: Any) -> Callable[[], ContextManager[Any]]:
@@ -38,8 +39,12 @@ class _Encoder:
     def flush(self) -> bytes:
         with self.region():
             out = bytes(self._held) + self._enc.flush()
-        self._held.clear()
-        return out
+        # v2: send a length the DATA frame kind implies (one header byte, no length byte); what
+        # is held back (<= 4 bytes) goes with the next flush or the END frame. (v1 chunks go
+        # whole: a split record would hold its tokens back until the next flush.)
+        n = data_cut(len(out)) if getattr(self._enc, "version", 1) == 2 else len(out)
+        self._held[:] = out[n:]
+        return out[:n]
 
     def finish(self) -> bytes:
         with self.region():
