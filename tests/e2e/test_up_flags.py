@@ -43,6 +43,8 @@ def test_flags_bad_values_and_taken_ports_are_one_line_errors(tmp_path):
         assert out.returncode == 2 and "pick another with --dashboard-port" in out.stderr, out.stderr
         out = _up_fails(tmp_path, "--metrics", f"127.0.0.1:{taken}")
         assert out.returncode == 2 and "pick another with --metrics" in out.stderr, out.stderr
+    out = _up_fails(tmp_path, "--access-log", "/proc/no/such/access.jsonl")
+    assert out.returncode == 2 and "cannot write the access log" in out.stderr and "[inside" not in out.stdout, out.stderr
     out = _up_fails(tmp_path, "--budget-lifetime", "soon")
     assert out.returncode == 2 and "'soon' is not a positive duration" in out.stderr, out.stderr
     out = _up_fails(tmp_path, "--strong", "openai:http://127.0.0.1:9/v1")
@@ -65,7 +67,7 @@ def test_host_fixed_metrics_dashboard_fallback_lifetime_heads_and_no_isolate(tmp
         # 127.0.0.2 is loopback too: it shows that --host is the address listened on, not 127.0.0.1.
         up = Up("--strong", "tiny-random", "--weak", "tiny-random", "--cap", "4000", "--port", str(port),
                 "--host", "127.0.0.2", "--metrics", f"127.0.0.1:{mport}", "--data-dir", str(data),
-                "--budget-lifetime", "90d", "--no-isolate")
+                "--budget-lifetime", "90d", "--no-isolate", "--access-log", str(tmp_path / "logs" / "access.jsonl"))
         try:
             up.wait_for("Ctrl-C stops")
             text = up.text()
@@ -82,6 +84,11 @@ def test_host_fixed_metrics_dashboard_fallback_lifetime_heads_and_no_isolate(tmp
             key = re.search(r"API key: (\S+)", text).group(1)
             assert url == f"http://127.0.0.2:{port}/v1"
             assert _answer(url, key)
+            # The access log goes to the file asked for, one JSON line per request; the dashboard's scrapes are not in it.
+            lines = [json.loads(x) for x in (tmp_path / "logs" / "access.jsonl").read_text().splitlines()]
+            assert [(a["path"], a["status"]) for a in lines if a["path"].endswith("/chat/completions")] == [("/v1/chat/completions", 200)]
+            assert not any(a["path"] == "/metrics" for a in lines)
+            assert f"access log {tmp_path / 'logs' / 'access.jsonl'}" in text
             with socket.socket() as s:  # not on 127.0.0.1
                 assert s.connect_ex(("127.0.0.1", port)) != 0
             opid = int(re.search(r"outside pid (\d+)", text).group(1))
@@ -122,6 +129,7 @@ def test_up_publishes_heads_outside_the_ledger_and_refuses_a_rolled_back_ledger(
     early = {p.name: p.read_bytes() for p in data.glob("ledger.sqlite*")}  # at rest: a consistent copy
     run(answer=True)
     assert sorted((data / "heads").glob("*")), "no head published"
+    assert '"status":200' in (data / "access.jsonl").read_text()  # the access log's default home
     for p in data.glob("ledger.sqlite*"):
         p.unlink()
     for name, blob in early.items():

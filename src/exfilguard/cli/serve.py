@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         model_name: str = typer.Option("smollm2", help="model id shown by /v1/models"),
         max_context: int = typer.Option(8192, help="the strong model's context in tokens (prompt + answer); longer requests get 400"),
         request_log: Optional[str] = typer.Option(None, help="append every answer (request, seed, output ids) to this JSONL log, for `exfilguard verify`"),
+        access_log: Optional[str] = typer.Option(None, "--access-log", help="append the access log (one JSON line per request) to this file (default: stderr)"),
         budget_lifetime: Optional[str] = typer.Option(None, help="the budget's planned lifetime (e.g. 90d): alert when the meter's burn rate would spend the cap sooner (needs --meter-status)"),
         burn_window: str = typer.Option("1h", help="window of the burn-rate alert"),
         alert_webhook: Optional[str] = typer.Option(None, help="POST every alert as JSON to this URL"),
@@ -53,7 +54,8 @@ def register(app: typer.Typer) -> None:
         from exfilguard.verify.alerts import AlertConfig
 
         cfg = OutsideConfig(model_name=model_name, codec=codec, flush_every=flush_every, flush_ms=flush_ms,
-                            keys_ledger=keys_ledger, meter_status_url=meter_status, max_context=max_context)
+                            keys_ledger=keys_ledger, meter_status_url=meter_status, max_context=max_context,
+                            access_log_file=access_log)
         alerts = AlertConfig(lifetime_s=parse_duration(budget_lifetime) if budget_lifetime else None,
                              burn_window_s=parse_duration(burn_window), throttle=throttle, webhook=alert_webhook)
         cfg.audit = AuditConfig(request_log=request_log, alerts=alerts, meter_status_url=meter_status)
@@ -79,6 +81,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device for a local strong model"),
         dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="port of the read-only operator dashboard on --host (default 8050, or a free port, printed, if that is taken; 0: none)"),
         budget_lifetime: Optional[str] = typer.Option(None, "--budget-lifetime", help="the budget's planned lifetime (e.g. 90d): the outside alerts when the burn rate would spend the cap sooner"),
+        access_log: Optional[str] = typer.Option(None, "--access-log", help="the outside's access log, one JSON line per request (default: DATA_DIR/access.jsonl)"),
         no_isolate: bool = typer.Option(False, "--no-isolate", help="run the inside unsandboxed (it could then read the ledger and the keys and kill the meter); for hosts without bwrap or namespaces"),
     ) -> None:
         """Start meter, inside and outside as three supervised processes; print the base URL, an API key and the meter's status URL."""
@@ -88,6 +91,6 @@ def register(app: typer.Typer) -> None:
             strong, weak, cap, port, data_dir, ledger=ledger, reserve_block=reserve_block, windows=window,
             signing_key=signing_key, metrics=metrics, publish_heads=publish_heads, codec=codec,
             flush_every=flush_every, flush_ms=flush_ms, device=device, dashboard_port=dashboard_port, host=host,
-            isolate=not no_isolate, budget_lifetime=budget_lifetime,
+            isolate=not no_isolate, budget_lifetime=budget_lifetime, access_log=access_log,
         )
         serve_up(cfg, new_api_key(cfg.data_dir))

@@ -67,6 +67,7 @@ class UpConfig:
     host: str = "127.0.0.1"  # where the API and the dashboard listen
     isolate: bool = True  # the inside in its sandbox (supervise/sandbox.py); False only with --no-isolate
     budget_lifetime: str | None = None  # the budget's planned lifetime: the outside's burn-rate alerts
+    access_log: Path | None = None  # the outside's access log (up: DATA_DIR/access.jsonl)
 
     def private_paths(self) -> list[Path]:
         """What the inside must never read or write: DATA_DIR, the ledger, the keys, the logs, the heads."""
@@ -75,6 +76,8 @@ class UpConfig:
             paths.append(Path(self.ledger[len("sqlite:///"):]).resolve().parent)
         if self.publish_heads and "://" not in self.publish_heads and self.publish_heads != "-":
             paths.append(Path(self.publish_heads).resolve())
+        if self.access_log is not None:
+            paths.append(self.access_log.resolve().parent)
         out: list[Path] = []
         for p in paths:
             if p not in out:
@@ -281,6 +284,8 @@ class Supervisor:
         ]
         if cfg.budget_lifetime:
             outside += ["--budget-lifetime", cfg.budget_lifetime]
+        if cfg.access_log is not None:
+            outside += ["--access-log", str(cfg.access_log.resolve())]
         self.meter = Child("meter", meter, lambda c: _status_ok(self.status_url))
         self.inside = Child("inside", inside, lambda c: c.seen.is_set())
         self.inside.expect = "inside worker listening on"
@@ -394,7 +399,8 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
     print(f"meter status {sup.status_url}, metrics {sup.metrics_url}", flush=True)
     if cfg.publish_heads:
         print(f"signed tree heads published to {cfg.publish_heads} (audit: exfilguard ledger verify --trusted-head ...)", flush=True)
-    print(f"request log {cfg.data_dir / 'request-log.jsonl'} (audit: exfilguard verify --log {cfg.data_dir / 'request-log.jsonl'} --strong {cfg.strong})", flush=True)
+    print(f"request log {cfg.data_dir / 'request-log.jsonl'} (audit: exfilguard verify --log {cfg.data_dir / 'request-log.jsonl'} --strong {cfg.strong}), "
+          f"access log {cfg.access_log}", flush=True)
     if sup.dashboard is not None:
         print(f"dashboard http://{here}:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
     ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
@@ -414,7 +420,7 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
               reserve_block: str | None = None, windows: list[str] | None = None, signing_key: Path | None = None,
               metrics: str | None = None, publish_heads: str | None = None, codec: str = "auto", flush_every: int = 16,
               flush_ms: float = 0.0, device: str = "cpu", dashboard_port: int | None = None, host: str = "127.0.0.1",
-              isolate: bool = True, budget_lifetime: str | None = None) -> UpConfig:
+              isolate: bool = True, budget_lifetime: str | None = None, access_log: str | None = None) -> UpConfig:
     """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise.
 
     `metrics` and `dashboard_port` left at None take their defaults (DEFAULT_METRICS, DEFAULT_DASHBOARD_PORT);
@@ -468,6 +474,12 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
         from exfilguard.supervise.sandbox import check_available
 
         check_available()
+    alog = Path(access_log) if access_log else ddir / "access.jsonl"
+    try:  # the outside would find out only after loading its model
+        alog.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(alog, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the access log {alog}: {exc.strerror}; pick another with --access-log") from None
     heads = publish_heads if publish_heads is not None else str((ddir / "heads").resolve())
     cfg = UpConfig(
         strong=strong, weak=weak_spec, cap=cap_bytes, port=port, data_dir=ddir,
@@ -476,6 +488,7 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
         codec=codec, flush_every=flush_every, flush_ms=flush_ms, device=device,
         model_name=strong if not strong.startswith("openai:") else "exfilguard", dashboard_port=dport,
         host=host, isolate=isolate, budget_lifetime=budget_lifetime,
+        access_log=alog,
     )
     if isolate:
         from exfilguard.supervise.sandbox import check_layout
