@@ -6,6 +6,22 @@ the strong model generating the same batch alone (same engine, no codec, no netw
 to first token.
 
     .venv/bin/python bench/serve_bench.py --requests 16 --max-tokens 48 --settings model:0,model:16,coupled:0,coupled:4,coupled:16
+
+Two more parts, each on its own (they skip the table above):
+
+--decode-rate 1,8,32: the outside's decoding alone: the dev sample's answers are encoded once
+(codec --codec, one flush per --flush-every tokens), then N threads decode them as the outside
+does (one decoder per answer, each answer's bytes pushed as they would arrive, a thread taking
+the next answer when one ends), their weak-model tables from shared passes. Prints tokens per
+second per CPU core (decoded tokens / the process's CPU seconds) and per wall second. Imports
+only what an old tree also has, so `PYTHONPATH=OLD/src python bench/serve_bench.py
+--decode-rate ...` measures an older checkout with the same script.
+
+--up long,short4: `exfilguard up` as a user runs it (separate processes, the default weak
+model), the openai client: `long` sends one prompt of --long-tokens tokens (dev answers glued
+together) with max_tokens=16 and compares the time with the strong model's own (the inside's
+engine alone, in this process, same request), and reads the outside process's peak RSS
+(VmHWM); `short4` times one short request (max_tokens=16) alone and then four at once.
 """
 
 from __future__ import annotations
@@ -140,6 +156,170 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int, flus
     }
 
 
+def decode_rate(args: argparse.Namespace) -> None:
+    """The outside's decode rate at each stream count in args.decode_rate (see the docstring)."""
+    import queue
+
+    from exfilguard.models import load_model
+    from exfilguard.protocol.codec_adapter import RealCodecFactory
+
+    weak = load_model(args.weak or "default")
+    rows = []
+    with open(args.corpus) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["token_ids"]:
+                rows.append(r)
+    rows = rows[: args.requests]
+    fac = RealCodecFactory(weak)
+    codec = args.codec
+    streams = []
+    t0 = time.perf_counter()
+    for r in rows:
+        temp = float(r["temperature"])
+        enc = fac.encoder(codec, r["prompt_ids"], int(r["seed"]), temp, 1.0)
+        parts = []
+        for i, t in enumerate(r["token_ids"]):
+            enc.push(int(t))
+            if args.flush_every and (i + 1) % args.flush_every == 0:
+                parts.append(enc.flush())
+        parts.append(enc.finish())
+        streams.append((r, [p for p in parts if p]))
+    print(f"weak {weak.info.spec}, codec {codec}, flush every {args.flush_every or 'end'}: {len(rows)} answers, "
+          f"{sum(len(r['token_ids']) for r in rows)} tokens encoded in {time.perf_counter() - t0:.1f} s", flush=True)
+    print("| streams | tokens | tokens/s per CPU core | tokens/s (wall) | CPU s | wall s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in [int(x) for x in args.decode_rate.split(",") if x]:
+        todo: queue.Queue[int] = queue.Queue()
+        for i in range(len(streams)):
+            todo.put(i)
+        decoded = [0] * len(streams)
+        bad: list[str] = []
+
+        def worker() -> None:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                r, parts = streams[i]
+                dec = fac.decoder(codec, r["prompt_ids"], int(r["seed"]), float(r["temperature"]), 1.0)
+                got: list[int] = []
+                for p in parts:
+                    got += dec.push(p)
+                got += dec.finish()
+                decoded[i] = len(got)
+                if got != [int(t) for t in r["token_ids"]]:
+                    bad.append(str(i))
+
+        c0, w0 = time.process_time(), time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        toks = sum(decoded)
+        print(f"| {n} | {toks} | {toks / cpu:.0f} | {toks / wall:.0f} | {cpu:.1f} | {wall:.1f} |"
+              + (f" WRONG TOKENS in answers {','.join(bad)}" if bad else ""), flush=True)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM of a process (its peak resident memory), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def up_scenarios(args: argparse.Namespace) -> None:
+    """`exfilguard up` as a user runs it: the long-prompt and the four-at-once scenarios."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import openai
+
+    from exfilguard.models.loading import load_models, resolve_weak_spec
+    from exfilguard.supervise.assemble import free_port
+
+    which = [x for x in args.up.split(",") if x]
+    rows = [json.loads(line) for line in open(args.corpus)]
+    long_ids: list[int] = []
+    for r in rows:  # dev prompts and answers glued together, as one long prompt
+        long_ids += list(r["prompt_ids"]) + list(r["token_ids"])
+        if len(long_ids) >= args.long_tokens:
+            break
+    long_ids = long_ids[: args.long_tokens]
+    strong, _ = load_models(args.strong, None, args.device)
+    tok = strong.tokenizer
+    long_text = tok.decode(long_ids, skip_special_tokens=True)
+    long_prompt = tok(long_text)["input_ids"]
+    results: dict[str, object] = {"long prompt tokens": len(long_prompt)}
+    if "long" in which:
+        # The strong model's own time for the same request: the inside's engine alone.
+        _, alone = strong_alone(strong, [list(long_prompt)], 16, args.temperature, [7])
+        results["long: strong alone s"] = round(alone, 1)
+        print(json.dumps(results), flush=True)
+    del strong
+    exe = str(Path(sys.executable).with_name("exfilguard"))
+    port = free_port()
+    data = Path(tempfile.mkdtemp(prefix="serve-bench-up-"))
+    cmd = [exe, "up", "--port", str(port), "--data-dir", str(data), "--dashboard-port", str(free_port()),
+           "--strong", args.strong, "--weak", resolve_weak_spec(args.weak, args.strong)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    key = outside_pid = None
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.search(r"API key: (\S+)", line):
+                key = m.group(1)
+            if m := re.search(r"outside pid (\d+)", line):
+                outside_pid = int(m.group(1))
+            if "Ctrl-C stops" in line:
+                break
+        if key is None or outside_pid is None:
+            raise SystemExit("exfilguard up did not start:\n" + "".join(lines))
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=3600)
+        client.completions.create(model=args.model_name, prompt="warm up", max_tokens=2, temperature=0)
+        results["outside RSS after warm-up MB"] = round(_peak_rss_mb(outside_pid), 0)
+
+        def ask(prompt: object, n: int = 16) -> float:
+            t = time.perf_counter()
+            r = client.completions.create(model=args.model_name, prompt=prompt, max_tokens=n, temperature=args.temperature, seed=7)
+            assert r.choices[0].text is not None
+            return time.perf_counter() - t
+
+        if "short4" in which:
+            prompts = [rows[i]["prompt"] for i in range(4)]
+            one = ask(prompts[0])
+            t = time.perf_counter()
+            with ThreadPoolExecutor(4) as ex:
+                each = list(ex.map(ask, prompts))
+            four = time.perf_counter() - t
+            results.update({"short4: one alone s": round(one, 2), "short4: four at once, all done s": round(four, 2),
+                            "short4: four / one": round(four / one, 2), "short4: each s": [round(x, 2) for x in each]})
+            print(json.dumps(results), flush=True)
+        if "long" in which:
+            took = ask(list(long_prompt))
+            results.update({"long: through up s": round(took, 1),
+                            "long: up / strong alone": round(took / float(results["long: strong alone s"]), 2),  # type: ignore[arg-type]
+                            "long: outside peak RSS MB": round(_peak_rss_mb(outside_pid), 0)})
+            print(json.dumps(results), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print(json.dumps(results, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strong", default="smollm2")
@@ -153,7 +333,19 @@ def main() -> None:
     ap.add_argument("--settings", default="model:0,model:16,coupled:0,coupled:4,coupled:16",
                     help="comma-separated CODEC:FLUSH_EVERY[:FLUSH_MS] (0 = one flush at the end; FLUSH_MS: also flush "
                          "when that many ms passed since the last flush)")
+    ap.add_argument("--decode-rate", default="", help="stream counts: time the outside's decoding alone (see above)")
+    ap.add_argument("--codec", default="coupled", help="--decode-rate: the codec to decode")
+    ap.add_argument("--flush-every", type=int, default=16, help="--decode-rate: tokens per flush (0: one at the end)")
+    ap.add_argument("--up", default="", help="scenarios through `exfilguard up`: long,short4")
+    ap.add_argument("--long-tokens", type=int, default=6000, help="--up long: prompt length in tokens")
+    ap.add_argument("--model-name", default="smollm2", help="--up: the model name the API serves")
     args = ap.parse_args()
+    if args.decode_rate:
+        decode_rate(args)
+        return
+    if args.up:
+        up_scenarios(args)
+        return
 
     from exfilguard.models.loading import load_models, resolve_weak_spec
 

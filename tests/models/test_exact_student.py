@@ -281,3 +281,37 @@ def test_kv_cache_grows_linearly(exact):
     s.frequencies()
     assert s.cache.length == len(PROMPT) + 100
     assert s.cache.k.dtype == np.int16 and s.cache.k.shape[2] < 2 * s.cache.length
+
+
+def test_threads_that_wake_during_a_pass_do_not_corrupt_it(exact, monkeypatch):
+    """Waiting threads wake every 0.1 ms (GATHER_S) while passes run: none may see its table (and
+    feed its session again) before the pass that computes it is over, or a session would be read
+    twice in one pass and its cache go wrong."""
+    import threading
+
+    import exfilguard.models.exact_student as es
+
+    m, _ = exact
+    monkeypatch.setattr(es, "GATHER_S", 0.0001)
+    old_switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the GIL changes hands often, as under load
+    rng = np.random.default_rng(11)
+    work = [([1, 2 + i], [int(x) for x in rng.integers(0, 49152, 40)]) for i in range(12)]
+    alone = [_session_tables(m, p, t) for p, t in work]
+    got: dict[int, np.ndarray] = {}
+
+    def run(i):
+        p, toks = work[i]
+        with m.stepper.active():
+            got[i] = _session_tables(m, p, toks)
+
+    try:
+        for _ in range(4):  # a race: several rounds make it show on broken code
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(np.array_equal(got[i], alone[i]) for i in range(len(work)))
+    finally:
+        sys.setswitchinterval(old_switch)

@@ -67,6 +67,24 @@ def test_more_bits_per_token_shortens_the_attackers_time() -> None:
     assert b.days_to_exfiltrate == a.days_to_exfiltrate / 2
 
 
+def test_outside_cores_by_hand() -> None:
+    # Issue 23: at 25 tokens/s per core, 1B tokens a day needs ~460 cores of decoding; at 250, ~46.
+    slow = make_plan(PlanInput(70e9, 2, 1e9, 2, 365, decode_rate=25))
+    assert slow.outside_cores == pytest.approx(1e9 / 86_400 / 25)  # 462.96
+    fast = make_plan(PlanInput(70e9, 2, 1e9, 2, 365, decode_rate=250))
+    assert fast.outside_cores == pytest.approx(46.296, rel=1e-4) and fast.decode_rate == 250
+    assert fast.recommended_cap_bytes == slow.recommended_cap_bytes  # the cap does not depend on it
+
+
+def test_cli_decode_rate() -> None:
+    r = run_cli(*README_EXAMPLE, "--decode-rate", "500", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["outside_cores"] == pytest.approx(1e10 / 86_400 / 500) and out["inputs"]["decode_rate"] == 500
+    table = run_cli(*README_EXAMPLE, "--decode-rate", "500")
+    assert table.returncode == 0 and "outside CPU cores to decode" in table.stdout and "231.5" in table.stdout
+
+
 @pytest.mark.parametrize("text,value", [("135M", 135e6), ("70B", 70e9), ("1T", 1e12), ("1e12", 1e12), ("2.5k", 2500)])
 def test_parse_count(text: str, value: float) -> None:
     assert parse_count(text, "--params") == value
@@ -80,7 +98,7 @@ def test_parse_count_refuses(text: str) -> None:
 
 @pytest.mark.parametrize("field,value", [("bytes_per_param", 0), ("bits_per_token", -1), ("lifetime_days", 0),
                                          ("headroom", -0.1), ("attacker_compression", 0.5), ("cap_bytes", 0),
-                                         ("tokens_per_day", float("inf"))])
+                                         ("tokens_per_day", float("inf")), ("decode_rate", 0)])
 def test_plan_input_refuses(field: str, value: float) -> None:
     base = dict(params=1e9, bytes_per_param=2, tokens_per_day=1e6, bits_per_token=1, lifetime_days=30)
     with pytest.raises(ConfigError):
@@ -113,6 +131,7 @@ def test_cli_table() -> None:
     (["--headroom", "-1"], "--headroom"),
     (["--attacker-compression", "0.5"], "--attacker-compression"),
     (["--cap", "much"], "--cap"),
+    (["--decode-rate", "-3"], "--decode-rate"),
     (["--measured-tokens", "5M"], "--measured"),
     (["--measured", "sqlite:////nonexistent-dir-17/ledger.db"], "no ledger at"),
     (["--measured", "not a url"], "not a URL"),

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import typer
 
+from exfilguard.plan.planner import DEFAULT_DECODE_RATE
+
 
 def _size(n: float | None) -> str:
     if n is None:
@@ -32,6 +34,7 @@ def _rows(plan: Any) -> list[tuple[str, str]]:
         ("cap below the weight size", "yes" if plan.weights_safe else "NO"),
         ("cap below the compressed weight size", "yes" if plan.weights_safe_compressed else "NO"),
         ("max bits per token that keeps the compressed weights out", f"{plan.max_bits_per_token_safe:.4g}"),
+        (f"outside CPU cores to decode (at {plan.decode_rate:g} tokens/s/core)", f"{plan.outside_cores:.4g}"),
     ]
     if plan.chosen_cap_bytes is not None:
         rows += [
@@ -54,6 +57,7 @@ def register(app: typer.Typer) -> None:
         lifetime_days: float = typer.Option(..., "--lifetime-days", help="Days the model will be served."),
         headroom: float = typer.Option(0.25, "--headroom", help="Fraction of the expected lifetime egress added to the cap."),
         attacker_compression: float = typer.Option(100.0, "--attacker-compression", help="How many-fold an attacker compresses the weights (16-100x reported)."),
+        decode_rate: float = typer.Option(DEFAULT_DECODE_RATE, "--decode-rate", help="Tokens/s the outside decodes per CPU core (README: measured at 32 streams)."),
         cap: Optional[str] = typer.Option(None, "--cap", help="A cap you have in mind (bytes, e.g. 500GB): the bits per token it needs."),
         measured: Optional[str] = typer.Option(None, "--measured", help="Ledger URL of a running deployment: plan again from the bits per token it spends."),
         measured_tokens: Optional[str] = typer.Option(None, "--measured-tokens", help="Tokens served over the budget's life (the ledger counts only bytes)."),
@@ -74,6 +78,7 @@ def register(app: typer.Typer) -> None:
             headroom=headroom,
             attacker_compression=attacker_compression,
             cap_bytes=float(parse_size(cap, "--cap")) if cap is not None else None,
+            decode_rate=decode_rate,
         )
         result = make_plan(inp)
         out: dict[str, Any] = result.as_dict()

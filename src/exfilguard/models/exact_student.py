@@ -500,10 +500,11 @@ class ExactStudentModel(LanguageModel):
         e[np.arange(e.shape[0]), top] += (1 << FREQ_BITS) - e.sum(axis=-1)
         return e.astype(np.uint32)
 
-    def _advance(self, sessions: Sequence[ExactStudentSession]) -> None:
-        """One batched step: every session reads up to PREFILL_CHUNK of its waiting tokens (one
-        forward pass for all); those that have read them all get their logits and table (one head
-        product and one table computation for all of them)."""
+    def _pass(self, sessions: Sequence[ExactStudentSession]) -> list[tuple[ExactStudentSession, np.ndarray, np.ndarray]]:
+        """One batched step over distinct sessions: each reads up to PREFILL_CHUNK of its waiting
+        tokens (one forward pass for all); those that have read them all get their logits and
+        table (one head product and one table computation for all of them), returned as
+        (session, logits, table) for the caller to hand out."""
         parts = [(s, s._todo[:PREFILL_CHUNK]) for s in sessions]
         feats = self.forward([(ids, s.cache) for s, ids in parts])
         done: list[tuple[ExactStudentSession, Features]] = []
@@ -511,14 +512,20 @@ class ExactStudentModel(LanguageModel):
             del s._todo[: len(ids)]
             if not s._todo:
                 done.append((s, f[len(ids) - 1 :]))
+        out: list[tuple[ExactStudentSession, np.ndarray, np.ndarray]] = []
         if not done:
-            return
+            return out
         last = Features(*(np.concatenate([getattr(f, n) for _, f in done]) for n in ("a", "am", "ae")))
         for lo in range(0, len(done), ROW_BLOCK):
             lg = self.logits(last[lo : lo + ROW_BLOCK])
             tab = self.table(lg)
-            for i, (s, _) in enumerate(done[lo : lo + ROW_BLOCK]):
-                s._logits, s._freqs = lg[i], tab[i]
+            out += [(s, lg[i], tab[i]) for i, (s, _) in enumerate(done[lo : lo + ROW_BLOCK])]
+        return out
+
+    def _advance(self, sessions: Sequence[ExactStudentSession]) -> None:
+        """`_pass` for a caller that owns every session (one thread): the tables go to them now."""
+        for s, lg, tab in self._pass(list(dict.fromkeys(sessions))):
+            s._logits, s._freqs = lg, tab
 
     # -- the LanguageModel interface
     def session(self, prefix_ids: Sequence[int]) -> ExactStudentSession:
@@ -636,18 +643,25 @@ class Stepper:
     def _lead(self) -> None:
         """Run one pass over the waiting sessions (called and returning with the lock held)."""
         self._leading = True
-        batch = list(self._waiting)
+        # Each session once (a session is waited for by one thread, at most once at a time: run()
+        # returns only after the tables are handed out below, under the lock).
+        batch = list(dict.fromkeys(self._waiting))
         err: BaseException | None = None
+        results: list[tuple[ExactStudentSession, np.ndarray, np.ndarray]] = []
         self._cv.release()
         try:
             if self._model.matmul == "torch" and not getattr(self._local, "one_thread", False):
                 _one_thread_here()
                 self._local.one_thread = True
-            self._model._advance(batch)
+            results = self._model._pass(batch)
         except BaseException as exc:  # every session of the pass hears of it, not just the leader
             err = exc
         finally:
             self._cv.acquire()
+            # Handed out only now, under the lock: a waiting thread cannot see its table (and
+            # feed its session again) while the pass still works on that session.
+            for s, lg, tab in results:
+                s._logits, s._freqs = lg, tab
             self._leading = False
             self.passes += 1
             self.rows += len(batch)

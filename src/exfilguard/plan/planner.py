@@ -18,6 +18,9 @@ from typing import Any
 from exfilguard.errors import ConfigError, LedgerTampered
 
 SECONDS_PER_DAY = 86_400.0
+# The outside's decode rate, tokens per second per CPU core, with 32 concurrent streams (the
+# default weak model and codec on a 2-core CPU; README "Serving", bench/serve_bench.py --decode-rate).
+DEFAULT_DECODE_RATE = 250.0
 
 # Suffixes for counts (parameters, tokens): decimal, as model sizes are quoted ("70B", "1T").
 _COUNT_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -49,6 +52,7 @@ class PlanInput:
     headroom: float = 0.25  # H, extra fraction of the expected lifetime egress the cap allows
     attacker_compression: float = 100.0  # C, how many-fold an attacker shrinks the weights (16-100x reported)
     cap_bytes: float | None = None  # a cap the operator has in mind, to check
+    decode_rate: float = DEFAULT_DECODE_RATE  # R, tokens/s the outside decodes per CPU core
 
     def validate(self) -> None:
         """Raise ConfigError naming the first value that cannot make a plan."""
@@ -66,6 +70,8 @@ class PlanInput:
             raise ConfigError(f"--headroom {self.headroom!r} must be a fraction >= 0 (0.25 = 25% above the expected egress)")
         if not math.isfinite(self.attacker_compression) or self.attacker_compression < 1:
             raise ConfigError(f"--attacker-compression {self.attacker_compression!r} must be >= 1 (1 = no compression)")
+        if not isinstance(self.decode_rate, (int, float)) or not math.isfinite(self.decode_rate) or self.decode_rate <= 0:
+            raise ConfigError(f"--decode-rate {self.decode_rate!r} must be a positive number of tokens per second per core")
         if self.cap_bytes is not None and (not math.isfinite(self.cap_bytes) or self.cap_bytes <= 0):
             raise ConfigError(f"--cap {self.cap_bytes!r} must be a positive number of bytes")
 
@@ -93,6 +99,10 @@ class Plan:
     chosen_cap_bytes: float | None = None
     chosen_cap_bits_per_token: float | None = None
     chosen_cap_safe: bool | None = None
+    # The outside decodes every token with the weak model: the CPU cores that takes on average,
+    # T / 86,400 / R (peaks need more; the inside's encoding rides on the strong model's servers).
+    outside_cores: float = 0.0
+    decode_rate: float = DEFAULT_DECODE_RATE
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +145,8 @@ def make_plan(p: PlanInput) -> Plan:
         chosen_cap_bytes=p.cap_bytes,
         chosen_cap_bits_per_token=chosen_bits,
         chosen_cap_safe=chosen_safe,
+        outside_cores=p.tokens_per_day / SECONDS_PER_DAY / p.decode_rate,
+        decode_rate=p.decode_rate,
     )
 
 
