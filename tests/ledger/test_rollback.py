@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -120,8 +121,23 @@ def test_deleting_every_head_fails_with_a_public_key(url, keyfile):
 def test_deleting_the_last_heads_leaves_an_unsigned_tail(url, keyfile):
     k, last = build(url, keyfile)
     q(url, "DELETE FROM tree_heads WHERE tree_size > ?", (k,))
-    rep = verify_ledger(open_ledger(url, create=False), [load_public_key(f"{keyfile}.pub")])
+    key = [load_public_key(f"{keyfile}.pub")]
+    # Verified later than the meter's interval allows for an unsigned tail: a problem.
+    rep = verify_ledger(open_ledger(url, create=False), key, now=time.time() + 60)
     assert not rep.ok and "not covered by a signed tree head" in rep.problems[0]
+    # Verified at once, it is indistinguishable from entries not signed yet: pending, not red ...
+    rep = verify_ledger(open_ledger(url, create=False), key)
+    assert rep.ok and rep.pending_entries == last.tree_size - k and rep.next_head_in_s is not None
+    assert any("not yet signed" in n for n in rep.notes)
+    # ... and without a trusted head nothing could tell a rollback: the report says so.
+    assert not rep.rollback_detectable and any("rollback to an earlier signed head cannot be detected" in n for n in rep.notes)
+
+
+def test_a_log_shorter_than_a_signed_head_is_red_at_once(url, keyfile):
+    k, last = build(url, keyfile)
+    q(url, "DELETE FROM events WHERE seq >= ?", (k,))  # truncated, its later heads kept
+    rep = verify_ledger(open_ledger(url, create=False), [load_public_key(f"{keyfile}.pub")])
+    assert not rep.ok and any("only" in p and "are stored" in p for p in rep.problems)
 
 
 def test_rewritten_prefix_is_inconsistent_with_trusted_head(url, keyfile):

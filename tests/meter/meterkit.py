@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB
@@ -152,3 +154,22 @@ class MeterProcess:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text()
+
+
+def _replace(path: Path) -> None:
+    """Put a copy of `path` at its path: same bytes, another inode."""
+    tmp = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, path)
+
+
+# Faults to a SQLite ledger's files while a meter runs (`ledger.db` at `path`): name -> (do, undo).
+FILE_FAULTS: dict[str, tuple[Callable[[Path], None], Callable[[Path], None]]] = {
+    "chmod-db": (lambda p: os.chmod(p, 0o444), lambda p: os.chmod(p, 0o644)),
+    "chmod-wal": (lambda p: os.chmod(f"{p}-wal", 0o444), lambda p: os.path.exists(f"{p}-wal") and os.chmod(f"{p}-wal", 0o644)),
+    "chmod-dir": (lambda p: os.chmod(p.parent, 0o555), lambda p: os.chmod(p.parent, 0o755)),
+    "rm-wal": (lambda p: os.remove(f"{p}-wal"), lambda p: None),
+    "rm-shm": (lambda p: os.remove(f"{p}-shm"), lambda p: None),
+    "replace-wal": (lambda p: _replace(Path(f"{p}-wal")), lambda p: None),
+    "replace-db": (_replace, lambda p: None),
+}

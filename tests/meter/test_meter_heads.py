@@ -123,3 +123,51 @@ def test_heads_posted_to_a_url(tmp_path):
     assert got, m.log()
     key = load_public_key(pub)
     assert all(verify_tree_head(key, head_from_json(json.loads(b))) for b in got)
+
+
+def test_heads_at_start_and_after_every_settlement_at_rest(tmp_path):
+    """With a long --sth-interval, the published heads still cover the log at start and at rest."""
+    from exfilguard.ledger.events import decode_event
+    from exfilguard.meter import Meter, MeterConfig
+
+    priv, _pub = generate_keypair(tmp_path / "meter.key")
+    heads = tmp_path / "heads"
+    echo = Upstream("echo")
+    cfg = MeterConfig(listen="127.0.0.1:0", upstream=echo.addr, ledger=f"sqlite:///{tmp_path}/l.db", cap=10**6,
+                      signing_key=priv, publish_heads=str(heads), sth_interval=3600, settle_idle=0.2)
+
+    def published() -> int:
+        return max(head_from_json(json.loads(f.read_text())).tree_size for f in heads.glob("*.json"))
+
+    def log_size() -> tuple[int, list[str]]:
+        led = open_ledger(cfg.ledger, create=False)
+        try:
+            kinds = [decode_event(e)["kind"] for _, e in led.entries()]
+        finally:
+            led.close()
+        return len(kinds), kinds
+
+    async def main() -> tuple[int, int, int, list[str]]:
+        m = Meter(cfg)
+        await m.start()
+        at_start, start_size = published(), log_size()[0]
+        r, w = await asyncio.open_connection(*m.listen_address)
+        w.write(b"x" * 500)
+        await r.readexactly(500)
+        at_rest, kinds = -1, []
+        for _ in range(400):  # until the connection settled at rest and a head covers it (before any stop)
+            await asyncio.sleep(0.05)
+            size, kinds = log_size()
+            if "release" in kinds and published() == size:
+                at_rest = size
+                break
+        w.close()
+        await m.stop()
+        return at_start, start_size, at_rest, kinds
+
+    try:
+        at_start, start_size, at_rest, kinds = asyncio.run(main())
+    finally:
+        echo.close()
+    assert at_start == start_size  # the head published at start covers the whole log then
+    assert at_rest >= kinds.index("release") + 1  # a head after the settlement covers it

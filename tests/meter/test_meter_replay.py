@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 from meterkit import Upstream, free_port, pull
@@ -67,3 +68,32 @@ def test_meter_refuses_lowered_reserved_bytes(url):
     assert led.tree_head().tree_size == size
     assert led.status("default").reserved_bytes == 0  # the tampered row is left for the auditor
     led.close()
+
+
+def test_a_cap_raised_in_the_row_while_running_is_not_reported_as_fine(tmp_path):
+    """`UPDATE budgets SET cap_bytes = ...` at rest: /status, the remaining-bytes metric and `ledger
+    status` never show the tampered figure as fine; the meter fails closed at its next probe."""
+    from meterkit import MeterProcess, get_metrics, get_status
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    echo = Upstream("echo")
+    m = MeterProcess(tmp_path, url, echo.addr, 5000)
+    try:
+        m.wait_ready()
+        _tamper(url, "UPDATE budgets SET cap_bytes = 5000000 WHERE name = 'default'")
+        seen = []
+        for _ in range(200):
+            st = get_status(m.metrics_port)
+            seen.append((st["state"], st["cap_bytes"], st["remaining_bytes"]))
+            if st["state"] == "ledger_down":
+                break
+            time.sleep(0.05)
+        assert st["state"] == "ledger_down" and "does not add up" in st["ledger_error"], seen
+        assert all(cap == 5000 and left <= 5000 for _state, cap, left in seen), seen
+        metrics = get_metrics(m.metrics_port)
+        assert "exfilguard_meter_remaining_bytes 5000000" not in metrics and "exfilguard_meter_ledger_up 0.0" in metrics
+    finally:
+        m.stop()
+        echo.close()
+    out = subprocess.run([*EXFILGUARD, "ledger", "status", "--ledger", url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 5 and "cap=5000000" in out.stderr and "5000000 B" not in out.stdout

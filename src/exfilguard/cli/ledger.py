@@ -17,12 +17,14 @@ def ledger_status(
     budget: Optional[str] = typer.Option(None, "--budget", help="Budget name (default: the only one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Print a budget's cap, forwarded, reserved, outstanding and remaining bytes and the tree head."""
+    """Print a budget's cap, forwarded, reserved, outstanding and remaining bytes and the tree head, as the
+    replayed log adds them up (exit 5 when the ledger's rows or entries do not add up)."""
     from exfilguard.ledger import open_ledger
 
     led = open_ledger(url, create=False)
     try:
-        st = led.status(budget)
+        name = budget or led.status(None).budget  # (the only budget, or a one-line error naming them)
+        st = led.checked_status(name)
     finally:
         led.close()
     if as_json:
@@ -30,7 +32,7 @@ def ledger_status(
         return
     typer.echo(
         f"budget {st.budget}: cap {st.cap_bytes} B, reserved {st.reserved_bytes} B = forwarded {st.forwarded_bytes} B "
-        f"(settled) + outstanding {st.outstanding_bytes} B (open reservations), remaining {st.remaining_bytes} B\n"
+        f"(settled) + outstanding {st.outstanding_bytes} B (open reservations), left for new answers {st.remaining_bytes} B\n"
         f"tree size {st.tree_size}, root {st.root}"
     )
     for w in st.windows:
@@ -49,6 +51,10 @@ def ledger_verify(
         help="A signed head or checkpoint saved outside the ledger (`ledger checkpoint`, `meter --publish-heads DIR`), "
         "or a directory of them (repeatable): the ledger must not be shorter than or inconsistent with it.",
     ),
+    sth_interval: float = typer.Option(
+        30.0, "--sth-interval",
+        help="The meter's --sth-interval: entries younger than it (+10 s) may be unsigned yet (pending, not a problem).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Recompute the Merkle tree, check every signed tree head and the accounting; exit 0 if all hold."""
@@ -61,19 +67,24 @@ def ledger_verify(
     trusted = [cp.head for cp in load_trusted_heads(trusted_head or (), keys or None)]
     led = open_ledger(url, create=False)
     try:
-        rep = verify_ledger(led, keys, trusted)
+        rep = verify_ledger(led, keys, trusted, sth_interval=sth_interval)
     finally:
         led.close()
     if as_json:
         typer.echo(json.dumps({
             "ok": rep.ok, "tree_size": rep.tree_size, "root": rep.root, "signed_heads": rep.signed_heads,
-            "unsigned_tail": rep.unsigned_tail, "trusted_heads": rep.trusted_heads, "problems": rep.problems, "notes": rep.notes,
+            "unsigned_tail": rep.unsigned_tail, "pending_entries": rep.pending_entries, "next_head_in_s": rep.next_head_in_s,
+            "trusted_heads": rep.trusted_heads, "rollback_detectable": rep.rollback_detectable,
+            "problems": rep.problems, "notes": rep.notes,
         }))
     else:
         for p in rep.problems:
             typer.echo(f"BAD: {p}")
         for n in rep.notes:
             typer.echo(f"note: {n}")
+    if not rep.rollback_detectable:
+        typer.echo("WARNING: no trusted head given: a rollback of this ledger to an earlier signed head cannot be "
+                   "detected; pass --trusted-head with the meter's --publish-heads directory", err=True)
     if not rep.ok:
         more = f" (and {len(rep.problems) - 1} more problems)" if len(rep.problems) > 1 else ""
         raise LedgerTampered(f"ledger does not verify: {rep.problems[0]}{more}")

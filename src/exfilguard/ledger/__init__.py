@@ -13,7 +13,8 @@ from exfilguard.errors import ConfigError
 from exfilguard.ledger.accounting import Grant, Window
 from exfilguard.ledger.keys import TreeHead, generate_keypair, load_private_key, load_public_key
 from exfilguard.ledger.storage import redact
-from exfilguard.ledger.store import BudgetStatus, Ledger
+from exfilguard.ledger.accounting import BudgetStatus
+from exfilguard.ledger.store import Ledger
 
 
 def open_ledger(url: str, *, create: bool = True) -> Ledger:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from exfilguard.ledger.approval_check import event_approval_problems
@@ -47,6 +47,25 @@ class Grant:
     reserved_after: int
     remaining: int
     reason: str = ""  # why fewer bytes than asked: "cap" or "window:<seconds>s"
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget as the ledger sees it (``ledger status``)."""
+
+    budget: str
+    cap_bytes: int
+    used_bytes: int  # the debit: settled reservations at what they forwarded, open ones in full
+    reserved_bytes: int  # the same figure, named as the row names it
+    remaining_bytes: int
+    forwarded_bytes: int  # what settled reservations say was forwarded: at rest, what left
+    outstanding_bytes: int  # open reservations, in full
+    tree_size: int
+    root: str
+    windows: list[dict[str, int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def windows_to_json(windows: Sequence[Window]) -> str:
@@ -116,6 +135,19 @@ class LedgerState:
                 b.sums[i] -= r.amount if r.used is None else r.used
         return list(b.sums)
 
+    def window_usage(self, name: str, now: int) -> list[int]:
+        """What window_used says at `now`, without dropping anything (`now` may be another clock's)."""
+        b, out = self.budgets[name], []
+        for i, (secs, _limit) in enumerate(b.windows):
+            s = b.sums[i]
+            for rid in b.inside[i]:
+                r = self.reservations[rid]
+                if r.ts > now - secs * 1_000_000:
+                    break
+                s -= r.amount if r.used is None else r.used
+            out.append(s)
+        return out
+
     def budget(self, seq: int, event: dict[str, Any]) -> BudgetState | None:
         b = self.budgets.get(event.get("budget"))  # type: ignore[arg-type]
         if b is None:
@@ -162,6 +194,16 @@ def check_settlement(st: LedgerState, releases: Sequence[tuple[int, int]]) -> No
         raise ValueError("a reservation appears twice in one settlement")
     for res, used in releases:
         check_release(st, res, used)
+
+
+def replayed_status(st: LedgerState, name: str, now: int, tree_size: int, root: str) -> BudgetStatus:
+    """A budget's totals as the replayed log says at time `now` (µs)."""
+    b = st.budgets[name]
+    wins = [{"seconds": s, "limit_bytes": lim, "used_bytes": u, "remaining_bytes": max(0, lim - u)}
+            for (s, lim), u in zip(b.windows, st.window_usage(name, now))]
+    return BudgetStatus(budget=name, cap_bytes=b.cap, used_bytes=b.reserved, reserved_bytes=b.reserved,
+                        remaining_bytes=b.cap - b.reserved, forwarded_bytes=b.reserved - b.outstanding,
+                        outstanding_bytes=b.outstanding, tree_size=tree_size, root=root, windows=wins)
 
 
 # -- the rules: what each event kind does to the state ---------------------------------------

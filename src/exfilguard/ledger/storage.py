@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerUnavailable
@@ -140,6 +141,23 @@ class Storage:
             raise LedgerUnavailable(f"ledger {self.url} cannot be initialised: {one_line(exc)}") from None
         if version != SCHEMA_VERSION:
             raise ConfigError(f"ledger {self.url} has schema {version}, this exfilguard speaks {SCHEMA_VERSION}")
+
+
+class Reads:
+    """A cursor's execute() over plain reads, for replaying in a read snapshot."""
+
+    def __init__(self, db: Storage):
+        self.db, self.rows = db, []
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Reads:
+        self.rows = self.db.read(sql, tuple(params))
+        return self
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
 
 
 def one_line(exc: BaseException) -> str:

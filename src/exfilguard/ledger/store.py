@@ -1,16 +1,13 @@
 """The ledger: an append-only, Merkle-hashed event log over a Storage, and the accounting it adds up to.
 
-Every write is one transaction that first locks the single ``ledger_head`` row (``write``), so
-the log gets gap-free sequence numbers and a debit is decided and recorded atomically: never
-check-then-write. A writer follows the log: before its first write it replays the whole log
-(hash chain, head row's root, and the ``budgets``/``reservations`` rows against what the events
-add up to), and before every later write the events other writers appended since. Reserve,
-release and settle are decided on that replayed state by accounting.py; the event is appended
-and the same rules apply it. The rows are a cache: each write to them is guarded by what the log
-says they hold (``WHERE reserved_bytes = <replayed> ...``) and sent at the end of the
-transaction (one PostgreSQL pipeline); a changed row matches nothing and the transaction is
-rolled back with LedgerTampered before anything is granted. The UPDATE is also held by
-``CHECK (reserved_bytes <= cap_bytes)``, so even a wrong grant could not be committed.
+Every write is one transaction that first locks the single ``ledger_head`` row (``write``): gap-free
+sequence numbers, and a debit decided and recorded atomically, never check-then-write. A writer follows
+the log: before its first write it replays all of it (hash chain, the head row's root, and the
+``budgets``/``reservations`` rows against what the events add up to), before every later write what
+other writers appended. Reserve, release and settle are decided on that state (accounting.py); the
+event is appended and the same rules apply it. The rows are a cache: each write to them is guarded by
+what the log says they hold and sent at the end of the transaction (one PostgreSQL pipeline); a
+changed row matches nothing and rolls the transaction back (LedgerTampered) before anything is granted.
 """
 
 from __future__ import annotations
@@ -19,37 +16,18 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import merkle
 from exfilguard.ledger.accounting import (
-    BudgetState, Grant, LedgerState, Window, budget_row_problems, check_release, check_settlement, decide_reserve,
-    reservation_row_problems, windows_from_json, windows_to_json,
+    BudgetState, BudgetStatus, Grant, LedgerState, Window, budget_row_problems, check_release, check_settlement,
+    decide_reserve, replayed_status, reservation_row_problems, windows_from_json, windows_to_json,
 )
 from exfilguard.ledger.events import GENESIS_PREV, decode_event, encode_event
 from exfilguard.ledger.keys import TreeHead
-from exfilguard.ledger.storage import Storage, one_line
-
-
-@dataclass(frozen=True)
-class BudgetStatus:
-    """One budget as the ledger sees it (``ledger status``)."""
-
-    budget: str
-    cap_bytes: int
-    used_bytes: int  # the debit: settled reservations at what they forwarded, open ones in full
-    reserved_bytes: int  # the same figure, named as the row names it
-    remaining_bytes: int
-    forwarded_bytes: int  # what settled reservations say was forwarded: at rest, what left
-    outstanding_bytes: int  # open reservations, in full
-    tree_size: int
-    root: str
-    windows: list[dict[str, int]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from exfilguard.ledger.storage import Reads, Storage, one_line
 
 
 @dataclass
@@ -321,7 +299,7 @@ class Ledger:
                                   f"{_fmt_windows(wjson)}: windows are part of the budget (start with the stored ones)")
 
         self.write(body)
-        return self.status(name)
+        return self.checked_status(name)
 
     def _no_budget_row(self, cur: Any, name: str) -> None:
         """A budget the log never created must have no row: one would be an inserted row."""
@@ -382,6 +360,10 @@ class Ledger:
             raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
         return Grant(None, 0, b.reserved, b.cap - b.reserved, "")
 
+    def _renew(self, cur: Any, head: Head, prev: int, used: int, budget: str, want: int, meter: str, conn: int) -> Grant:
+        """Settle a used-up reservation and take the next: one commit."""
+        return self._settle(cur, head, [(prev, used)], budget, want, meter, conn)
+
     def record(self, kind: str, **fields: Any) -> int:
         """Append one event (meter_start, meter_stop, deny, ...); return its sequence number."""
         return self.write(lambda cur, head: self.append(cur, head, kind, **fields))
@@ -394,25 +376,16 @@ class Ledger:
         or ("record", (kind, fields)). A ValueError or ConfigError in one op is returned in its slot;
         a database failure fails the whole batch with LedgerUnavailable.
         """
-        def run(cur: Any, head: Head, name: str, args: tuple[Any, ...]) -> Any:
-            if name == "reserve":
-                return self._reserve(cur, head, *args)
-            if name == "release":
-                return self._release(cur, head, *args)
-            if name == "renew":  # settle a used-up reservation and take the next, one commit
-                prev, used, budget, want, meter, conn = args
-                return self._settle(cur, head, [(prev, used)], budget, want, meter, conn)
-            if name == "settle":
-                return self._settle(cur, head, *args)
-            if name == "record":
-                return self.append(cur, head, args[0], **args[1])
-            raise ValueError(f"unknown ledger op {name!r}")
+        run = {"reserve": self._reserve, "release": self._release, "settle": self._settle, "renew": self._renew,
+               "record": lambda cur, head, kind, fields: self.append(cur, head, kind, **fields)}
 
         def body(cur: Any, head: Head) -> list[Any]:
             out: list[Any] = []
             for name, args in ops:
                 try:
-                    out.append(run(cur, head, name, args))
+                    if name not in run:
+                        raise ValueError(f"unknown ledger op {name!r}")
+                    out.append(run[name](cur, head, *args))
                 except (ValueError, ConfigError) as exc:
                     out.append(exc)
             return out
@@ -425,9 +398,40 @@ class Ledger:
             self.db.sql("INSERT INTO tree_heads (tree_size, ts, root, key_id, signature) VALUES (?, ?, ?, ?, ?)"),
             (head.tree_size, head.ts, head.root, head.key_id, head.signature)))
 
-    def ping(self) -> None:
-        """Raise LedgerUnavailable (or LedgerTampered) unless a write transaction can be opened right now."""
-        self.write(lambda cur, head: None)
+    def ping(self, really: bool = False) -> None:
+        """Raise LedgerUnavailable (or LedgerTampered) unless a write transaction (`really` writing a row) commits now."""
+        self.write(lambda cur, head: really and cur.execute(self.db.sql("UPDATE ledger_head SET last_ts = last_ts WHERE id = 1")))
+
+    def checked_status(self, budget: str) -> BudgetStatus:
+        """One budget's totals as the log adds them up (replaying what was appended since, in a read
+        snapshot: no lock), after checking its row: LedgerTampered when they differ, never the row's figure."""
+        db = self.db
+        try:
+            db.begin_snapshot()
+            db.in_snapshot = True
+            cur = Reads(db)
+            size, frontier, last_ts, last_leaf = cur.execute(
+                db.sql("SELECT tree_size, frontier, last_ts, last_leaf FROM ledger_head WHERE id = 1")).fetchone()
+            head = Head(int(size), _frontier(frontier), int(last_ts), bytes(last_leaf), max(int(time.time() * 1e6), int(last_ts)))
+            self._catch_up(cur, head)
+            row = cur.execute(db.sql("SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets WHERE name = ?"),
+                              (budget,)).fetchone()
+        except db.errors as exc:
+            db.broken()
+            raise LedgerUnavailable(f"ledger {self.url} cannot be read: {one_line(exc)}") from None
+        except BaseException:
+            self._stale = True
+            raise
+        finally:
+            db.in_snapshot = False
+            with contextlib.suppress(Exception):
+                db.end_snapshot()
+        if budget not in self._state.budgets:
+            raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
+        probs = budget_row_problems(self._state, [] if row is None else [(row[0], int(row[1]), int(row[2]), int(row[3]), row[4])], [budget])
+        if probs:
+            raise self._tampered(probs[0])
+        return replayed_status(self._state, budget, head.now, head.tree_size, merkle.frontier_root(head.frontier).hex())
 
     # -- reads -------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ from exfilguard.ledger.events import GENESIS_PREV, decode_event
 from exfilguard.ledger.keys import TreeHead, key_id, verify_tree_head
 from exfilguard.ledger.accounting import LedgerState, budget_row_problems, reservation_row_problems
 from exfilguard.ledger.store import Ledger
+
+
+HEAD_GRACE_S = 10.0  # how much older than --sth-interval an unsigned tail may be before it is a problem
 
 
 @dataclass
@@ -34,6 +38,12 @@ class VerifyReport:
     last_ts: int = 0  # the last entry's timestamp
     trusted_heads: int = 0  # heads kept outside the ledger that it was checked against
     unchecked_heads: int = 0  # signed heads in the ledger not checked: no public key was given
+    # Head freshness, not tampering: the unsigned tail is younger than --sth-interval + HEAD_GRACE_S,
+    # so a running meter's next head will cover it (in about `next_head_in_s` seconds).
+    pending_entries: int = 0
+    next_head_in_s: float | None = None
+    # Without a trusted head (kept outside the ledger), a rollback to an earlier signed head passes.
+    rollback_detectable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -46,20 +56,31 @@ def verify_ledger(
     trusted: Sequence[TreeHead] = (),
     *,
     check_heads: bool = True,
+    sth_interval: float = 30.0,
+    now: float | None = None,
 ) -> VerifyReport:
     """Check the ledger's hash chain, Merkle tree, signed tree heads and accounting invariants.
 
     `trusted` are heads saved outside the ledger (``ledger checkpoint``, ``meter
     --publish-heads``), their signatures already checked: the ledger must hold at least their
-    entries, with their root. With `public_keys`, the last entry must be covered by a signed
-    head (a log truncated to before its last heads, or stripped of them, fails).
+    entries, with their root; without one, a rollback to an earlier signed head cannot be told
+    (``rollback_detectable`` False, and a note says so). With `public_keys`, the last entry must be
+    covered by a signed head once it is older than `sth_interval` + HEAD_GRACE_S (a log truncated
+    to before its last heads, or stripped of them, fails); a younger unsigned tail is pending
+    (``pending_entries``, ``next_head_in_s``), not a problem: the meter signs every `sth_interval`.
     """
     with snapshot(ledger):
-        return _verify(ledger, public_keys, trusted, check_heads)
+        rep = _verify(ledger, public_keys, trusted, check_heads, sth_interval, time.time() if now is None else now)
+    rep.rollback_detectable = bool(trusted) and rep.trusted_heads == len(trusted)
+    if not trusted:
+        rep.notes.append("no trusted head given (--trusted-head, e.g. the meter's --publish-heads directory): "
+                         "a rollback to an earlier signed head cannot be detected")
+    return rep
 
 
 def _verify(
-    ledger: Ledger, public_keys: Sequence[Ed25519PublicKey], trusted: Sequence[TreeHead], check_heads: bool
+    ledger: Ledger, public_keys: Sequence[Ed25519PublicKey], trusted: Sequence[TreeHead], check_heads: bool,
+    sth_interval: float, now: float,
 ) -> VerifyReport:
     rep = VerifyReport()
     leaves: list[bytes] = []
@@ -127,7 +148,7 @@ def _verify(
     rep.last_ts = last_ts
     _check_trusted(trusted, leaves, rep)
     if check_heads:
-        _check_heads(ledger, public_keys, leaves, events, rep)
+        _check_heads(ledger, public_keys, leaves, events, rep, sth_interval, now)
     _check_accounting(ledger, events, rep)
     return rep
 
@@ -151,7 +172,8 @@ def _check_trusted(trusted: Sequence[TreeHead], leaves: list[bytes], rep: Verify
 
 
 def _check_heads(
-    ledger: Ledger, public_keys: Sequence[Ed25519PublicKey], leaves: list[bytes], events: list[Any], rep: VerifyReport
+    ledger: Ledger, public_keys: Sequence[Ed25519PublicKey], leaves: list[bytes], events: list[Any], rep: VerifyReport,
+    sth_interval: float, now: float,
 ) -> None:
     keys = {key_id(k): k for k in public_keys}
     heads = ledger.tree_heads()
@@ -200,10 +222,20 @@ def _check_heads(
             "(heads deleted, or the meter ran without --signing-key)"
         )
     elif rep.unsigned_tail:
-        rep.problems.append(
-            f"the last {rep.unsigned_tail} entries are not covered by a signed tree head (the log may have been "
-            "truncated and its later heads deleted; a running meter signs every --sth-interval and at stop: verify again then)"
-        )
+        first = events[last_size]
+        age = now - first["ts"] / 1e6 if isinstance(first, dict) and isinstance(first.get("ts"), int) else float("inf")
+        if age <= sth_interval + HEAD_GRACE_S:
+            last_head = max((h.ts for h in heads if h.tree_size == last_size), default=0) / 1e6
+            rep.pending_entries = rep.unsigned_tail
+            rep.next_head_in_s = max(0.0, last_head + sth_interval - now) if last_head else 0.0
+            rep.notes.append(f"{rep.unsigned_tail} entries not yet signed (next head in {rep.next_head_in_s:.0f} s): "
+                             "the meter signs every --sth-interval, at rest and at stop")
+        else:
+            rep.problems.append(
+                f"the last {rep.unsigned_tail} entries are not covered by a signed tree head, the oldest for {age:.0f} s, "
+                f"longer than --sth-interval {sth_interval:g} s + {HEAD_GRACE_S:g} s: the meter stopped without its final "
+                "head (killed), or the log was truncated and its later heads deleted"
+            )
 
 
 def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> None:

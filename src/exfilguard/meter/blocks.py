@@ -15,6 +15,14 @@ GROW_MAX = 4
 # ... or, when the ledger is slow, this many times the recent wait for a reservation, so that the
 # next block (asked for as the current one starts) commits before the current one drains.
 COMMIT_FACTOR = 4
+# No block asks for more than 1/ROOM_FRACTION of what the budget has left (cap and windows, as last
+# seen): a small answer under a small cap does not hold most of it, and a crash over-counts little.
+ROOM_FRACTION = 16
+
+
+def within_room(want: int, room: int) -> int:
+    """`want`, but at most 1/ROOM_FRACTION of `room` (and at least one byte: the ledger decides the rest)."""
+    return max(1, min(want, room // ROOM_FRACTION))
 
 
 def next_size(used: int, seconds: float, block: int, amount: int, commit_wait: float, first: int, ceiling: int) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from exfilguard.errors import ConfigError
 from exfilguard.ledger.events import canonical
-from exfilguard.ledger import Ledger
+from exfilguard.ledger import Ledger, merkle
 from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json, key_id, sign_tree_head
 from exfilguard.meter.proxy import LEDGER_FAILURES
 
@@ -85,7 +85,10 @@ def parse_target(target: str | None) -> HeadPublisher | None:
 
 
 class HeadSigner:
-    """Meter's head signing (a mixin: it uses the Meter's key, worker and publisher)."""
+    """Meter's head signing (a mixin: it uses the Meter's key, worker and publisher): every
+    --sth-interval when the log grew, at start, after connections settled at rest, and at stop."""
+
+    _rest_sign: asyncio.Future[None] | None = None
 
     def _key_id(self) -> str | None:
         if self._key is None:
@@ -100,20 +103,39 @@ class HeadSigner:
             except LEDGER_FAILURES as exc:
                 self._ledger_failed(exc)
 
+    def _at_rest(self, commits: list[asyncio.Future[Any]]) -> None:
+        """Connections settled at rest: sign (and publish) a head once those settlements committed."""
+        if self._key is not None and (self._rest_sign is None or self._rest_sign.done()):
+            self._rest_sign = asyncio.ensure_future(self._sign_after(commits))
+
+    async def _sign_after(self, commits: list[asyncio.Future[Any]]) -> None:
+        await asyncio.gather(*commits, return_exceptions=True)
+        try:
+            await self._sign_head()
+        except LEDGER_FAILURES as exc:
+            self._ledger_failed(exc)
+
     async def _sign_head(self) -> None:
+        """Sign the log's head as this transaction replayed and checked it (never the head row as
+        read), store it, and publish it outside the ledger; nothing when the log did not grow."""
         if self._key is None:
             return
         key = self._key
 
-        def sign(led: Ledger) -> tuple[int, Any]:
-            head = led.tree_head()
-            if head.tree_size == self._signed_size:
-                return head.tree_size, None
-            sth = sign_tree_head(key, head.tree_size, max(head.ts, int(time.time() * 1_000_000)), head.root)
-            led.add_tree_head(sth)
-            return head.tree_size, sth
+        def sign(led: Ledger) -> TreeHead | None:
+            def body(cur: Any, head: Any) -> TreeHead | None:
+                if head.tree_size == self._signed_size:
+                    return None
+                sth = sign_tree_head(key, head.tree_size, max(head.last_ts, int(time.time() * 1_000_000)),
+                                     merkle.frontier_root(head.frontier))
+                cur.execute(led.db.sql("INSERT INTO tree_heads (tree_size, ts, root, key_id, signature) VALUES (?, ?, ?, ?, ?)"),
+                            (sth.tree_size, sth.ts, sth.root, sth.key_id, sth.signature))
+                self._signed_size = head.tree_size  # on the ledger's thread: the next call sees it
+                return sth
 
-        self._signed_size, sth = await self._worker.call(sign)
+            return led.write(body)
+
+        sth = await self._worker.call(sign)
         if sth is not None and self._publisher is not None:
             # Outside the ledger, so that rolling the ledger back cannot take the head with it.
             try:
@@ -121,5 +143,6 @@ class HeadSigner:
             except OSError as exc:
                 self.metrics.ledger_failures.inc()
                 log.error("could not publish signed tree head %d to %s: %s", sth.tree_size, self._publisher.target, exc)
+
 
 __all__ = ["HeadPublisher", "HeadSigner", "parse_target"]

@@ -41,7 +41,7 @@ class MeterMetrics:
         self.bytes_in = _LoopCounter(p + "bytes_in", "Bytes forwarded from clients to upstream, counted not capped")
         r.register(_LoopCounters(self.bytes_out, self.bytes_in))
         self.reserved = Gauge(p + "reserved_bytes", "Bytes the ledger holds reserved against the cap (last seen)", registry=r)
-        self.remaining = Gauge(p + "remaining_bytes", "Bytes the budget can still grant (cap and windows, last seen)", registry=r)
+        self.remaining = Gauge(p + "remaining_bytes", "Bytes left for new answers: what the budget can still grant (cap and windows, from the replayed log)", registry=r)
         self.denials = Counter(p + "denials", "Connections refused or cut", ["reason"], registry=r)
         self.open_connections = Gauge(p + "open_connections", "Client connections open", registry=r)
         self.commit_seconds = Histogram(

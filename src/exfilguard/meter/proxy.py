@@ -25,7 +25,7 @@ from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import Grant
-from exfilguard.meter.blocks import GROW_MAX, GROW_TARGET, next_size, stalled_size
+from exfilguard.meter.blocks import GROW_MAX, GROW_TARGET, next_size, stalled_size, within_room
 from exfilguard.meter.config import MeterConfig, parse_upstream, unix_socket
 from exfilguard.meter.conn import _Conn, _Cut, _Res
 from exfilguard.meter.metrics import MeterMetrics
@@ -71,6 +71,13 @@ class Proxy:
 
     def _note_grant(self, g: Grant) -> None:
         """A committed grant's budget figures (service.py shows them)."""
+
+    def effective_remaining(self) -> int:
+        """Bytes the budget can still grant as last seen (service.py keeps the figure)."""
+        return 1 << 62
+
+    def _at_rest(self, commits: list[asyncio.Future[Grant]]) -> None:
+        """Connections settled at rest and these are their commits (service.py signs a head after)."""
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -241,6 +248,7 @@ class Proxy:
         reserves `want` bytes (one transaction); it becomes `c.nxt`."""
         rel = [(r.id, r.used) for r in c.spent] + (releases or [])
         c.spent = []
+        want = within_room(want, self.effective_remaining()) if want > 0 else 0
         fut = asyncio.ensure_future(self._worker.op("settle", rel, self.config.budget, want, self.meter_id, c.id))
         t0 = time.monotonic()
         fut.add_done_callback(lambda f: self._granted(f, t0))
@@ -362,13 +370,16 @@ class Proxy:
             await asyncio.sleep(max(0.02, idle / 4))
             if self.state not in ("ok", "exhausted"):
                 continue
-            now = time.monotonic()
+            now, commits = time.monotonic(), []
             for c in list(self._conns.values()):
                 if c.settled or c.busy or c.waiter is not None or c.backlog or c.closing or now - c.last_out < idle:
                     continue
                 if c.nxt is not None and not c.nxt.done():
                     continue  # a commit for it is in flight; look again next round
                 self._settle_idle(c)
+                commits.append(c.nxt)
+            if commits:
+                self._at_rest(commits)
 
     # -- fail closed -----------------------------------------------------------------------
     def _conn_failed(self, c: _Conn, exc: Exception, what: str) -> None:

@@ -31,7 +31,7 @@ from exfilguard.meter.worker import LedgerWorker
 log = logging.getLogger("exfilguard.meter")
 
 
-class Meter(Proxy, LedgerProbe, HeadSigner):
+class Meter(HeadSigner, LedgerProbe, Proxy):
     """A running meter: ``await start()``, then ``await stop()`` (or use run_meter)."""
 
     def __init__(self, config: MeterConfig):
@@ -41,6 +41,7 @@ class Meter(Proxy, LedgerProbe, HeadSigner):
         self.reserved_bytes = 0
         self.remaining_bytes = config.cap
         self.window_remaining: int | None = None
+        self.budget_forwarded = self.budget_outstanding = 0  # the budget's, every meter's, as last replayed
         self.listen_address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._worker = LedgerWorker(self._open_ledger, on_commit=self.metrics.commit_seconds.observe)
@@ -100,6 +101,7 @@ class Meter(Proxy, LedgerProbe, HeadSigner):
                     upstream=cfg.upstream, block=cfg.reserve_block, key=self._key_id(),
                 ),
             )
+            await self._sign_head()  # a head at start: a ledger killed before its first interval is covered
         except BaseException:
             await self._close_servers()
             await self._worker.close()
@@ -128,8 +130,9 @@ class Meter(Proxy, LedgerProbe, HeadSigner):
             await self._stopped.wait()
             return
         self._set_state("stopping")
-        for t in self._tasks:
-            t.cancel()
+        for t in [*self._tasks, self._rest_sign]:
+            if t is not None:
+                t.cancel()
         await self._close_servers()
         conns = list(self._conns.values())
         for c in conns:
@@ -189,7 +192,8 @@ class Meter(Proxy, LedgerProbe, HeadSigner):
         self.reserved_bytes = st.reserved_bytes
         self.remaining_bytes = st.remaining_bytes
         self.window_remaining = min((w["remaining_bytes"] for w in st.windows), default=None)
-        self.metrics.budget_forwarded.set(st.reserved_bytes - st.outstanding_bytes)
+        self.budget_forwarded, self.budget_outstanding = st.forwarded_bytes, st.outstanding_bytes
+        self.metrics.budget_forwarded.set(st.forwarded_bytes)
         self.metrics.budget_outstanding.set(st.outstanding_bytes)
         self._publish()
 
@@ -221,6 +225,11 @@ class Meter(Proxy, LedgerProbe, HeadSigner):
             "reserved_bytes": self.reserved_bytes,
             "remaining_bytes": self.effective_remaining(),
             "cap_remaining_bytes": self.remaining_bytes,
+            # the same figures named for what they count (the budget's, every meter's; from the replayed log)
+            "left_for_new_answers_bytes": self.effective_remaining(),
+            "budget_forwarded_bytes": self.budget_forwarded,
+            "budget_reserved_bytes": self.reserved_bytes,
+            "budget_outstanding_bytes": self.budget_outstanding,
             "open_connections": len(self._conns),
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
