@@ -296,7 +296,8 @@ class Collector:
             led = open_ledger(self.config.ledger_url, create=False)
             try:
                 # The largest head this page saw is a trusted head: the ledger must extend it.
-                rep = verify_ledger(led, self._keys, [seen] if seen is not None else [])
+                rep = verify_ledger(led, self._keys, [seen] if seen is not None else [],
+                                    sth_interval=self.config.sth_interval_seconds)
             finally:
                 led.close()
         except ExfilguardError as exc:
@@ -314,7 +315,7 @@ class Collector:
         tail = [p for p in rep.problems if _is_unsigned_tail(p)]
         problems = [p for p in rep.problems if not _is_unsigned_tail(p)]
         fresh = None
-        if tail:
+        if tail or rep.pending_entries:  # pending: verify_ledger's own freshness verdict (not a problem)
             fresh = self._freshness(rep.unsigned_tail, now_s)
         if problems:
             state = "failed"
