@@ -197,6 +197,14 @@ class LogCorrupt(ExfilguardError):
     exit_code = 11
 
 
+class LogUnreconciled(ExfilguardError):
+    """The request log's answers do not explain the bytes the meter's ledger says it forwarded."""
+
+    http_status = 500
+    error_type = "request_log_unreconciled"
+    exit_code = 13
+
+
 class VerificationFailed(ExfilguardError):
     """`exfilguard verify` flagged answers that a trusted strong model does not reproduce."""
 

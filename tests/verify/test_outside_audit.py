@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from exfilguard.verify.requestlog import RequestRecord, read_log
+from exfilguard.verify.requestlog import AlertRecord, RequestRecord, read_log
 
 KEY = "sk-audit"
 pytestmark = pytest.mark.slow  # a whole stack per test, ~30 s each on 2 cores
@@ -109,5 +109,5 @@ def test_throttle_refuses_answers_while_the_budget_burns(tiny, tmp_path: Path) -
         s.close()
     assert err is not None and err.body["type"] == "egress_throttled"
     assert "exfilguard_outside_throttled 1.0" in metrics
-    alerts = [r for r in read_log(s.log_path) if not isinstance(r, RequestRecord)]
+    alerts = [r for r in read_log(s.log_path) if isinstance(r, AlertRecord)]
     assert [a.kind for a in alerts] == ["burn_rate"]

@@ -171,6 +171,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
     eos = set(int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
     app.state.connection = conn
     audit = app.state.audit = Audit(cfg.audit) if cfg.audit is not None else None
+    if audit is not None:
+        conn.on_connect.append(audit.log_conn)
 
     async def error_headers(exc: ExfilguardError) -> dict[str, str]:
         """429s say when to retry: Retry-After when a window frees bytes, x-should-retry: false when a cap is spent."""
@@ -452,16 +454,19 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
             req.max_tokens = cost.tokens_within(allow)
             note(request, budget_max_tokens=req.max_tokens)
         meter_bytes = [0]
+        stats: dict[str, int] = {"wire_bytes": 0}
 
         def counted(n: int) -> None:
+            # Every frame of this answer's slot, drained ones included: the access log, the key,
+            # admission and the request log all count the same bytes the meter forwarded.
             meter_bytes[0] += n
+            stats["wire_bytes"] += n
             admission.received(aid, n)
             if account is not None:
                 account.add(n)
 
         if audit is not None:
-            stats: dict[str, int] = {}
-            tokens = audit.wrap(conn.generate(req, weak_fingerprint, counted, stats), req, rid, stats)
+            tokens = audit.wrap(conn.generate(req, weak_fingerprint, counted), req, rid, stats)
         else:
             tokens = conn.generate(req, weak_fingerprint, counted)
 

@@ -29,6 +29,10 @@ class AuditConfig:
 
     request_log: str | None = None
     fsync: bool = False
+    # The outside's Ed25519 key that signs every line of the request log (verify/requestlog.py).
+    # None: REQUEST_LOG.key next to the log, made on first use (keep it where the inside cannot read).
+    log_key: str | None = None
+    sign_log: bool = True
     alerts: AlertConfig | None = None
     meter_status_url: str | None = None  # the meter's GET /status, polled for the burn-rate alert
     budget_poll_s: float = 5.0
@@ -39,7 +43,10 @@ class Audit:
 
     def __init__(self, config: AuditConfig, prior: list[float] | None = None):
         self.config = config
-        self.log = RequestLog(config.request_log, fsync=config.fsync) if config.request_log else None
+        self.log = None
+        if config.request_log:
+            self.log = RequestLog(config.request_log, fsync=config.fsync,
+                                  signing_key=log_signing_key(config) if config.sign_log else None)
         self.monitor = AnomalyMonitor(config.alerts or AlertConfig(), prior=prior)
         if self.log is not None:
             self.monitor.on_alert.append(self._log_alert)
@@ -50,6 +57,14 @@ class Audit:
     def _log_alert(self, alert: Alert) -> None:
         assert self.log is not None
         self.log.append_alert(alert.kind, alert.detail)
+
+    def log_conn(self, hello_bytes: int) -> None:
+        """A connection through the meter opened: its HELLO's bytes go in the log (never raises)."""
+        if self.log is not None:
+            try:
+                self.log.append_conn(hello_bytes)
+            except Exception:  # noqa: BLE001 - auditing must not break serving
+                log.exception("request log: cannot record a connection")
 
     def check_admission(self) -> None:
         """EgressThrottled (429) while throttling is on and the budget burns too fast."""
@@ -117,6 +132,20 @@ class Audit:
             self._poller.cancel()
         if self.log is not None:
             self.log.close()
+
+
+def log_signing_key(config: AuditConfig) -> Any:
+    """The key that signs the request log: config.log_key, else REQUEST_LOG.key (made on first use)."""
+    from pathlib import Path
+
+    from exfilguard.ledger.keys import generate_keypair, load_private_key
+
+    assert config.request_log is not None
+    path = Path(config.log_key) if config.log_key else Path(config.request_log + ".key")
+    if config.log_key is None and not path.exists():
+        generate_keypair(path)
+        log.info("made %s (signs the request log; public key %s.pub for `exfilguard verify --log-key`)", path, path)
+    return load_private_key(path)
 
 
 def http_status_fetcher(url: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:

@@ -106,6 +106,8 @@ class InsideConnection:
         self.host, self.port, self.codecs, self.probe = host, port, codecs, probe
         self.hello_timeout = hello_timeout
         self.drain_timeout = drain_timeout  # how long a given-up answer waits for its last frames
+        # Told the wire size of each connection's HELLO: metered bytes no answer carries (the request log).
+        self.on_connect: list[Callable[[int], None]] = []
         self.max_streams = min(max_streams, MAX_SLOT + 1)
         self.hello: Hello | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -145,6 +147,8 @@ class InsideConnection:
                 writer.close()
                 raise
             self.hello = Hello.from_bytes(hello_frame.payload)
+            for cb in self.on_connect:
+                cb(_frame_size(hello_frame))
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_loop(reader, frames))
 

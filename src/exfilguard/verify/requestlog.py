@@ -10,7 +10,14 @@ Each line carries `seq` (0, 1, 2, ...) and `prev`, the SHA-256 of the previous l
 not chained to its predecessor makes the reader raise LogCorrupt naming the line: a verifier
 never skips what it cannot read, because a skipped record is exactly where an attacker would
 hide. (Truncation at a line boundary of the whole tail is only visible against a count kept
-elsewhere, e.g. the request counter in the outside's metrics.)
+elsewhere: `exfilguard verify --ledger` reconciles the logged bytes with the meter's, verify/reconcile.py.)
+
+Keyed: with the outside's Ed25519 key (which the inside cannot read) every line ends with
+`"sig":"<hex>"`, a signature over the line's bytes before it (`{...,"sig":"` cut off, `}` put
+back) under the domain `exfilguard-request-log-v1`. Each line is a signed head of the chain up to
+it: deleting or changing an answer and recomputing the chain needs the key to sign the lines again.
+`conn` records say when the outside opened a connection through the meter and how many bytes its
+HELLO took (the one metered thing no answer carries), so the log explains every forwarded byte.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from exfilguard.errors import LogCorrupt
+
+SIG_DOMAIN = b"exfilguard-request-log-v1\n"
+_SIG_MARK = b',"sig":"'
 
 GENESIS = "0" * 64
 LOG_VERSION = 1
@@ -55,6 +65,15 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
+class ConnRecord:
+    """The outside opened a connection through the meter; its HELLO took `hello_bytes`."""
+
+    seq: int
+    ts: float
+    hello_bytes: int
+
+
+@dataclass(frozen=True)
 class AlertRecord:
     """One anomaly alert, as logged."""
 
@@ -71,9 +90,10 @@ def _line_hash(line: bytes) -> str:
 class RequestLog:
     """Appends records to PATH, continuing the chain of an existing file. Thread-safe."""
 
-    def __init__(self, path: str | os.PathLike[str], fsync: bool = False):
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = False, signing_key: Any = None):
         self.path = Path(path)
         self.fsync = fsync
+        self.key = signing_key  # an Ed25519PrivateKey: every line signed (see the module docstring)
         self._lock = threading.Lock()
         self._seq, self._prev = self._tail()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -103,6 +123,10 @@ class RequestLog:
             seq = self._seq
             rec = {"seq": seq, "prev": self._prev, **body}
             line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode()
+            if self.key is not None:
+                sig = self.key.sign(SIG_DOMAIN + line).hex().encode()
+                line = line[:-1] + _SIG_MARK + sig + b'"}'
+
             # One write of a whole line with O_APPEND: a crash leaves at most a cut-off last
             # line, which the reader reports (never a silently merged one).
             os.write(self._fd, line + b"\n")
@@ -120,6 +144,10 @@ class RequestLog:
             "top_p": float(top_p), "max_tokens": int(max_tokens), "codec": codec,
             "output_ids": [int(t) for t in output_ids], "wire_bytes": int(wire_bytes), "finish": finish,
         })
+
+    def append_conn(self, hello_bytes: int) -> int:
+        """Record a connection through the meter and the bytes of its HELLO; return its seq."""
+        return self._append({"type": "conn", "v": LOG_VERSION, "ts": round(time.time(), 3), "hello_bytes": int(hello_bytes)})
 
     def append_alert(self, kind: str, detail: dict[str, Any]) -> int:
         """Record one alert; return its seq."""
@@ -148,12 +176,17 @@ def _field(d: dict[str, Any], name: str, typ: type | tuple[type, ...], where: st
     return v
 
 
-def _parse(d: Any, where: str) -> RequestRecord | AlertRecord:
+def _parse(d: Any, where: str) -> RequestRecord | AlertRecord | ConnRecord:
     if not isinstance(d, dict):
         raise LogCorrupt(f"{where}: not a JSON object")
     kind = d.get("type")
     seq = _field(d, "seq", int, where)
     ts = float(_field(d, "ts", (int, float), where))
+    if kind == "conn":
+        hb = _field(d, "hello_bytes", int, where)
+        if hb < 0:
+            raise LogCorrupt(f"{where}: negative hello_bytes")
+        return ConnRecord(seq, ts, hb)
     if kind == "alert":
         detail = d.get("detail")
         if not isinstance(detail, dict):
@@ -176,8 +209,20 @@ def _parse(d: Any, where: str) -> RequestRecord | AlertRecord:
     )
 
 
-def read_log(path: str | os.PathLike[str]) -> Iterator[RequestRecord | AlertRecord]:
-    """Every record of the log in order; LogCorrupt (with the line number) on the first bad line."""
+def signed_part(line: bytes) -> bytes | None:
+    """The bytes a keyed line's signature covers, or None when the line carries no signature."""
+    i = line.rfind(_SIG_MARK)
+    if i < 0 or not line.endswith(b'"}') or len(line) - i - len(_SIG_MARK) - 2 != 128:
+        return None
+    return line[:i] + b"}"
+
+
+def read_log(path: str | os.PathLike[str], public_key: Any = None) -> Iterator[RequestRecord | AlertRecord | ConnRecord]:
+    """Every record of the log in order; LogCorrupt (with the line number) on the first bad line.
+
+    With `public_key` (the outside's Ed25519 public key) every line must carry a valid signature."""
+    from cryptography.exceptions import InvalidSignature
+
     p = Path(path)
     try:
         f = open(p, "rb")
@@ -199,5 +244,14 @@ def read_log(path: str | os.PathLike[str]) -> Iterator[RequestRecord | AlertReco
                 raise LogCorrupt(f"{where}: seq {rec.seq} where {expect} was expected (a record is missing or out of order)")
             if d.get("prev") != prev:
                 raise LogCorrupt(f"{where}: hash chain broken (the line before it was changed or removed)")
+            if public_key is not None:
+                signed = signed_part(line)
+                if signed is None:
+                    raise LogCorrupt(f"{where}: no signature, but the log is keyed (a line written without the outside's key)")
+                try:
+                    public_key.verify(bytes.fromhex(d["sig"]), SIG_DOMAIN + signed)
+                except (InvalidSignature, ValueError):
+                    raise LogCorrupt(f"{where}: the signature does not verify with the outside's key (the line was "
+                                     "changed, or the log rewritten without the key)") from None
             prev, expect = _line_hash(line), expect + 1
             yield rec

@@ -81,6 +81,8 @@ def verify_records(model: Any, records: Iterable[RequestRecord | AlertRecord], c
         if isinstance(rec, AlertRecord):
             report.alerts.append({"seq": rec.seq, "ts": rec.ts, "kind": rec.kind, **rec.detail})
             continue
+        if not isinstance(rec, RequestRecord):  # a connection record: bytes for the reconciliation, no answer
+            continue
         report.records += 1
         if not sampled(key, rec, config.sample_rate):
             continue
@@ -91,12 +93,13 @@ def verify_records(model: Any, records: Iterable[RequestRecord | AlertRecord], c
     return report
 
 
-def verify_log(path: str | Path, model: Any, config: VerifyConfig, progress: bool = False) -> VerifyReport:
+def verify_log(path: str | Path, model: Any, config: VerifyConfig, progress: bool = False,
+               public_key: Any = None) -> VerifyReport:
     """Read the whole log strictly (LogCorrupt on any bad line), then score a sample of it.
 
     The log is read to the end before anything is scored, so a corrupt or truncated log is an
     error even where the bad line falls outside the sample."""
-    records = list(read_log(path))
+    records = list(read_log(path, public_key))
     if not any(isinstance(r, RequestRecord) for r in records):
         raise LogCorrupt(f"request log {path} holds no answers; there is nothing to verify")
     if not progress:
