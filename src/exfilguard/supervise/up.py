@@ -399,11 +399,12 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
     print(f"meter status {sup.status_url}, metrics {sup.metrics_url}", flush=True)
     if cfg.publish_heads:
         print(f"signed tree heads published to {cfg.publish_heads} (audit: exfilguard ledger verify --trusted-head ...)", flush=True)
-    print(f"request log {cfg.data_dir / 'request-log.jsonl'} (audit: exfilguard verify --log {cfg.data_dir / 'request-log.jsonl'} --strong {cfg.strong}), "
+    rlog = cfg.data_dir / "request-log.jsonl"
+    ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
+    print(f"request log {rlog} (audit: exfilguard verify --log {rlog} --log-key {rlog}.key.pub --ledger {ledger_shown} --strong {cfg.strong}), "
           f"access log {cfg.access_log}", flush=True)
     if sup.dashboard is not None:
         print(f"dashboard http://{here}:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
-    ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
     print(f"strong {cfg.strong}, weak {cfg.weak}, cap {cfg.cap} bytes, block {cfg.reserve_block} bytes, ledger {ledger_shown} "
           f"(tree heads signed with {cfg.signing_key}; audit: exfilguard ledger verify --ledger "
           f"{ledger_shown} --public-key {cfg.signing_key}.pub); Ctrl-C stops", flush=True)
