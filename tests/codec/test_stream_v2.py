@@ -244,3 +244,24 @@ def test_v2_header_for_a_v1_only_codec_is_frame_corrupt(name):
     c = get_codec(name)
     with pytest.raises(FrameCorrupt, match="only has format v1"):
         decode_stream(c, bytes([MAGIC_V2 | c.codec_id, 1, 2, 3]), PROMPT)
+
+
+@pytest.mark.parametrize("name", ["model", "coupled"])
+def test_headerless_v2_between_two_sides_that_agree(name):
+    """header=False on both sides: one byte less, same tokens; v1 codecs keep their header."""
+    c = codec(name)
+    tokens = sample(EXACT, 30, seed=2)
+    enc = Encoder(c, PROMPT, header=False)
+    data = enc.push_many(tokens) + enc.finish()
+    assert data == encode_stream(c, tokens, PROMPT)[1:]
+    dec = Decoder(c, PROMPT, header=False)
+    assert dec.feed(data) + dec.close() == tokens
+    with pytest.raises(FrameCorrupt):  # a decoder that expects a header refuses it
+        decode_stream(c, data, PROMPT)
+    f = codec("model", FLOAT)
+    enc = Encoder(f, PROMPT, header=False)
+    data = enc.push_many(tokens) + enc.finish()
+    assert data[0] >> 4 == 0xA
+    dec = Decoder(f, PROMPT, header=False)
+    dec.feed(data)
+    assert dec.finish() == tokens

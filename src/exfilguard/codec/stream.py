@@ -291,7 +291,8 @@ class EncoderV2:
 
     version = 2
 
-    def __init__(self, codec: Codec, prompt_ids: Sequence[int], stream_id: int = 0, flush_every: int | None = None):
+    def __init__(self, codec: Codec, prompt_ids: Sequence[int], stream_id: int = 0, flush_every: int | None = None,
+                 header: bool = True):
         if flush_every is not None and flush_every < 1:
             raise ValueError("flush_every must be >= 1 or None")
         if not 0 <= codec.codec_id <= 15:
@@ -306,7 +307,7 @@ class EncoderV2:
         self._param: int | None = None
         self._buf: list[int] = []
         self._count = 0
-        self._header_sent = False
+        self._header_sent = not header  # headerless: both sides know the format (see Encoder)
         self.finished = False
         self.segments = 0
 
@@ -536,16 +537,21 @@ class DecoderV2:
 class Encoder:
     """A stream encoder: format v2 where the codec offers it (exact weak-model tables), else v1.
 
-    version=1 or 2 forces a format. Every method returns the bytes to send now (maybe b"")."""
+    version=1 or 2 forces a format. header=False drops v2's first byte where the decoder is
+    made with header=False too: both sides then derive the format from the codec (v2 wherever
+    it is offered), as the inside and outside do (8 bits less per answer). Every method returns
+    the bytes to send now (maybe b"")."""
 
     def __init__(self, codec: Codec, prompt_ids: Sequence[int], stream_id: int = 0, flush_every: int | None = None,
-                 version: int | None = None):
+                 version: int | None = None, header: bool = True):
         if version is None:
             version = 2 if _offers_v2(codec, prompt_ids) else 1
         if version not in (1, 2):
             raise ValueError("stream format version must be 1 or 2")
-        impl: Any = EncoderV2 if version == 2 else EncoderV1
-        self._impl = impl(codec, prompt_ids, stream_id, flush_every)
+        if version == 2:
+            self._impl: Any = EncoderV2(codec, prompt_ids, stream_id, flush_every, header=header)
+        else:
+            self._impl = EncoderV1(codec, prompt_ids, stream_id, flush_every)
         self.version = version
 
     def __getattr__(self, name: str) -> Any:
@@ -579,13 +585,15 @@ class Decoder:
     returns tokens; raises FrameCorrupt (bad magic, truncation, check), ModelMismatch (v1
     fingerprint) or Desync (v1: ask for a raw resend)."""
 
-    def __init__(self, codec: Codec, prompt_ids: Sequence[int], stream_id: int | None = None):
+    def __init__(self, codec: Codec, prompt_ids: Sequence[int], stream_id: int | None = None, header: bool = True):
         self.codec = codec
         self._prompt = list(prompt_ids)
         self.expected_stream_id = stream_id
         self._impl: Any = None
         self._pre = bytearray()
         self._failed: FrameCorrupt | None = None
+        if not header and _offers_v2(codec, self._prompt):  # the encoder sent no header byte
+            self._impl = DecoderV2(codec, self._prompt, stream_id)
 
     def __getattr__(self, name: str) -> Any:
         impl = self.__dict__.get("_impl")

@@ -130,9 +130,12 @@ class RealCodecFactory:
     def encoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Encoder:
         from exfilguard.codec import Encoder
 
-        return _Encoder(Encoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0, flush_every=None), self.region)
+        # header=False (both sides): a v2 stream's first byte only restates what the request and
+        # the HELLO already fixed (codec, format), so it is not sent.
+        enc = Encoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0, flush_every=None, header=False)
+        return _Encoder(enc, self.region)
 
     def decoder(self, codec: str, prompt_ids: Sequence[int], seed: int, temperature: float, top_p: float) -> _Decoder:
         from exfilguard.codec import Decoder
 
-        return _Decoder(Decoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0), self.region)
+        return _Decoder(Decoder(self._bound(codec, seed, temperature, top_p), prompt_ids, stream_id=0, header=False), self.region)
