@@ -8,6 +8,11 @@ table and, with --json, one JSON object {"T": {"weak": <bench coupled --json obj
         --weak ngram:/tmp/ngram4.npz --weak default --weak smollm2 \\
         --prompts ../shared/data/smollm2_corpus_dev.jsonl --limit 8 --max-tokens 96 \\
         --temperature 0 --temperature 0.7 --temperature 1.0
+
+--cache DIR keeps each temperature's generations (tokens, strong logits, seeds) in
+DIR/gen_T{T}_n{limit}_m{max_tokens}_s{seed}.npz and reuses them: the strong model's incremental
+generation is the slow part on a shared CPU, and new weak models or codec versions can then be
+compared on the very same samples.
 """
 
 from __future__ import annotations
@@ -18,8 +23,32 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from exfilguard.cli.benches.coupled import CoupledBenchConfig, generate_all, load_prompts, run
 from exfilguard.models.specs import load_model
+
+
+def _cache_path(args: argparse.Namespace, t: float) -> Path:
+    return args.cache / f"gen_T{t:g}_n{args.limit}_m{args.max_tokens}_s{args.seed}.npz"
+
+
+def _cached(args: argparse.Namespace, t: float, prompts: list[list[int]]) -> list | None:
+    path = _cache_path(args, t)
+    if not path.is_file():
+        return None
+    d = np.load(path)
+    if [d[f"prompt{i}"].tolist() for i in range(len(prompts)) if f"prompt{i}" in d] != prompts:
+        raise SystemExit(f"{path}: its prompts are not this run's")
+    return [(d[f"toks{i}"].tolist(), d[f"strong{i}"], int(d[f"seed{i}"])) for i in range(len(prompts))]
+
+
+def _save(args: argparse.Namespace, t: float, prompts: list[list[int]], gens: list) -> None:
+    args.cache.mkdir(parents=True, exist_ok=True)
+    data: dict = {}
+    for i, (p, (toks, logits, seed)) in enumerate(zip(prompts, gens)):
+        data.update({f"prompt{i}": np.array(p), f"toks{i}": np.array(toks), f"strong{i}": logits, f"seed{i}": seed})
+    np.savez(_cache_path(args, t), **data)
 
 
 def main() -> None:
@@ -32,6 +61,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, action="append", required=True, help="repeat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cache", type=Path, default=None, help="folder to keep / reuse the generations in")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -46,7 +76,11 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     for t in args.temperature:
         cfg = CoupledBenchConfig(args.strong, args.weak[0], args.prompts, args.limit, args.max_tokens, t, 1.0, args.seed)
-        gens = generate_all(strong, prompts, cfg)
+        gens = _cached(args, t, prompts) if args.cache else None
+        if gens is None:
+            gens = generate_all(strong, prompts, cfg)
+            if args.cache:
+                _save(args, t, prompts, gens)
         log(f"T={t}: generated {sum(len(g[0]) for g in gens)} tokens")
         results[str(t)] = {}
         for spec, weak in weaks.items():
