@@ -227,16 +227,22 @@ def test_protocol_adapter_hands_out_every_token_once():
     f = RealCodecFactory(EXACT)
     tokens = sample(EXACT, 70, seed=5)
     for name in ("model", "coupled"):
-        enc = f.encoder(name, PROMPT, 11, 0.7, 1.0)
-        dec = f.decoder(name, PROMPT, 11, 0.7, 1.0)
-        got = []
-        for i, t in enumerate(tokens):
-            enc.push(t)
-            if i % 16 == 15:
-                got += dec.push(enc.flush())
-        got += dec.push(enc.finish())
-        got += dec.finish()
-        assert got == tokens
+        for every in (1, 16):  # a flush per token (a time budget on slow tokens), per 16 tokens
+            enc = f.encoder(name, PROMPT, 11, 0.7, 1.0)
+            dec = f.decoder(name, PROMPT, 11, 0.7, 1.0)
+            got, sizes = [], []
+            for i, t in enumerate(tokens):
+                enc.push(t)
+                if i % every == every - 1:
+                    data = enc.flush()
+                    sizes.append(len(data))
+                    if data:
+                        got += dec.push(data)
+            got += dec.push(enc.finish())
+            got += dec.finish()
+            assert got == tokens
+            later = [n for n in sizes[sizes.index(next(n for n in sizes if n)) + 1 :] if n]
+            assert all(n >= 4 for n in later)  # after the first frame, no 1-3 byte frames
 
 
 @pytest.mark.parametrize("name", ["raw", "zstd-ids"])

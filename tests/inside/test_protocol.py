@@ -107,4 +107,6 @@ def test_data_cut_holds_back_at_most_four_bytes():
     for n in range(40):
         k = data_cut(n)
         assert 0 <= n - k <= 4 and (k == n or k in DATA_IMPLIED.values())
+        later = data_cut(n, first=False)
+        assert later == (k if n >= 4 else 0)
     assert [data_cut(n) for n in range(13)] == [0, 1, 2, 3, 4, 4, 6, 6, 8, 8, 8, 8, 8]

@@ -30,6 +30,7 @@ class _Encoder:
     def __init__(self, enc: Any, region: Callable[[], ContextManager[Any]]):
         self._enc = enc
         self._held = bytearray()
+        self._sent = False  # a DATA frame went out for this answer
         self.region = region  # the engine enters it around a step's sink calls (inside/engine.py)
 
     def push(self, token_id: int) -> None:
@@ -39,11 +40,13 @@ class _Encoder:
     def flush(self) -> bytes:
         with self.region():
             out = bytes(self._held) + self._enc.flush()
-        # v2: send a length the DATA frame kind implies (one header byte, no length byte); what
-        # is held back (<= 4 bytes) goes with the next flush or the END frame. (v1 chunks go
-        # whole: a split record would hold its tokens back until the next flush.)
-        n = data_cut(len(out)) if getattr(self._enc, "version", 1) == 2 else len(out)
+        # v2: send a length the DATA frame kind implies (one header byte, no length byte), and
+        # after the first frame never fewer than 4 bytes; what is held back goes with the next
+        # flush or the END frame. (v1 chunks go whole: a split record would hold its tokens
+        # back until the next flush.)
+        n = data_cut(len(out), first=not self._sent) if getattr(self._enc, "version", 1) == 2 else len(out)
         self._held[:] = out[n:]
+        self._sent = self._sent or n > 0
         return out[:n]
 
     def finish(self) -> bytes:

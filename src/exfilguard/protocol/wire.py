@@ -215,11 +215,18 @@ class FrameReader:
         return len(self._buf)
 
 
-def data_cut(n: int) -> int:
+MIN_LATER_DATA = 4  # bytes: a DATA frame after an answer's first carries at least this much
+
+
+def data_cut(n: int, first: bool = True) -> int:
     """How many of n pending codec bytes to send as one DATA frame now (the rest waits for the
     next flush or the END frame): a size whose length the frame kind implies where one fits
-    with at most 4 bytes held back; everything when under 4 bytes or over 12."""
-    if n < 4 or n > 12 or n in _IMPLIED_KIND:
+    with at most 4 bytes held back; everything when over 12. Under 4 bytes: all of them for an
+    answer's first DATA frame (time to first token), none after it (a time-budget flush of a
+    byte or two would pay 2 bytes of header for it; they go with the next frame)."""
+    if n < MIN_LATER_DATA:
+        return n if first else 0
+    if n > 12 or n in _IMPLIED_KIND:
         return n
     return max(k for k in _IMPLIED_KIND if k <= n)
 
