@@ -65,10 +65,77 @@ class OutsideConfig:
     access_log: bool = True  # one JSON line per request on the exfilguard.access logger (stderr unless a file is given)
     access_log_file: str | None = None  # append the lines to this file instead of stderr (`outside --access-log FILE`)
     access_log_skip: tuple[str, ...] = ("/metrics",)  # GET paths not logged: scrapes (the dashboard's every 3 s)
+    # Answers reach the client only on the ticks of a clock started when the request arrived: when
+    # frames crossed the meter is visible to a client only to this resolution (0: as they come).
+    release_every_s: float = 0.1
     audit: AuditConfig | None = None  # request log (for `exfilguard verify`) and anomaly alerts
 
 
 ACCESS_LOG = "exfilguard.access"
+
+
+@dataclass
+class ReleaseClock:
+    """Ticks every `period` seconds from `start`: the only moments an answer's bytes go to the client.
+
+    The inside controls when frames cross the meter; if the client saw each as it came, the gaps
+    would be a channel the cap does not count. Released on this clock, a client can tell only in
+    which tick text appeared: at most one bit per tick of an answer's life, whatever the inside does."""
+
+    period: float
+    start: float = field(default_factory=time.monotonic)
+    clock: Any = time.monotonic
+
+    def next_tick(self) -> float:
+        """The first tick strictly after now."""
+        k = int((self.clock() - self.start) // self.period) + 1
+        return self.start + k * self.period
+
+    async def wait(self) -> None:
+        """Sleep until the next tick."""
+        await asyncio.sleep(max(0.0, self.next_tick() - self.clock()))
+
+
+async def on_clock(source: AsyncIterator[str], clock: ReleaseClock) -> AsyncIterator[str]:
+    """Pass `source`'s strings on, joined, only at the clock's ticks (a release scheduler).
+
+    A task pulls from `source` as fast as it yields; what arrived by a tick goes out at that tick.
+    Ending, an error and a client that leaves are handled as `source` does: its finally runs."""
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                queue.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it at its tick
+            queue.put_nowait(exc)
+        else:
+            queue.put_nowait(None)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            await clock.wait()
+            out, end = [], False
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    end = True
+                elif isinstance(item, BaseException):
+                    if out:
+                        yield "".join(out)
+                    raise item
+                else:
+                    out.append(item)
+            if out:
+                yield "".join(out)
+            if end:
+                return
+    finally:
+        if not task.done():
+            task.cancel()  # the client left: source's own finally stops the answer
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def read_api_keys(path: str | Path) -> list[str]:
@@ -413,6 +480,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         return s.model or cfg.model_name
 
     async def run(request: Request, chat: bool) -> Any:
+        release = ReleaseClock(cfg.release_every_s) if cfg.release_every_s > 0 else None
         key = await check_key(request)
         body = await body_of(request)
         s = parse_sampling(body, cfg.default_max_tokens, cfg.max_max_tokens)
@@ -536,6 +604,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                         await work
             if work.cancelled():
                 return Response(status_code=499)  # logged as 499, with the bytes it spent; nobody reads it
+            if release is not None:
+                await release.wait()  # the answer (or its error), at a tick: its latency shows only to the clock's resolution
             work.result()  # the answer's own error, if any, becomes its response
             parts.append(text.finish())
             noted()
@@ -582,9 +652,11 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 raise
             cut = True  # the first tokens crossed: they are the answer
             note(request, budget_cut=exc.error_type)
-        except BaseException:
+        except BaseException as exc:
             noted()
             await asyncio.shield(close())
+            if release is not None and isinstance(exc, ExfilguardError):
+                await release.wait()  # an error the inside caused comes on the clock too
             raise
         headers = {"Cache-Control": "no-cache", **await budget_headers(key)}
 
@@ -629,7 +701,8 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 noted()
                 await asyncio.shield(close())
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(events() if release is None else on_clock(events(), release),
+                                 media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
