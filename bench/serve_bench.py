@@ -241,7 +241,8 @@ def up_scenarios(args: argparse.Namespace) -> None:
 
     import openai
 
-    from exfilguard.models.loading import load_models, resolve_weak_spec
+    from exfilguard.models import load_model
+    from exfilguard.models.loading import resolve_weak_spec
     from exfilguard.supervise.assemble import free_port
 
     which = [x for x in args.up.split(",") if x]
@@ -252,7 +253,7 @@ def up_scenarios(args: argparse.Namespace) -> None:
         if len(long_ids) >= args.long_tokens:
             break
     long_ids = long_ids[: args.long_tokens]
-    strong, _ = load_models(args.strong, None, args.device)
+    strong = load_model(args.strong, device=args.device)
     tok = strong.tokenizer
     long_text = tok.decode(long_ids, skip_special_tokens=True)
     long_prompt = tok(long_text)["input_ids"]
