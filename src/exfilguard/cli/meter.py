@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
             None, "--publish-heads",
             help="Also publish every signed tree head outside the ledger: a DIR (one JSON file each), an http(s) URL (POST) or - (stdout).",
         ),
+        timing_charge: bool = typer.Option(
+            False, "--timing-charge",
+            help="Count timing as egress: charge every connection open and close and every short upstream read a fixed "
+                 "minimum in the ledger (docs/meter.md states the bound).",
+        ),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop if installed), asyncio or uvloop."),
         log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
     ) -> None:
@@ -64,6 +69,7 @@ def register(app: typer.Typer) -> None:
             sth_interval=sth_interval,
             upstream_wait=upstream_wait,
             publish_heads=publish_heads,
+            timing_charge=timing_charge,
         )
 
         async def main() -> None:

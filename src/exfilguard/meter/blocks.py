@@ -37,3 +37,13 @@ def next_size(used: int, seconds: float, block: int, amount: int, commit_wait: f
 def stalled_size(block: int, ceiling: int) -> int:
     """The next size after a block drained before the next one committed: too small for this ledger."""
     return min(ceiling, GROW_MAX * block)
+
+
+# Timing is egress: when bytes arrive and when a connection opens and closes carry bits the inside
+# controls. Each such event is counted in the ledger as at least 8 bytes, 64 bits, more than the time
+# of one event can carry (nanoseconds over five centuries): an upstream read shorter than EVENT_MIN
+# counts as EVENT_MIN, and a connection is charged OPEN_CHARGE + CLOSE_CHARGE from its first block,
+# before its first byte. docs/meter.md states the bound.
+EVENT_MIN = 8
+OPEN_CHARGE = 8
+CLOSE_CHARGE = 8

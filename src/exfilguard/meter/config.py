@@ -105,6 +105,9 @@ class MeterConfig:
     probe_timeout: float = 5.0  # a write probe slower than this counts as a ledger failure
     upstream_connect_timeout: float = 5.0
     publish_heads: str | None = None  # DIR, http(s)://URL or "-": where every signed head also goes
+    # Count timing as egress (blocks.py): each connection's open and close, and each upstream read
+    # shorter than EVENT_MIN, are charged a fixed minimum in the ledger.
+    timing_charge: bool = False
 
     @property
     def first_block(self) -> int:

@@ -1,12 +1,15 @@
-"""What one proxied connection holds: its reservations, its buffers and its counters (proxy.py acts on it)."""
+"""What one proxied connection holds (its reservations, buffers and counters; proxy.py acts on it), and how it reaches the upstream."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from exfilguard.ledger import Grant
+from exfilguard.meter.config import parse_upstream, unix_socket
 
 
 @dataclass
@@ -42,6 +45,7 @@ class _Conn:
     closing: bool = False
     bytes_out: int = 0
     bytes_in: int = 0
+    owed: int = 0  # timing charges (blocks.py) not yet counted in a block: paid before the next byte
     reason: str = ""
     upstream: asyncio.Transport | None = None
     inbuf: list[bytes] = field(default_factory=list)  # client bytes read before the upstream connected
@@ -72,3 +76,11 @@ class _Conn:
 
 class _Cut(Exception):
     """The budget has no bytes left for this connection."""
+
+
+async def connect_upstream(upstream: str, protocol: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
+    """Open a connection to the upstream: HOST:PORT, or unix:PATH when PATH is a socket (not a symlink)."""
+    loop, where = asyncio.get_running_loop(), parse_upstream(upstream)
+    if isinstance(where, str):
+        return await loop.create_unix_connection(protocol, unix_socket(where))
+    return await loop.create_connection(protocol, *where)

@@ -39,7 +39,9 @@ class MeterMetrics:
         p = "exfilguard_meter_"
         self.bytes_out = _LoopCounter(p + "bytes_out", "Bytes forwarded from upstream (inside) to clients, metered")
         self.bytes_in = _LoopCounter(p + "bytes_in", "Bytes forwarded from clients to upstream, counted not capped")
-        r.register(_LoopCounters(self.bytes_out, self.bytes_in))
+        self.timing_charged = _LoopCounter(
+            p + "timing_charged_bytes", "Bytes counted in the ledger for timing (connection open/close, short reads), besides bytes_out")
+        r.register(_LoopCounters(self.bytes_out, self.bytes_in, self.timing_charged))
         self.reserved = Gauge(p + "reserved_bytes", "Bytes the ledger holds reserved against the cap (last seen)", registry=r)
         self.remaining = Gauge(p + "remaining_bytes", "Bytes left for new answers: what the budget can still grant (cap and windows, from the replayed log)", registry=r)
         self.denials = Counter(p + "denials", "Connections refused or cut", ["reason"], registry=r)

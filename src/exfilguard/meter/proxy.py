@@ -1,16 +1,12 @@
 """The meter's forwarding path, top to bottom: accept, reserve, forward, settle, fail closed.
 
-Clients (the outside) connect to ``listen``; each gets its own connection to ``upstream`` (the
-inside). A byte from upstream to client is written only out of a reservation the ledger has
-durably committed (`_pump`), and counted as forwarded the moment it is handed to the transport;
-bytes from client to upstream are counted, not capped. The proxy parses nothing in either
-stream. Any ledger failure aborts every connection and refuses new ones (`_ledger_failed`).
-
-Each connection is a pair of asyncio Protocols (at the end of this file) and one task (`_run`)
-that opens the upstream and, at the end, settles. Bytes from the upstream are written at once
-when the current block covers them, or when the next block has already committed (pipelining);
-otherwise they wait in the backlog, the upstream is paused, and one task awaits the commit.
-Meter (service.py) adds starting, stopping, status, the ledger probe and signed heads.
+Clients (the outside) connect to ``listen``; each gets its own connection to ``upstream`` (the inside).
+A byte from upstream is written to the client only out of a reservation the ledger has durably
+committed (`_pump`), counted as forwarded the moment it is handed to the transport; client bytes are
+counted, not capped; nothing is parsed. Any ledger failure aborts every connection and refuses new
+ones (`_ledger_failed`). A connection is two asyncio Protocols (at the end) and one task (`_run`) that
+opens the upstream and, at the end, settles. Meter (service.py) adds start, stop, status, the probe
+and signed heads.
 """
 
 from __future__ import annotations
@@ -20,14 +16,15 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import Grant
-from exfilguard.meter.blocks import GROW_MAX, GROW_TARGET, next_size, stalled_size, within_room
-from exfilguard.meter.config import MeterConfig, parse_upstream, unix_socket
-from exfilguard.meter.conn import _Conn, _Cut, _Res
+from exfilguard.meter.blocks import (
+    CLOSE_CHARGE, EVENT_MIN, GROW_MAX, GROW_TARGET, OPEN_CHARGE, next_size, stalled_size, within_room,
+)
+from exfilguard.meter.config import MeterConfig
+from exfilguard.meter.conn import _Conn, _Cut, _Res, connect_upstream
 from exfilguard.meter.metrics import MeterMetrics
 from exfilguard.meter.worker import LedgerWorker
 
@@ -43,14 +40,6 @@ LEDGER_FAILURES = (LedgerUnavailable, LedgerTampered)
 __all__ = ["GROW_MAX", "GROW_TARGET", "LEDGER_FAILURES", "READ_SIZE", "WRITE_SLACK", "Proxy", "_Conn", "_Res"]
 
 
-async def connect_upstream(upstream: str, protocol: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
-    """Open a connection to the upstream: HOST:PORT, or unix:PATH when PATH is a socket (not a symlink)."""
-    loop, where = asyncio.get_running_loop(), parse_upstream(upstream)
-    if isinstance(where, str):
-        return await loop.create_unix_connection(protocol, unix_socket(where))
-    return await loop.create_connection(protocol, *where)
-
-
 class Proxy:
     """The forwarding path of a Meter; `_worker` (the ledger's thread) is set by the Meter."""
 
@@ -61,6 +50,7 @@ class Proxy:
         self.state = "starting"  # ok | exhausted | ledger_down | stopping
         self.down_reason = ""
         self.bytes_out = self.bytes_in = 0
+        self.charged = 0  # timing charges counted in the ledger (blocks.py), besides bytes_out
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -69,15 +59,15 @@ class Proxy:
         metrics.outstanding.set_function(lambda: sum(c.holding()[0] for c in self._conns.values()))
         metrics.unforwarded.set_function(lambda: sum(c.holding()[1] for c in self._conns.values()))
 
-    def _note_grant(self, g: Grant) -> None:
-        """A committed grant's budget figures (service.py shows them)."""
+    # Hooks service.py fills in: a committed grant's figures, what the budget has left (as last seen),
+    # connections settled at rest (their commits: a signed head follows).
+    def _note_grant(self, g: Grant) -> None: ...
+    def effective_remaining(self) -> int: return 1 << 62
+    def _at_rest(self, commits: list[asyncio.Future[Grant]]) -> None: ...
 
-    def effective_remaining(self) -> int:
-        """Bytes the budget can still grant as last seen (service.py keeps the figure)."""
-        return 1 << 62
-
-    def _at_rest(self, commits: list[asyncio.Future[Grant]]) -> None:
-        """Connections settled at rest and these are their commits (service.py signs a head after)."""
+    def _charge(self, n: int) -> None:
+        self.charged += n
+        self.metrics.timing_charged.inc(n)
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -87,7 +77,8 @@ class Proxy:
     # -- accept: a connection's life -------------------------------------------------------
     def _accept(self, transport: asyncio.Transport) -> _Conn | None:
         """A client connected: refuse it when the meter is not forwarding, else start its task."""
-        c = _Conn(next(self._ids), transport, block=self.config.first_block, last_out=time.monotonic())
+        c = _Conn(next(self._ids), transport, block=self.config.first_block, last_out=time.monotonic(),
+                  owed=OPEN_CHARGE + CLOSE_CHARGE if self.config.timing_charge else 0)
         c.done = asyncio.get_running_loop().create_future()
         if self.state not in ("ok", "exhausted"):
             self.metrics.denials.labels(reason=self.state).inc()
@@ -146,9 +137,10 @@ class Proxy:
         c.closing = True
         if c.waiter is not None:
             c.waiter.cancel()
-        for t in (c.upstream, c.client):
-            if t is not None:
-                t.close()  # what was written is flushed first
+        if c.upstream is not None:
+            c.upstream.close()
+        if self.state == "ledger_down" or not self.config.timing_charge:
+            c.client.close()  # (timing charged: the client sees the close once its charge is committed)
         if self.state != "ledger_down":
             try:
                 await self._settle_all(c, 0, "close")
@@ -156,6 +148,8 @@ class Proxy:
                 self._ledger_failed(exc)
             except Exception as exc:  # noqa: BLE001
                 log.error("conn %d: settling its reservations failed: %s", c.id, exc)
+            finally:
+                c.client.close()  # what was written is flushed first
         self._conns.pop(c.id, None)
         self.metrics.open_connections.dec()
         log.info("conn %d closed: %d bytes out, %d bytes in%s", c.id, c.bytes_out, c.bytes_in, f" ({c.reason})" if c.reason else "")
@@ -163,17 +157,15 @@ class Proxy:
     # -- forward: upstream -> client, only out of committed blocks ---------------------------
     def _from_upstream(self, c: _Conn, data: bytes) -> None:
         c.backlog.append(data)
+        if len(data) < EVENT_MIN and self.config.timing_charge:  # an arrival the inside timed: >= EVENT_MIN
+            c.owed += EVENT_MIN - len(data)
         if c.waiter is None and not c.client_full:
             self._pump(c)
 
     def _pump(self, c: _Conn) -> None:
-        """Write c.backlog out of committed blocks, in order.
-
-        Each write is at most READ_SIZE bytes and stops once the client's buffer is above its
-        high-water mark (resume_writing pumps again): what is counted but unsent stays within
-        WRITE_SLACK. When the current block is used up and the next has not committed yet, the
-        upstream is paused and _await_block waits for it.
-        """
+        """Write c.backlog out of committed blocks, in order, at most READ_SIZE at a time and not past the
+        client's high-water mark (counted but unsent stays within WRITE_SLACK); when the next block has
+        not committed yet, the upstream is paused and _await_block waits for it."""
         q = c.backlog
         out = self.metrics.bytes_out
         try:
@@ -190,6 +182,12 @@ class Proxy:
                 if self.state == "ledger_down" or c.client.is_closing():
                     q.clear()
                     return
+                if c.owed:  # timing charges first: committed before the bytes whose arrival they cover
+                    pay = min(c.owed, cur.amount - cur.used)
+                    cur.used += pay
+                    c.owed -= pay
+                    self._charge(pay)
+                    continue
                 data = q[0]
                 n = min(cur.amount - cur.used, len(data), READ_SIZE)
                 if n == len(data):
@@ -335,15 +333,22 @@ class Proxy:
         """Settle every reservation the connection holds at what it forwarded; with want > 0
         reserve a fresh block in the same transaction (it becomes c.nxt)."""
         rel: list[tuple[int, int]] = []
+        nxt: Grant | None = None
         if c.nxt is not None:
             fut, c.nxt = c.nxt, None
             with contextlib.suppress(Exception):
                 g = await asyncio.shield(fut)
-                if g.granted > 0 and g.res is not None:
-                    rel.append((g.res, 0))
+                nxt = g if g.granted > 0 and g.res is not None else None
+        owed = c.owed  # unpaid timing charges (the close's at least): from what it holds, current block first
+        pay_cur = 0 if c.cur is None else min(owed, c.cur.amount - c.cur.used)
+        pay_nxt = 0 if nxt is None else min(owed - pay_cur, nxt.granted)
+        if nxt is not None:
+            rel.append((nxt.res, pay_nxt))  # type: ignore[arg-type]
         if c.cur is not None:
-            rel.append((c.cur.id, c.cur.used))
+            rel.append((c.cur.id, c.cur.used + pay_cur))
             c.cur = None
+        self._charge(pay_cur + pay_nxt)
+        c.owed = owed - pay_cur - pay_nxt
         if not rel and not c.spent and want <= 0:
             return None
         self.metrics.settlements.labels(reason=reason).inc()

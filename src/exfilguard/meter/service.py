@@ -25,7 +25,8 @@ from exfilguard.meter.config import MeterConfig, parse_hostport
 from exfilguard.meter.heads import HeadSigner, parse_target
 from exfilguard.meter.metrics import MeterMetrics
 from exfilguard.meter.probe import LedgerProbe
-from exfilguard.meter.proxy import LEDGER_FAILURES, Proxy, _ClientSide, connect_upstream
+from exfilguard.meter.conn import connect_upstream
+from exfilguard.meter.proxy import LEDGER_FAILURES, Proxy, _ClientSide
 from exfilguard.meter.worker import LedgerWorker
 
 log = logging.getLogger("exfilguard.meter")
@@ -233,6 +234,7 @@ class Meter(HeadSigner, LedgerProbe, Proxy):
             "open_connections": len(self._conns),
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
+            "timing_charged_bytes": self.charged,
             "outstanding_bytes": sum(c.holding()[0] for c in self._conns.values()),
             "unforwarded_reserved_bytes": sum(c.holding()[1] for c in self._conns.values()),
             "ledger_error": self.down_reason or None,
