@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,14 +81,21 @@ def main() -> None:
 
                         pg = start_pg()
                     url = pg.create_db()
-                    do = lambda: pg._run("pg_ctl", "-D", str(pg.data), "-m", "immediate", "-w", "-t", "60", "restart",  # noqa: E731
-                                         "-o", f"-p {pg.port} -k {pg.sock} -c listen_addresses=127.0.0.1 -c fsync=on")
-                    undo = lambda: None  # noqa: E731
+                    def restart(pg=pg) -> None:
+                        pg._run("pg_ctl", "-D", str(pg.data), "-m", "immediate", "-w", "-t", "60", "restart",
+                                "-l", str(pg.root / "log"),  # the server's output not on our pipe
+                                "-o", f"-p {pg.port} -k {pg.sock} -c listen_addresses=127.0.0.1 -c fsync=on")
+
+                    # in a thread: the clock runs from the restart's start, the server dies at once (immediate)
+                    box: list[threading.Thread] = []
+                    do = lambda: box.append(threading.Thread(target=restart)) or box[-1].start()  # noqa: E731
+                    undo = lambda: [t.join() for t in box]  # noqa: E731
                 else:
                     url = f"sqlite:///{path}"
                     f_do, f_undo = FILE_FAULTS[fault]
                     do, undo = (lambda f=f_do: f(path)), (lambda f=f_undo: f(path))
-                m = MeterProcess(d, url, echo.addr, 10**9, block=a.block)
+                # the first block is already --block: only the probe or a file check can stop the connection
+                m = MeterProcess(d, url, echo.addr, 10**9, "--min-block", str(a.block), block=a.block)
                 try:
                     m.wait_ready()
                     dt, after, total = asyncio.run(one(m.port, do))
