@@ -129,7 +129,7 @@ async def on_clock(source: AsyncIterator[str], clock: ReleaseClock) -> AsyncIter
                     out.append(item)
             if out:
                 yield "".join(out)
-            if end:
+            if end or (task.done() and queue.empty()):  # done, or stopped (its client left)
                 return
     finally:
         if not task.done():
@@ -661,6 +661,11 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
         headers = {"Cache-Control": "no-cache", **await budget_headers(key)}
 
         async def events() -> AsyncIterator[str]:
+            # The server notices a client that left only when a write fails (the next flush, maybe
+            # many steps away): watch the connection and stop the answer at once.
+            me = asyncio.current_task()
+            gone = asyncio.ensure_future(client_gone(request))
+            gone.add_done_callback(lambda g: None if g.cancelled() or me is None else me.cancel())
             try:
                 yield chunk(None, None, first=True) if chat else chunk("", None)
                 delta = text.push(first_ids)
@@ -698,6 +703,7 @@ def create_app(conn: InsideConnection, tokenizer: Any, weak_fingerprint: str, ap
                 yield "data: [DONE]\n\n"
             finally:
                 # Client gone or answer done: either way stop the inside generating for it.
+                gone.cancel()
                 noted()
                 await asyncio.shield(close())
 
