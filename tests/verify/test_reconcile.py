@@ -93,3 +93,13 @@ def test_deleted_answer_with_a_recomputed_chain_is_caught(served, tmp_path):
     rewrite(forged, lines + [{**lines[victim], "id": "cmpl-forged"}], load_private_key(Path(str(log) + ".key")))
     r = verify("--log", str(forged), "--ledger", led, "--log-key", str(log) + ".key.pub")
     assert r.returncode == 13 and "never crossed the meter" in r.stderr, r.stderr
+
+
+def test_timing_charges_are_said_by_the_auditor(served):
+    """A meter with --timing-charge counts bytes no frame carries; given their total, the log still reconciles."""
+    from exfilguard.verify.reconcile import Reconciliation
+
+    r = Reconciliation(answers=3, answer_bytes=100, connections=1, hello_bytes=50, ledger_forwarded=166,
+                       ledger_outstanding=0, tolerance=0, timing_charged=16)
+    assert r.ok and r.unexplained == 0
+    assert not Reconciliation(3, 100, 1, 50, 166, 0, 0).ok  # the same 16 B unexplained without it

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         budget: Optional[str] = typer.Option(None, "--budget", help="the meter's budget in that ledger (default: the only one)"),
         log_key: Optional[str] = typer.Option(None, "--log-key", help="the outside's public key (LOG.key.pub): every line's signature must verify (default: LOG.key.pub if it is there)"),
         tolerance: int = typer.Option(0, "--tolerance", help="bytes the reconciliation may be off by (answers in flight while the stack runs)"),
+        timing_charged: int = typer.Option(0, "--timing-charged", help="bytes a meter run with --timing-charge counted besides frames (its exfilguard_meter_timing_charged_bytes_total, summed over its runs)"),
         sample_rate: float = typer.Option(1.0, help="fraction of answers to re-run, chosen by a keyed hash the inside cannot predict"),
         sample_seed: Optional[int] = typer.Option(None, help="key of the sample (default: a fresh random one, printed)"),
         unseeded: bool = typer.Option(False, help="score every answer by likelihood, as if no seed had been shared"),
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
         if ledger is not None:
             from exfilguard.verify.reconcile import reconcile
 
-            rec = reconcile(log, ledger, budget, pub, tolerance)
+            rec = reconcile(log, ledger, budget, pub, tolerance, timing_charged)
             if not as_json:
                 print(f"reconciled: the meter forwarded {rec.ledger_forwarded} B; the log explains {rec.logged_bytes} B "
                       f"({rec.answers} answers, {rec.connections} connections); unexplained {rec.unexplained} B")

@@ -59,11 +59,14 @@ async def health_report(conn: InsideConnection, meter_status_url: str | None,
             }
             if state == "ledger_down":
                 reasons.append(f"ledger down, the meter forwards nothing: {st.get('ledger_error') or 'unavailable'}")
-            elif f is not None and f.left < cost.bound(1):
+            elif f is not None and (left_new if left_new is not None else f.left) < cost.bound(1):
                 # By the bytes that can still leave, not by reservations: after a meter crash its
-                # old blocks stay reserved while the budget still has bytes to forward.
-                reasons.append(f"egress budget spent: the meter can forward {f.left} more bytes and an answer of one "
-                               f"token may cost up to {cost.bound(1)}")
+                # old blocks stay reserved while the budget still has bytes to forward. With
+                # admission, by its own rule (a new connection's HELLO, answers in flight), so
+                # /health and a client's next request agree.
+                left = left_new if left_new is not None else f.left
+                reasons.append(f"egress budget spent: {left} bytes left for new answers (the meter can forward "
+                               f"{f.left} more) and an answer of one token may cost up to {cost.bound(1)}")
             elif state not in ("ok", "exhausted"):
                 reasons.append(f"meter is {state or 'in an unknown state'}")
     if not reasons:

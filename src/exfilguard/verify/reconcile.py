@@ -11,6 +11,9 @@ An answer deleted from the log (even with the chain recomputed and the lines sig
 its bytes in the ledger unexplained; a made-up answer claims bytes the meter never forwarded.
 While the stack runs, answers in flight can be on one side and not yet on the other: the ledger's
 open reservations (`outstanding`) bound that, and `tolerance` adds room an auditor chooses.
+A meter run with `--timing-charge` also counts, per connection and per short read, bytes that no
+frame carries (`exfilguard_meter_timing_charged_bytes_total`); the ledger does not tell them apart,
+so the auditor gives their total (`timing_charged`) from the meter's metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Reconciliation:
     ledger_forwarded: int  # settled reservations' bytes (ledger status `forwarded_bytes`)
     ledger_outstanding: int  # open reservations: bytes possibly forwarded, not yet settled
     tolerance: int
+    timing_charged: int = 0  # the meter's --timing-charge bytes (in the ledger, on no frame): said by the auditor
 
     @property
     def logged_bytes(self) -> int:
@@ -42,7 +46,7 @@ class Reconciliation:
     @property
     def unexplained(self) -> int:
         """Bytes the meter forwarded (settled) that no logged answer or connection carries."""
-        return self.ledger_forwarded - self.logged_bytes
+        return self.ledger_forwarded - self.timing_charged - self.logged_bytes
 
     @property
     def ok(self) -> bool:
@@ -65,7 +69,7 @@ class Reconciliation:
 
 
 def reconcile(log_path: str | Path, ledger_url: str, budget: str | None = None, public_key: Any = None,
-              tolerance: int = 0) -> Reconciliation:
+              tolerance: int = 0, timing_charged: int = 0) -> Reconciliation:
     """Count both sides; LogCorrupt for a bad log, LogUnreconciled when they disagree."""
     from exfilguard.ledger import open_ledger
 
@@ -82,7 +86,8 @@ def reconcile(log_path: str | Path, ledger_url: str, budget: str | None = None, 
         st = led.status(budget)
     finally:
         led.close()
-    r = Reconciliation(answers, answer_bytes, conns, hello, st.forwarded_bytes, st.outstanding_bytes, tolerance)
+    r = Reconciliation(answers, answer_bytes, conns, hello, st.forwarded_bytes, st.outstanding_bytes, tolerance,
+                       timing_charged)
     if not r.ok:
         exc = LogUnreconciled(r.problem())
         exc.reconciliation = r  # type: ignore[attr-defined]
