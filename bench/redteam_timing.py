@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--base", type=float, default=0.15, help="the gap that means 0, seconds")
     ap.add_argument("--delays", default="0.3,0.05,0.01", help="what a 1 adds, seconds (comma-separated)")
     ap.add_argument("--cap", type=int, default=100_000)
+    ap.add_argument("--no-timing-charge", action="store_true", help="measure the meter without its timing charge")
     args = ap.parse_args()
     from exfilguard.models import load_model
 
@@ -34,7 +35,8 @@ def main() -> None:
     rows = []
     for delay in (float(x) for x in args.delays.split(",")):
         res = run_timing(TimingConfig(secret=secret, cap=args.cap, bits=args.bits, base=args.base, delay=delay,
-                                      strong=args.strong, weak=args.weak), strong=strong, weak=weak,
+                                      strong=args.strong, weak=args.weak, timing_charge=not args.no_timing_charge),
+                         strong=strong, weak=weak,
                          progress=lambda s: print(f"  {s}", file=sys.stderr))
         for c in res.as_dict()["channels"]:
             c["delay_s"] = delay

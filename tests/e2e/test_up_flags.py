@@ -94,6 +94,8 @@ def test_host_fixed_metrics_dashboard_fallback_lifetime_heads_and_no_isolate(tmp
             opid = int(re.search(r"outside pid (\d+)", text).group(1))
             ocmd = Path(f"/proc/{opid}/cmdline").read_bytes().split(b"\0")
             assert ocmd[ocmd.index(b"--budget-lifetime") + 1] == b"90d"
+            mpid = int(re.search(r"meter pid (\d+)", text).group(1))
+            assert b"--timing-charge" in Path(f"/proc/{mpid}/cmdline").read_bytes().split(b"\0")  # timing is egress, by default
             ipid = int(re.search(r"inside pid (\d+)", text).group(1))
             assert Path(f"/proc/{ipid}/cmdline").read_bytes().split(b"\0")[0] != b"/usr/bin/bwrap"
         finally:

@@ -82,6 +82,7 @@ def register(app: typer.Typer) -> None:
         dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="port of the read-only operator dashboard on --host (default 8050, or a free port, printed, if that is taken; 0: none)"),
         budget_lifetime: Optional[str] = typer.Option(None, "--budget-lifetime", help="the budget's planned lifetime (e.g. 90d): the outside alerts when the burn rate would spend the cap sooner"),
         access_log: Optional[str] = typer.Option(None, "--access-log", help="the outside's access log, one JSON line per request (default: DATA_DIR/access.jsonl)"),
+        timing_charge: bool = typer.Option(True, "--timing-charge/--no-timing-charge", help="the meter charges every connection's open and close and every short read a fixed minimum, so timing counts as egress (off: the ledger counts exactly the bytes forwarded)"),
         no_isolate: bool = typer.Option(False, "--no-isolate", help="run the inside unsandboxed (it could then read the ledger and the keys and kill the meter); for hosts without bwrap or namespaces"),
     ) -> None:
         """Start meter, inside and outside as three supervised processes; print the base URL, an API key and the meter's status URL."""
@@ -91,6 +92,6 @@ def register(app: typer.Typer) -> None:
             strong, weak, cap, port, data_dir, ledger=ledger, reserve_block=reserve_block, windows=window,
             signing_key=signing_key, metrics=metrics, publish_heads=publish_heads, codec=codec,
             flush_every=flush_every, flush_ms=flush_ms, device=device, dashboard_port=dashboard_port, host=host,
-            isolate=not no_isolate, budget_lifetime=budget_lifetime, access_log=access_log,
+            isolate=not no_isolate, budget_lifetime=budget_lifetime, access_log=access_log, timing_charge=timing_charge,
         )
         serve_up(cfg, new_api_key(cfg.data_dir))

@@ -48,6 +48,7 @@ class TimingConfig:
     channels: tuple[str, ...] = ("connections", "frames")
     strong: str = "tiny-random"
     weak: str = "tiny-random"
+    timing_charge: bool = True  # the meter's --timing-charge (False: measure the undefended meter)
 
 
 @dataclass
@@ -204,7 +205,8 @@ def _channel(ch: str, cfg: TimingConfig, strong: Any, weak: Any, codecs: Any, le
     attacker = TimingInside(cfg, strong, weak, codecs)
     aport = lt.run(attacker.start())
     meter = Meter(MeterConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{aport}", ledger=ledger_url, cap=cfg.cap,
-                              reserve_block=max(64, min(1024, cfg.cap // 8)), upstream_wait=5.0))
+                              reserve_block=max(64, min(1024, cfg.cap // 8)), upstream_wait=5.0,
+                              timing_charge=cfg.timing_charge))
     lt.run(meter.start())
     mport = meter.listen_address[1]
     t0 = time.monotonic()

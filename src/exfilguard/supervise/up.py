@@ -68,6 +68,7 @@ class UpConfig:
     isolate: bool = True  # the inside in its sandbox (supervise/sandbox.py); False only with --no-isolate
     budget_lifetime: str | None = None  # the budget's planned lifetime: the outside's burn-rate alerts
     access_log: Path | None = None  # the outside's access log (up: DATA_DIR/access.jsonl)
+    timing_charge: bool = True  # the meter charges each connection's open/close and short reads (timing is egress)
 
     def private_paths(self) -> list[Path]:
         """What the inside must never read or write: DATA_DIR, the ledger, the keys, the logs, the heads."""
@@ -269,6 +270,8 @@ class Supervisor:
             meter += ["--window", w]
         if cfg.publish_heads:
             meter += ["--publish-heads", cfg.publish_heads]
+        if cfg.timing_charge:
+            meter += ["--timing-charge"]
         inside = [*exe, "inside", "--strong", cfg.strong, "--weak", cfg.weak, "--listen", inside_at, "--device", cfg.device]
         if self.sandbox is not None:
             inside = self.sandbox.wrap(inside)
@@ -421,7 +424,8 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
               reserve_block: str | None = None, windows: list[str] | None = None, signing_key: Path | None = None,
               metrics: str | None = None, publish_heads: str | None = None, codec: str = "auto", flush_every: int = 16,
               flush_ms: float = 0.0, device: str = "cpu", dashboard_port: int | None = None, host: str = "127.0.0.1",
-              isolate: bool = True, budget_lifetime: str | None = None, access_log: str | None = None) -> UpConfig:
+              isolate: bool = True, budget_lifetime: str | None = None, access_log: str | None = None,
+              timing_charge: bool = True) -> UpConfig:
     """Check every option of `up` (no model is loaded here) and return the config; ConfigError otherwise.
 
     `metrics` and `dashboard_port` left at None take their defaults (DEFAULT_METRICS, DEFAULT_DASHBOARD_PORT);
@@ -489,7 +493,7 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
         codec=codec, flush_every=flush_every, flush_ms=flush_ms, device=device,
         model_name=strong if not strong.startswith("openai:") else "exfilguard", dashboard_port=dport,
         host=host, isolate=isolate, budget_lifetime=budget_lifetime,
-        access_log=alog,
+        access_log=alog, timing_charge=timing_charge,
     )
     if isolate:
         from exfilguard.supervise.sandbox import check_layout
