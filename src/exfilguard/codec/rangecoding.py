@@ -135,20 +135,17 @@ _START_WIDTH = 7  # the first interval is [0, 2**56)
 MAX_TOTAL = 1 << 24
 
 
-class SettlingEncoder:
-    """Range encoder: `encode(cum, freq, total)` per symbol, `take()` the settled bytes so far,
-    `finish()` once for the shortest tail that pins the final interval (zero-padded)."""
+class _Interval:
+    """The coder's interval [low, low + rng) over a window of `width` bytes; the encoder and the
+    decoder narrow it with the same code, so they cannot drift apart."""
 
     def __init__(self) -> None:
         self.low = 0
         self.rng = 1 << (8 * _START_WIDTH)
         self.width = _START_WIDTH
-        self._out = bytearray()
 
-    def encode(self, cum: int, freq: int, total: int) -> None:
-        """Code the symbol with cumulative `cum` and frequency `freq` out of `total` (<= 2**24)."""
-        if not (0 <= cum and 0 < freq and cum + freq <= total <= MAX_TOTAL):
-            raise ValueError(f"bad symbol interval {cum}+{freq} of {total}")
+    def _narrow(self, cum: int, freq: int, total: int) -> bytearray:
+        """Narrow to the symbol's interval; return the bytes that settled (they leave the window)."""
         r = self.rng // total
         self.low += r * cum
         # The last symbol takes the rounding remainder, so the interval is always used in full.
@@ -158,14 +155,30 @@ class SettlingEncoder:
             self.rng <<= 8
             self.width += 1
         shift = 8 * (self.width - 1)
+        settled = bytearray()
         while True:
             b = self.low >> shift
             if b != (self.low + self.rng - 1) >> shift:
-                break
-            self._out.append(b)
+                return settled
+            settled.append(b)
             self.low -= b << shift
             self.width -= 1
             shift -= 8
+
+
+class SettlingEncoder(_Interval):
+    """Range encoder: `encode(cum, freq, total)` per symbol, `take()` the settled bytes so far,
+    `finish()` once for the shortest tail that pins the final interval (zero-padded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._out = bytearray()
+
+    def encode(self, cum: int, freq: int, total: int) -> None:
+        """Code the symbol with cumulative `cum` and frequency `freq` out of `total` (<= 2**24)."""
+        if not (0 <= cum and 0 < freq and cum + freq <= total <= MAX_TOTAL):
+            raise ValueError(f"bad symbol interval {cum}+{freq} of {total}")
+        self._out += self._narrow(cum, freq, total)
 
     def take(self) -> bytes:
         """The bytes settled since the last take(): final, whatever is coded next."""
@@ -195,7 +208,7 @@ def seal_tail(low: int, rng: int, width: int) -> bytes:
     raise AssertionError("unreachable: k = width always fits (rng >= 2**48)")  # pragma: no cover
 
 
-class SettlingDecoder:
+class SettlingDecoder(_Interval):
     """Mirror of SettlingEncoder over the bytes received so far.
 
     A symbol is *determined* when every continuation of the received bytes decodes to it: the
@@ -206,9 +219,7 @@ class SettlingDecoder:
     received bytes); after it, settling past the last byte means the stream was cut."""
 
     def __init__(self) -> None:
-        self.low = 0
-        self.rng = 1 << (8 * _START_WIDTH)
-        self.width = _START_WIDTH
+        super().__init__()
         self.pos = 0  # stream position of the window's first byte (= bytes settled)
         self.buf = bytearray()
         self.ended = False
@@ -254,26 +265,10 @@ class SettlingDecoder:
 
     def update(self, cum: int, freq: int, total: int) -> None:
         """Take the decoded symbol's interval (exactly what the encoder did)."""
-        r = self.rng // total
-        self.low += r * cum
-        self.rng = r * freq if cum + freq < total else self.rng - r * cum
-        while self.rng < RANGE_FLOOR:
-            self.low <<= 8
-            self.rng <<= 8
-            self.width += 1
-        shift = 8 * (self.width - 1)
-        settled = False
-        while True:
-            b = self.low >> shift
-            if b != (self.low + self.rng - 1) >> shift:
-                break
-            self._settled.append(b)
-            self.low -= b << shift
-            self.width -= 1
-            self.pos += 1
-            shift -= 8
-            settled = True
+        settled = self._narrow(cum, freq, total)
         if settled:
+            self._settled += settled
+            self.pos += len(settled)
             self._check_settled()
 
     def decode_table(self, cum: np.ndarray) -> int | None:
