@@ -404,8 +404,10 @@ def serve_up(cfg: UpConfig, api_key: str) -> None:
         print(f"signed tree heads published to {cfg.publish_heads} (audit: exfilguard ledger verify --trusted-head ...)", flush=True)
     rlog = cfg.data_dir / "request-log.jsonl"
     ledger_shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", cfg.ledger)
-    print(f"request log {rlog} (audit: exfilguard verify --log {rlog} --log-key {rlog}.key.pub --ledger {ledger_shown} --strong {cfg.strong}), "
-          f"access log {cfg.access_log}", flush=True)
+    # With the timing charge the ledger holds bytes no frame carried; the auditor gives their total.
+    charged = " --timing-charged <the meter's exfilguard_meter_timing_charged_bytes_total>" if cfg.timing_charge else ""
+    print(f"request log {rlog} (audit: exfilguard verify --log {rlog} --log-key {rlog}.key.pub --ledger {ledger_shown}{charged} "
+          f"--strong {cfg.strong}), access log {cfg.access_log}", flush=True)
     if sup.dashboard is not None:
         print(f"dashboard http://{here}:{cfg.dashboard_port}/ (pid {sup.dashboard.pid})", flush=True)
     print(f"strong {cfg.strong}, weak {cfg.weak}, cap {cfg.cap} bytes, block {cfg.reserve_block} bytes, ledger {ledger_shown} "
