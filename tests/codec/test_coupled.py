@@ -414,3 +414,17 @@ def test_teacher_forced_encoder_roundtrips(tiny_model: LanguageModel, exact: boo
         assert d.finish() == toks
         if exact:
             assert data == encode_stream(CoupledCodec(m).for_request(77, temperature), toks, PROMPT, flush_every=16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6000), st.integers(0, 50))
+def test_first_by_depth_equals_a_full_stable_sort(seed, n, levels):
+    """The partition shortcut keeps exactly the first KMAX entries of a stable sort by depth (ties by id)."""
+    from exfilguard.codec.coupled import KMAX, _first_by_depth
+
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(49152, size=n, replace=False)).astype(np.int64)
+    d = rng.integers(0, levels + 1, size=n).astype(np.int64)
+    order = np.argsort(d, kind="stable")
+    got_ids, got_d = _first_by_depth(ids, d.copy())
+    assert np.array_equal(got_ids, ids[order][:KMAX]) and np.array_equal(got_d, d[order][:KMAX])
