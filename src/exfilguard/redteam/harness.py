@@ -79,15 +79,22 @@ class RedteamConfig:
 
 
 @dataclass
-class RedteamResult:
-    """What got out and what noticed. The first six fields are the issue's JSON."""
+class ScenarioResult:
+    """What every scenario reports first (the issue's JSON): what left through the meter, what the
+    colluder recovered, and whether anything noticed."""
 
     scenario: str
     cap_bytes: int
     meter_bytes: int
     secret_bytes_recovered: int
-    flagged: bool
-    bytes_before_flag: int | None
+    flagged: bool = False
+    bytes_before_flag: int | None = None
+
+
+@dataclass
+class RedteamResult(ScenarioResult):
+    """What got out and what noticed, for the scenarios run by this harness."""
+
     secret_bytes: int = 0
     cut_off: bool = False  # the meter refused more bytes (budget exhausted)
     meter_bytes_at_cut: int | None = None

@@ -20,19 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from exfilguard.redteam.attacker import RAW_MAGIC
+from exfilguard.redteam.harness import ScenarioResult
 from exfilguard.redteam.samehost import ATTEMPT_PREFIX, Targets
 
 
 @dataclass
-class SameHostResult:
-    """What the attacker got. The first six fields are the other scenarios' JSON."""
+class SameHostResult(ScenarioResult):
+    """What the attacker got, after the fields every scenario reports."""
 
-    scenario: str
-    cap_bytes: int
-    meter_bytes: int
-    secret_bytes_recovered: int
-    flagged: bool = False
-    bytes_before_flag: int | None = None
     isolated: bool = True
     attempts: list[dict[str, Any]] = field(default_factory=list)
     walls_broken: list[str] = field(default_factory=list)  # the attempts that worked

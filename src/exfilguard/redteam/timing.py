@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from exfilguard.redteam.attacker import AttackConfig, AttackerInside
+from exfilguard.redteam.harness import ScenarioResult
 from exfilguard.redteam.stego import bytes_to_bits
 
 TIMING_MAGIC = b"EXFIL-TIME\n"  # then 4 bytes: the bit's index (big-endian)
@@ -82,15 +83,9 @@ class ChannelResult:
 
 
 @dataclass
-class TimingResult:
+class TimingResult(ScenarioResult):
     """The issue's JSON fields, and one entry per channel."""
 
-    scenario: str
-    cap_bytes: int
-    meter_bytes: int
-    secret_bytes_recovered: int
-    flagged: bool = False
-    bytes_before_flag: int | None = None
     channels: list[ChannelResult] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
