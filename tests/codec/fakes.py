@@ -53,3 +53,16 @@ class FakeModel(LanguageModel):
 
     def session(self, prefix_ids: Sequence[int]) -> FakeSession:
         return FakeSession(self, prefix_ids)
+
+
+def own_samples(model, prompt: list[int], n: int, seed: int = 0) -> list[int]:
+    """n tokens drawn from the model's own table after `prompt` (cheap to code under it)."""
+    rng = np.random.default_rng(seed)
+    s = model.session(prompt)
+    out = []
+    for _ in range(n):
+        f = s.frequencies().astype(np.float64)
+        t = int(rng.choice(f.size, p=f / f.sum()))
+        out.append(t)
+        s.feed(t)
+    return out

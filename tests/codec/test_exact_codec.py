@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from fakes import own_samples
 
 from exfilguard.codec import Encoder, decode_stream, encode_stream, get_codec
 from exfilguard.models.exact_student import load_exact_student, quantize_student
@@ -26,23 +27,10 @@ def exact(tmp_path_factory):
     return load_exact_student(d / "e.npz")
 
 
-def _sample(model, n, seed):
-    """Tokens drawn from the model's own exact table (cheap to code)."""
-    rng = np.random.default_rng(seed)
-    s = model.session(PROMPT)
-    out = []
-    for _ in range(n):
-        f = s.frequencies().astype(np.float64)
-        t = int(rng.choice(f.size, p=f / f.sum()))
-        out.append(t)
-        s.feed(t)
-    return out
-
-
 @pytest.mark.parametrize("wrap", [False, True])
 def test_teacher_forced_encoder_gives_the_incremental_bytes(exact, wrap):
     model = MatchModel(exact) if wrap else exact
-    toks = _sample(model, 40, seed=1)
+    toks = own_samples(model, PROMPT, 40, seed=1)
     inc = encode_stream(get_codec("model", weak_model=model), toks, PROMPT, flush_every=8)
     tf_codec = get_codec("model", weak_model=model, teacher_forced=True)
     tf = encode_stream(tf_codec, toks, PROMPT, flush_every=8)
@@ -54,7 +42,7 @@ def test_teacher_forced_encoder_gives_the_incremental_bytes(exact, wrap):
 
 def test_model_codec_codes_the_exact_table(exact):
     """Cost of the stream = the table's ideal bits, plus a few bytes of framing."""
-    toks = _sample(exact, 60, seed=2)
+    toks = own_samples(exact, PROMPT, 60, seed=2)
     data = encode_stream(get_codec("model", weak_model=exact), toks, PROMPT)
     f = exact.score_frequencies(PROMPT, toks)
     ideal = float((24 - np.log2(f[np.arange(len(toks)), toks].astype(np.float64))).sum())
@@ -62,7 +50,7 @@ def test_model_codec_codes_the_exact_table(exact):
 
 
 def test_coupled_teacher_forced_matches_incremental(exact):
-    toks = _sample(exact, 30, seed=3)
+    toks = own_samples(exact, PROMPT, 30, seed=3)
     c_inc = get_codec("coupled", weak_model=exact).for_request(7, 0.7)
     c_tf = get_codec("coupled", weak_model=exact, teacher_forced=True).for_request(7, 0.7)
     a = encode_stream(c_inc, toks, PROMPT, flush_every=10)

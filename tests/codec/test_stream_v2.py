@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from fakes import FakeModel
+from fakes import FakeModel, own_samples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,18 +21,6 @@ token_lists = st.lists(st.integers(0, VOCAB - 1), max_size=50)
 def codec(name, model=EXACT, seed=7, temperature=0.7, **kw):
     c = get_codec(name, weak_model=model, **kw)
     return c.for_request(seed, temperature) if name == "coupled" else c
-
-
-def sample(model, n, seed=0):
-    rng = np.random.default_rng(seed)
-    s = model.session(PROMPT)
-    out = []
-    for _ in range(n):
-        f = s.frequencies().astype(np.float64)
-        t = int(rng.choice(f.size, p=f / f.sum()))
-        out.append(t)
-        s.feed(t)
-    return out
 
 
 def progressive(c, tokens, flush_points, deliver=None, stream_id=0):
@@ -75,7 +63,7 @@ def test_flushes_cost_nothing(tokens, flushes):
 
 
 def test_a_flush_lets_the_decoder_show_nearly_every_token():
-    tokens = sample(EXACT, 160, seed=3)
+    tokens = own_samples(EXACT, PROMPT, 160, seed=3)
     c = codec("model")
     enc, dec = Encoder(c, PROMPT), Decoder(c, PROMPT)
     shown = 0
@@ -93,7 +81,7 @@ def test_fixed_cost_is_under_64_bits(name):
     """Header, END, check and seal: the stream stays within 64 bits of the tables' ideal cost."""
     c = codec(name)
     for seed in range(5):
-        tokens = sample(EXACT, 120, seed=seed)
+        tokens = own_samples(EXACT, PROMPT, 120, seed=seed)
         enc = Encoder(c, PROMPT)
         ideal = 0.0
         state = c.new_state(PROMPT)
@@ -108,7 +96,7 @@ def test_fixed_cost_is_under_64_bits(name):
 
 
 def test_float_tables_keep_format_v1_and_v1_still_decodes():
-    tokens = sample(EXACT, 30)
+    tokens = own_samples(EXACT, PROMPT, 30)
     assert encode_stream(codec("model", FLOAT), tokens, PROMPT)[0] >> 4 == 0xA
     enc = Encoder(codec("model"), PROMPT, version=1, flush_every=8)
     data = enc.push_many(tokens) + enc.finish()
@@ -120,7 +108,7 @@ def test_float_tables_keep_format_v1_and_v1_still_decodes():
 
 def _stream(name="model", n=40, seed=1, sid=0):
     c = codec(name)
-    tokens = sample(EXACT, n, seed=seed)
+    tokens = own_samples(EXACT, PROMPT, n, seed=seed)
     return c, tokens, encode_stream(c, tokens, PROMPT, stream_id=sid)
 
 
@@ -172,7 +160,7 @@ def test_wrong_codec_header():
 
 def test_v2_has_no_raw_resend():
     enc = Encoder(codec("model"), PROMPT, flush_every=4)
-    enc.push_many(sample(EXACT, 10))
+    enc.push_many(own_samples(EXACT, PROMPT, 10))
     with pytest.raises(ValueError, match="no chunks"):
         enc.raw_chunk(0)
 
@@ -225,7 +213,7 @@ def test_protocol_adapter_hands_out_every_token_once():
     from exfilguard.protocol.codec_adapter import RealCodecFactory
 
     f = RealCodecFactory(EXACT)
-    tokens = sample(EXACT, 70, seed=5)
+    tokens = own_samples(EXACT, PROMPT, 70, seed=5)
     for name in ("model", "coupled"):
         for every in (1, 16):  # a flush per token (a time budget on slow tokens), per 16 tokens
             enc = f.encoder(name, PROMPT, 11, 0.7, 1.0)
@@ -256,7 +244,7 @@ def test_v2_header_for_a_v1_only_codec_is_frame_corrupt(name):
 def test_headerless_v2_between_two_sides_that_agree(name):
     """header=False on both sides: one byte less, same tokens; v1 codecs keep their header."""
     c = codec(name)
-    tokens = sample(EXACT, 30, seed=2)
+    tokens = own_samples(EXACT, PROMPT, 30, seed=2)
     enc = Encoder(c, PROMPT, header=False)
     data = enc.push_many(tokens) + enc.finish()
     assert data == encode_stream(c, tokens, PROMPT)[1:]
