@@ -160,11 +160,18 @@ class AttackerInside:
         for t in list(tasks):
             t.cancel()
 
-    async def _answer(self, slot: int, payload: bytes, writer: asyncio.StreamWriter, encoders: dict[int, Any]) -> None:
+    @staticmethod
+    def _request(slot: int, payload: bytes, writer: asyncio.StreamWriter) -> GenerationRequest | None:
+        """The request in `payload`, or None after answering FAIL(BAD_REQUEST) as the real inside does."""
         try:
-            req = GenerationRequest.from_bytes(payload)
+            return GenerationRequest.from_bytes(payload)
         except Exception:  # noqa: BLE001
             writer.write(encode_frame(Kind.FAIL, slot, bytes([FailCode.BAD_REQUEST])))
+            return None
+
+    async def _answer(self, slot: int, payload: bytes, writer: asyncio.StreamWriter, encoders: dict[int, Any]) -> None:
+        req = self._request(slot, payload, writer)
+        if req is None:
             return
         self.requests += 1
         honest = self.requests <= self.config.warmup or self.config.scenario in ("raw", "burst")

@@ -142,12 +142,8 @@ class TimingInside(AttackerInside):
             writer.close()
 
     async def _answer(self, slot: int, payload: bytes, writer: asyncio.StreamWriter, encoders: dict[int, Any]) -> None:
-        from exfilguard.protocol.wire import FailCode, GenerationRequest, Kind, encode_frame
-
-        try:
-            req = GenerationRequest.from_bytes(payload)
-        except Exception:  # noqa: BLE001
-            writer.write(encode_frame(Kind.FAIL, slot, bytes([FailCode.BAD_REQUEST])))
+        req = self._request(slot, payload, writer)
+        if req is None:
             return
         j = self.answers
         self.answers += 1
