@@ -219,6 +219,18 @@ def test_same_seed_same_tokens_different_seed_differs() -> None:
     assert generate(strong, 30, 1.0, 3) != generate(strong, 30, 1.0, 4)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 5000), st.sampled_from([0.5, 0.7, 1.0]))
+def test_coupled_scores_levels_are_the_exact_noises(seed: int, pos: int, temperature: float) -> None:
+    """The fast noise (PositionNoise) gives the coded levels the integer noise gives, bit for bit."""
+    from exfilguard.codec.gumbel import gumbel_noise
+
+    row = (np.random.default_rng(seed % 997).standard_normal(8000) * 3).astype(np.float32)
+    fast = position_levels(coupled_scores(row, temperature, seed, pos))
+    exact = position_levels(row.astype(np.float64) + temperature * gumbel_noise(seed, pos, row.size))
+    assert np.array_equal(fast.ids, exact.ids) and np.array_equal(fast.d, exact.d)
+
+
 def test_coupled_scores_levels_stable_under_float_noise() -> None:
     """Noise of 1e-5 in the weak logits changes a position's coded levels only rarely."""
     rng = np.random.default_rng(0)

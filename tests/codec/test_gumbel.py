@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exfilguard.codec import gumbel
 from exfilguard.codec.gumbel import (
     G_FRAC,
+    PositionNoise,
     MAX_SEED,
     gumbel_fixed,
     gumbel_noise,
@@ -144,3 +146,76 @@ def test_sampler_matches_distribution(temperature: float, top_p: float) -> None:
     support = p > 0
     assert counts[~support].sum() == 0
     assert chi2_pvalue(counts[support], p[support]) > 1e-3
+
+
+# --- The fast path: the exact path's decisions, bit for bit -----------------------------------
+
+
+def _decisions(scores: np.ndarray, grid: int) -> tuple[int, np.ndarray]:
+    return int(np.argmax(scores)), np.floor(scores * grid)
+
+
+def test_this_machines_log_takes_the_fast_path() -> None:
+    # Otherwise the tests below compare the exact path with itself.
+    assert gumbel._approx_ok()
+    n = PositionNoise(3, 4, 49_152)
+    assert n.fast
+    assert np.abs(n.approx - gumbel_noise(3, 4, 49_152)).max() <= gumbel.APPROX_BOUND / 16
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, MAX_SEED), st.integers(0, 10_000), st.sampled_from([0.3, 0.7, 1.0, 1.7]), st.integers(0, 2**32 - 1))
+def test_perturb_makes_the_exact_decisions(seed: int, position: int, temperature: float, rng_seed: int) -> None:
+    rng = np.random.default_rng(rng_seed)
+    vocab = 4096
+    row = (rng.normal(0, 3, vocab)).astype(np.float32).astype(np.float64)
+    exact = row + temperature * gumbel_noise(seed, position, vocab)
+    fast = PositionNoise(seed, position, vocab).perturb(row, temperature, 16)
+    a, fa = _decisions(exact, 16)
+    b, fb = _decisions(fast, 16)
+    assert a == b and np.array_equal(fa, fb)
+    assert np.abs(fast - exact).max() <= 2 * temperature * gumbel.APPROX_BOUND
+    assert fast[a] == exact[a]  # the winner's value is the exact path's float
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_perturb_on_grid_lines_and_near_ties(temperature: float) -> None:
+    """Rows built so that the exact scores sit on grid lines, or a hair apart at the top: the
+    approximation alone would decide these wrongly; the fast path must not."""
+    vocab, seed, pos = 2048, 99, 5
+    g = gumbel_noise(seed, pos, vocab)
+    rng = np.random.default_rng(1)
+    k = rng.integers(-64, 64, vocab)
+    # On (or one ulp around) a grid line: exact score = k/16 + tiny.
+    tiny = rng.choice([-1e-13, 0.0, 1e-13, -3e-11, 3e-11], vocab)
+    row = k / 16 + tiny - temperature * g
+    # A near-tie at the top, closer than the approximation's error could resolve.
+    row[[10, 700, 1500]] = 20.0 - temperature * g[[10, 700, 1500]] + np.array([0.0, 2e-12, -2e-12])
+    exact = row + temperature * g
+    fast = PositionNoise(seed, pos, vocab).perturb(row, temperature, 16)
+    a, fa = _decisions(exact, 16)
+    b, fb = _decisions(fast, 16)
+    assert a == b == 700
+    assert np.array_equal(fa, fb)
+
+
+def test_fast_sampler_equals_the_exact_reference() -> None:
+    rng = np.random.default_rng(2)
+    for i in range(40):
+        logits = rng.normal(0, 2.5, 3000).astype(np.float32)
+        t, top_p = [(0.7, 1.0), (1.0, 0.9), (1.3, 1.0)][i % 3]
+        ref = int(np.argmax(tempered_logprobs(logits, t, top_p) + gumbel_noise(i, i * 3, logits.size)))
+        assert sample_token(logits, t, top_p, i, i * 3) == ref
+
+
+def test_a_bad_log_falls_back_to_the_integers(monkeypatch) -> None:
+    monkeypatch.setattr(gumbel, "_approx_of_bits", lambda x: -np.log(-np.log((x.astype(np.float64) + 0.5) * 2.0**-53)) + 1e-9)
+    gumbel._approx_ok.cache_clear()
+    try:
+        assert not gumbel._approx_ok()
+        n = PositionNoise(7, 1, 1000)
+        assert not n.fast
+        assert np.array_equal(n.perturb(np.zeros(1000), 0.7, 16), 0.7 * gumbel_noise(7, 1, 1000))
+    finally:
+        monkeypatch.undo()
+        gumbel._approx_ok.cache_clear()

@@ -41,7 +41,7 @@ import numpy as np
 
 from exfilguard.codec import quantizer as Q
 from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState
-from exfilguard.codec.gumbel import gumbel_noise, validate_seed
+from exfilguard.codec.gumbel import PositionNoise, validate_seed
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.errors import ConfigError, FrameCorrupt, RequestInvalid
 
@@ -102,11 +102,13 @@ def coupled_scores(logits: np.ndarray, temperature: float, seed: int, position: 
 
     T times logits / T + G, so the same argmax as the sampler's (the weak model's guess); in
     logit units, so one stage-1 tau fits every temperature (it is the scale of the strong/weak
-    disagreement)."""
+    disagreement). The argmax and every 1/GRID cell are those of the exact noise; the other
+    values are within 2**-29 * T of it (PositionNoise.perturb)."""
     row = _logit_row(logits)
     if temperature <= 0.0:
         return row
-    return row + float(temperature) * gumbel_noise(seed, position, row.size)
+    # The grid cells and the argmax are all position_levels reads: exact, at a fraction of the cost.
+    return PositionNoise(seed, position, row.size).perturb(row, float(temperature), GRID)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,81 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> np.ndarray:
     return gumbel_fixed(seed, position, vocab).astype(np.float64) * 2.0**-G_FRAC
 
 
+# --- The same decisions, fast --------------------------------------------------------------
+# gumbel_fixed costs ~10 ms for 49,152 entries (two fixed-point logs of ~25 numpy passes each);
+# the sampler and the coupled codec pay it per token on both sides of the cap. Their decisions
+# (an argmax, and which 1/GRID cell a score falls in) need G exactly only where an error of a
+# few 2**-30 could change them: libm's -log(-log(U)) is within a few ulp of the true value
+# and gumbel_fixed within 2**-36 of it, so they differ by far less than APPROX_BOUND. The
+# float approximation stands everywhere else and the integers are computed for the few entries
+# near the top or near a grid line (usually none or one). The results are the exact path's, bit
+# for bit, on any machine whose log is that accurate; `_approx_ok` checks this one's at first
+# use (both tails included) and falls back to the integers everywhere if it is not.
+APPROX_BOUND = 2.0**-30
+
+
+def _approx_of_bits(x: np.ndarray) -> np.ndarray:
+    """-log(-log U) in float64, U = (2x + 1) / 2**54, from inputs that are exact floats: U itself
+    below 1/2, and 1 - U = (2**54 - 2x - 1) / 2**54 (through log1p) above it."""
+    low = x < (1 << 52)
+    u = (2 * x + 1).astype(np.float64) * 2.0**-54  # exact below 1/2: 2x + 1 < 2**53
+    v = ((1 << 54) - 2 * x - 1).astype(np.float64) * -(2.0**-54)  # -(1 - U), exact above 1/2
+    with np.errstate(divide="ignore"):  # log1p(-1) at x = 0, a branch np.where does not take
+        return -np.log(np.where(low, -np.log(u), -np.log1p(v)))
+
+
+@lru_cache(maxsize=1)
+def _approx_ok() -> bool:
+    """Whether this machine's np.log keeps _approx_of_bits within APPROX_BOUND / 16 of gumbel_of_bits,
+    on 2**16 counter-based values and both tails (U near 0 and U within 2**-44 of 1)."""
+    x = (uniform_bits(0x5EED, 0, 1 << 16) >> np.uint64(11)).astype(np.int64)
+    top = (1 << 53) - 1
+    edges = np.array([0, 1, 2, 3, 1 << 20, 1 << 52, top, top - 1, top - 2, top - (1 << 10), top - (1 << 20), top - (1 << 43)], dtype=np.int64)
+    x = np.concatenate((x, edges, top - x[:4096] % (1 << 44)))
+    err = np.abs(_approx_of_bits(x) - gumbel_of_bits(x).astype(np.float64) * 2.0**-G_FRAC)
+    return bool(np.isfinite(err).all() and err.max() <= APPROX_BOUND / 16)
+
+
+class PositionNoise:
+    """The noise of one position: float approximations of every entry (within APPROX_BOUND of
+    gumbel_noise), and the exact values of any entries on demand."""
+
+    def __init__(self, seed: int, position: int, vocab: int):
+        self._x = (uniform_bits(seed, position, vocab) >> np.uint64(11)).astype(np.int64)
+        self.fast = _approx_ok()
+        self.approx = _approx_of_bits(self._x) if self.fast else self.exact()
+
+    def exact(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """gumbel_noise's values (float64) at idx."""
+        return gumbel_of_bits(self._x[idx]).astype(np.float64) * 2.0**-G_FRAC
+
+    def perturb(self, base: np.ndarray, scale: float = 1.0, grid: int = 0) -> np.ndarray:
+        """base + scale * G (float64) with the exact path's decisions: its argmax and, when grid
+        > 0 (a power of two), floor(value * grid) of every entry are those of base + scale *
+        gumbel_noise(...), bit for bit. The entries that could be the maximum, or sit within the
+        approximation's reach of a grid line, are computed from the integers (as the exact path
+        does); the others are within scale * APPROX_BOUND of it (plus float rounding)."""
+        base = np.asarray(base, dtype=np.float64)
+        scale = float(scale)
+        out = base + scale * self.approx
+        if not self.fast:
+            return out
+        finite = np.isfinite(out)
+        if not finite.any():
+            return out
+        # |out - exact| <= scale * |approx - G| + rounding of the product and the sum (each half
+        # an ulp of its result): m bounds it; a decision changes only within 2m of its threshold.
+        big = float(np.abs(out[finite]).max()) + abs(scale) * float(np.abs(self.approx).max())
+        m = abs(scale) * APPROX_BOUND + big * 2.0**-50
+        near = out >= float(out[finite].max()) - 2 * m
+        if grid:
+            g = out * grid
+            near |= finite & (np.abs(g - np.round(g)) <= 2 * m * grid)
+        idx = np.flatnonzero(near)
+        out[idx] = base[idx] + scale * self.exact(idx)
+        return out
+
+
 def tempered_logprobs(logits: np.ndarray, temperature: float, top_p: float = 1.0) -> np.ndarray:
     """log softmax(logits / T) restricted to the top-p nucleus (-inf outside), float64.
 
@@ -197,4 +272,4 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, seed: int
     if temperature <= 0.0:
         return int(np.argmax(row))
     logp = tempered_logprobs(row, temperature, top_p)
-    return int(np.argmax(logp + gumbel_noise(seed, position, row.size)))
+    return int(np.argmax(PositionNoise(seed, position, row.size).perturb(logp)))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exfilguard.codec.gumbel import gumbel_noise, tempered_logprobs
+from exfilguard.codec.gumbel import PositionNoise, tempered_logprobs
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,18 @@ def deterministic_positions(logits: np.ndarray, output_ids: Sequence[int], seed:
             assert seed is not None
             logp = tempered_logprobs(row, temperature, 1.0)
             nucleus = np.isfinite(tempered_logprobs(row, temperature, top_p)) if top_p < 1.0 else None
-            # In logit units (T * (log p_T + G)) so one gap threshold fits every temperature.
-            u = temperature * (logp + gumbel_noise(seed, i, row.size))
-            live = u if nucleus is None else np.where(nucleus, u, -np.inf)
+            # In logit units (T * (log p_T + G)) so one gap threshold fits every temperature. The
+            # argmax is the exact noise's (PositionNoise); the runner-up within 1e-9 of it.
+            noise = PositionNoise(seed, i, row.size)
+            live = temperature * noise.perturb(logp if nucleus is None else np.where(nucleus, logp, -np.inf))
+            u = live
         top2 = np.argpartition(-live, 1)[:2]
         a, b = (top2[0], top2[1]) if live[top2[0]] >= live[top2[1]] else (top2[1], top2[0])
         margins[i] = live[a] - live[b]
         if int(tok) != int(a):
-            gaps[i] = abs(float(u[a]) - float(u[int(tok)]))
+            t = int(tok)
+            ut = u[t] if greedy else temperature * (logp[t] + noise.exact(np.array([t]))[0])
+            gaps[i] = abs(float(u[a]) - float(ut))
             if not np.isfinite(gaps[i]):
                 gaps[i] = float("inf")
     return Positions(gaps, margins)
