@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tqdm import tqdm
 
 from exfilguard.ledger import approvals as A
+from exfilguard.ledger import reads
 from exfilguard.ledger import open_ledger
 from exfilguard.ledger.checkpoint import make_checkpoint
 from exfilguard.ledger.proofs import check_consistency, check_inclusion, proof_to_json, prove_consistency, prove_inclusion
@@ -33,7 +34,7 @@ def main() -> None:
     mkey = Ed25519PrivateKey.generate()
     batch = 500
     with tqdm(total=args.entries, desc="filling ledger", unit="entry") as bar:
-        while led.tree_head().tree_size < args.entries:
+        while reads.tree_head(led).tree_size < args.entries:
             led.batch([("reserve", ("b", 1000, "m", i)) for i in range(batch)])
             bar.update(batch)
     t = time.perf_counter()

@@ -36,7 +36,8 @@ def main() -> None:
 
     from exfilguard.dashboard import Collector, DashboardConfig
     from exfilguard.inside.serve import make_backend, start_inside
-    from exfilguard.ledger import generate_keypair
+    from exfilguard.ledger import reads
+    from exfilguard.ledger.keytools import generate_keypair
     from exfilguard.models import load_model
     from exfilguard.outside.app import OutsideConfig
     from exfilguard.outside.client import http_status_probe
@@ -88,7 +89,7 @@ def main() -> None:
                 src.close()
                 dst.close()
             time.sleep(a.poll)
-        heads = len(col._ledger.tree_heads())
+        heads = len(reads.tree_heads(col._ledger))
         # Roll back to the saved head while the meter is stopped (as an attacker who owns the host would).
         meter.stop()  # it signs a last head as it stops
         col.poll()  # the page sees it, as it sees every head of a running meter

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from meterkit import FILE_FAULTS, MeterProcess, Upstream  # noqa: E402
 
 from exfilguard.ledger import open_ledger  # noqa: E402
+from exfilguard.ledger import reads
 
 
 async def one(port: int, fault) -> tuple[float, int, int]:
@@ -104,7 +105,7 @@ def main() -> None:
                     undo()
                     m.stop()
                 led = open_ledger(url, create=False)
-                reserved = led.status("default").reserved_bytes
+                reserved = reads.status(led, "default").reserved_bytes
                 led.close()
                 times.append(dt)
                 bytes_after.append(after)

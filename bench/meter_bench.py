@@ -226,11 +226,11 @@ def meter_status(mport: int) -> dict:
 
 
 def ledger_status(url: str, budget: str = "default"):
-    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger import open_ledger, reads
 
     led = open_ledger(url, create=False)
     try:
-        return led.status(budget)
+        return reads.status(led, budget)
     finally:
         led.close()
 

@@ -1,28 +1,9 @@
-"""exfilguard: a hard, durable, auditable cap on the bytes that leave an inference cluster."""
+"""exfilguard: a hard, durable, auditable cap on the bytes that leave an inference cluster.
 
-from exfilguard.errors import (
-    BudgetExhausted,
-    ConfigError,
-    ExfilguardError,
-    FrameCorrupt,
-    LedgerTampered,
-    LedgerUnavailable,
-    ModelMismatch,
-    RequestInvalid,
-    UpstreamUnavailable,
-)
+The error tree is exfilguard.errors; each component is a package of its own (see DESIGN.md).
+This file imports nothing: every component, the meter's trusted base first, runs it.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BudgetExhausted",
-    "ConfigError",
-    "ExfilguardError",
-    "FrameCorrupt",
-    "LedgerTampered",
-    "LedgerUnavailable",
-    "ModelMismatch",
-    "RequestInvalid",
-    "UpstreamUnavailable",
-    "__version__",
-]
+__all__ = ["__version__"]

@@ -2,26 +2,20 @@
 
 Each message says what happened and what to do. The HTTP layer (outside) and the CLI map
 these classes to status codes and exit codes here, in one place: ``http_status`` and
-``exit_code`` on each class.
+``exit_code`` on each class. The classes the meter's trusted base raises (the root,
+ConfigError, LedgerUnavailable, LedgerTampered, UpstreamUnavailable) are defined in
+base_errors.py, so that the meter imports only them, and re-exported here.
 """
 
 from __future__ import annotations
 
-
-class ExfilguardError(Exception):
-    """Base class: something exfilguard refuses to do, with a message saying why."""
-
-    http_status: int = 500
-    error_type: str = "server_error"
-    exit_code: int = 1
-
-
-class ConfigError(ExfilguardError):
-    """A command-line option, URL, spec or file is malformed or missing."""
-
-    http_status = 500
-    error_type = "configuration_error"
-    exit_code = 2
+from exfilguard.base_errors import (  # noqa: F401 - re-exported: the whole tree is importable from here
+    ConfigError,
+    ExfilguardError,
+    LedgerTampered,
+    LedgerUnavailable,
+    UpstreamUnavailable,
+)
 
 
 class RequestInvalid(ExfilguardError):
@@ -42,30 +36,6 @@ class BudgetExhausted(ExfilguardError):
     http_status = 429
     error_type = "egress_budget_exhausted"
     exit_code = 3
-
-
-class LedgerUnavailable(ExfilguardError):
-    """The ledger cannot be read or written; the meter forwards nothing (fail closed)."""
-
-    http_status = 503
-    error_type = "ledger_unavailable"
-    exit_code = 4
-
-
-class LedgerTampered(ExfilguardError):
-    """The ledger's entries, tree or signed heads do not verify."""
-
-    http_status = 500
-    error_type = "ledger_tampered"
-    exit_code = 5
-
-
-class UpstreamUnavailable(ExfilguardError):
-    """The meter or the inside worker cannot be reached."""
-
-    http_status = 503
-    error_type = "upstream_unavailable"
-    exit_code = 6
 
 
 class FrameCorrupt(ExfilguardError):

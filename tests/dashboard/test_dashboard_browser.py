@@ -31,7 +31,7 @@ from dashkit import (  # noqa: E402
 )
 from meterkit import MeterProcess, Upstream, pull  # noqa: E402
 
-from exfilguard.ledger import generate_keypair  # noqa: E402
+from exfilguard.ledger.keytools import generate_keypair  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]
 KEY = "sk-dashboard-test"

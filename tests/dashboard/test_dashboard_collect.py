@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 from exfilguard.dashboard import Collector, DashboardConfig, create_dashboard_app
 from exfilguard.dashboard.collect import _BudgetSeries, burn_rate, exhaustion, parse_prometheus
 from exfilguard.errors import ConfigError
-from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, open_ledger
+from exfilguard.ledger import load_private_key, open_ledger
+from exfilguard.ledger import reads
+from exfilguard.ledger.keytools import generate_keypair, load_public_key
 from exfilguard.ledger.keys import sign_tree_head
 from exfilguard.meter.metrics import MeterMetrics
 
@@ -90,7 +92,7 @@ def test_collector_matches_ledger_status(tmp_path: Path) -> None:
     assert snap["ok"] and snap["error"] is None
     led = open_ledger(url, create=False)
     try:
-        want = {n: led.status(n).as_dict() for n in ("alpha", "beta")}
+        want = {n: reads.status(led, n).as_dict() for n in ("alpha", "beta")}
     finally:
         led.close()
     got = {b["budget"]: b for b in snap["budgets"]}
@@ -116,7 +118,7 @@ def test_collector_reads_new_events_and_signed_heads(tmp_path: Path) -> None:
         led = open_ledger(url, create=False)
         try:
             led.reserve("alpha", 1000, "m1", 4)
-            head = led.tree_head()
+            head = reads.tree_head(led)
             led.add_tree_head(sign_tree_head(load_private_key(key), head.tree_size, head.ts, head.root))
         finally:
             led.close()
@@ -227,7 +229,7 @@ def test_signed_heads_without_a_public_key_are_unchecked_not_ok(tmp_path: Path) 
     key, _pub = generate_keypair(tmp_path / "k")
     led = open_ledger(url, create=False)
     try:
-        head = led.tree_head()
+        head = reads.tree_head(led)
         led.add_tree_head(sign_tree_head(load_private_key(key), head.tree_size, head.ts, head.root))
     finally:
         led.close()
@@ -249,7 +251,7 @@ def test_collector_on_postgresql(pg_url: str) -> None:
         g = led.reserve("shared", 3000, "m1", 1)
         led.release(g.res, 1200, "m1")
         led.reserve("shared", 4000, "m2", 2)  # only 3800 fit
-        want = led.status("shared").as_dict()
+        want = reads.status(led, "shared").as_dict()
     finally:
         led.close()
     c = Collector(DashboardConfig(ledger_url=pg_url))
@@ -321,7 +323,7 @@ def test_app_mounted_under_a_path_polls_and_points_the_page_at_its_api(tmp_path:
 def _sign(url: str, key: Path) -> None:
     led = open_ledger(url, create=False)
     try:
-        head = led.tree_head()
+        head = reads.tree_head(led)
         led.add_tree_head(sign_tree_head(load_private_key(key), head.tree_size, head.ts, head.root))
     finally:
         led.close()

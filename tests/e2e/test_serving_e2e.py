@@ -123,7 +123,7 @@ def test_cap_exhausted_mid_stream(models, tmp_path):
         assert finish[-1] == "length"
         assert "".join(got)
         if s.real_meter:  # the meter's own count: nothing beyond the cap left
-            from exfilguard.meter import budget_status
+            from exfilguard.ledger.reads import budget_status
 
             st = budget_status(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
             assert st.used_bytes <= st.cap_bytes == 120 and st.remaining_bytes == 0

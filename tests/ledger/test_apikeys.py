@@ -8,6 +8,7 @@ import pytest
 
 from exfilguard.errors import ConfigError
 from exfilguard.ledger.apikeys import UNLIMITED, KeyStore, hash_key, remaining_of
+from exfilguard.ledger import reads
 from exfilguard.ledger import Window, open_ledger
 from exfilguard.ledger.verify import verify_ledger
 
@@ -78,7 +79,7 @@ def test_key_budget_never_passes_its_cap_and_overrun_is_recorded(store, tmp_path
         db.execute("UPDATE budgets SET reserved_bytes = 101 WHERE name = 'key:erin'")
     rep = verify_ledger(store.ledger)
     assert rep.ok, rep.problems
-    kinds = [e for _, e in store.ledger.entries()]
+    kinds = [e for _, e in reads.entries(store.ledger)]
     assert any(b'"kind":"key_overrun"' in e and b'"bytes":7' in e for e in kinds)
 
 

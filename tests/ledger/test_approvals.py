@@ -23,6 +23,7 @@ from exfilguard.errors import (
     WrongBudget,
 )
 from exfilguard.ledger import approvals as A
+from exfilguard.ledger import reads
 from exfilguard.ledger import open_ledger
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
@@ -66,8 +67,8 @@ def signed(req, *ks):
 def test_raise_with_k_distinct_approvers_applies_and_verifies(led, keys):
     req = raise_to(led, 5000)
     seq = A.apply_request(led, req, signed(req, keys[0], keys[2]))
-    assert led.status("b").cap_bytes == 5000
-    ev = decode_event(next(e for s, e in led.entries(seq)))
+    assert reads.status(led, "b").cap_bytes == 5000
+    ev = decode_event(next(e for s, e in reads.entries(led, seq)))
     assert ev["kind"] == "cap_change" and (ev["old_cap"], ev["new_cap"]) == (1000, 5000)
     assert len(ev["approvals"]) == 2 and ev["request"] == req
     # the new cap is what reserve grants against
@@ -80,7 +81,7 @@ def test_one_signature_short(led, keys):
     req = raise_to(led, 5000)
     with pytest.raises(ApprovalsShort, match="1 of the 2 approvals needed"):
         A.apply_request(led, req, signed(req, keys[1]))
-    assert led.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000
 
 
 def test_duplicate_key_counts_once(led, keys):
@@ -91,21 +92,21 @@ def test_duplicate_key_counts_once(led, keys):
         A.apply_request(led, req, [a, a])
     with pytest.raises(ApprovalsShort, match="duplicate"):
         A.apply_request(led, req, [a, upper])
-    assert led.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000
 
 
 def test_unknown_key_counts_zero(led, keys):
     req = raise_to(led, 5000)
     with pytest.raises(ApprovalsShort, match="outside the approver set counted zero"):
         A.apply_request(led, req, signed(req, keys[0], keys[3]))
-    assert led.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000
 
 
 def test_expired(led, keys):
     req = raise_to(led, 5000, expires_in=60, now=int((time.time() - HOUR) * 1e6))
     with pytest.raises(RequestExpired, match="expired"):
         A.apply_request(led, req, signed(req, keys[0], keys[1]))
-    assert led.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000
 
 
 def test_expired_is_checked_by_the_ledger_clock_too(led, keys):
@@ -128,7 +129,7 @@ def test_replayed(led, keys):
     A.apply_request(led, low, signed(low, keys[2]))
     with pytest.raises(RequestReplayed):
         A.apply_request(led, req, sigs)
-    assert led.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000
 
 
 def test_replay_race_applies_once(led, keys):
@@ -161,7 +162,7 @@ def test_stale_after_the_cap_changed(led, keys):
     A.apply_request(led, first, signed(first, keys[0], keys[1]))
     with pytest.raises(RequestStale, match="cap 5000 bytes now; the request was made when it was 1000"):
         A.apply_request(led, second, signed(second, keys[0], keys[1]))
-    assert led.status("b").cap_bytes == 5000
+    assert reads.status(led, "b").cap_bytes == 5000
 
 
 def test_stale_after_the_approver_set_changed(led, keys):
@@ -195,7 +196,7 @@ def test_tampered_request(led, keys, tmp_path):
     (tmp_path / "extra.json").write_text(json.dumps({**req, "note": "x"}))
     with pytest.raises(RequestTampered, match="unexpected"):
         A.load_request(tmp_path / "extra.json")
-    assert led.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000
 
 
 def test_wrong_budget(led, keys, url, tmp_path):
@@ -223,7 +224,7 @@ def test_wrong_budget(led, keys, url, tmp_path):
     ghost = {**req, "budget": "ghost"}
     with pytest.raises(WrongBudget, match="does not have"):
         A.apply_request(led, ghost, signed(ghost, keys[0], keys[1]))
-    assert led.status("b").cap_bytes == 1000 and led2.status("b").cap_bytes == 1000
+    assert reads.status(led, "b").cap_bytes == 1000 and reads.status(led2, "b").cap_bytes == 1000
     led2.close()
 
 
@@ -233,11 +234,11 @@ def test_lowering_needs_one_approver_and_never_below_reserved(led, keys):
     with pytest.raises(ApprovalsShort):
         A.apply_request(led, low, signed(low, keys[3]))  # an outsider is nobody
     A.apply_request(led, low, signed(low, keys[2]))
-    assert led.status("b").cap_bytes == 600
+    assert reads.status(led, "b").cap_bytes == 600
     too_low = A.make_request(led, "b", reason="stop", expires_in=HOUR, new_cap=100)
     with pytest.raises(ApprovalRefused, match="400 bytes are already reserved"):
         A.apply_request(led, too_low, signed(too_low, keys[0]))
-    assert led.status("b").cap_bytes == 600
+    assert reads.status(led, "b").cap_bytes == 600
     assert verify_ledger(led).ok
 
 
@@ -255,7 +256,7 @@ def test_approver_set_change_is_k_of_n(led, keys):
     with pytest.raises(ApprovalsShort):
         A.apply_request(led, req, signed(req, keys[0], keys[1], keys[2]))
     A.apply_request(led, req, signed(req, keys[3]))
-    assert led.status("b").cap_bytes == 2000
+    assert reads.status(led, "b").cap_bytes == 2000
     rep = verify_ledger(led)
     assert rep.ok, rep.problems
 
@@ -321,7 +322,7 @@ def test_verify_catches_edited_approver_and_nonce_tables(led, keys, url):
 def test_verify_catches_a_replayed_change_in_the_log(led, keys, url):
     req = raise_to(led, 5000)
     seq = A.apply_request(led, req, signed(req, keys[0], keys[1]))
-    ev = decode_event(next(e for s, e in led.entries(seq)))
+    ev = decode_event(next(e for s, e in reads.entries(led, seq)))
     low = A.make_request(led, "b", reason="less", expires_in=HOUR, new_cap=1000)
     A.apply_request(led, low, signed(low, keys[0]))
     # re-append the old raise as-is: the signatures are genuine, the nonce is spent

@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from exfilguard.errors import ConfigError, LedgerTampered
 from exfilguard.ledger import approvals as A
-from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, merkle_proofs, open_ledger
+from exfilguard.ledger import reads
+from exfilguard.ledger import load_private_key, merkle, merkle_proofs, open_ledger
+from exfilguard.ledger.keytools import generate_keypair, load_public_key
 from exfilguard.ledger.checkpoint import Checkpoint, head_to_json, load_checkpoint, make_checkpoint, write_checkpoint
 from exfilguard.ledger.events import decode_event, encode_event
 from sqlkit import forge
@@ -69,8 +71,8 @@ def test_checkpoint_holds_totals_and_signatures(world):
     assert cp1.budgets == [{"budget": "b", "cap_bytes": 10_000, "used_bytes": 3000}]
     assert cp2.budgets == [{"budget": "b", "cap_bytes": 50_000, "used_bytes": 3000 + 7 * 700}]
     led = open_ledger(world["url"], create=False)
-    assert cp2.head.tree_size == led.tree_head().tree_size
-    assert cp2.head.root == led.tree_head().root
+    assert cp2.head.tree_size == reads.tree_head(led).tree_size
+    assert cp2.head.root == reads.tree_head(led).root
     led.close()
     # a bare signed head is accepted wherever a checkpoint is
     (world["dir"] / "head.json").write_text(json.dumps(head_to_json(cp2.head)))
@@ -188,7 +190,7 @@ def test_forked_ledger_cannot_prove_consistency(world):
     pub = load_public_key(world["pub"])
     cp1 = load_checkpoint(d / "cp1.json", [pub])
     led = open_ledger(world["url"], create=False)
-    entries = [e for _, e in led.entries()]
+    entries = [e for _, e in reads.entries(led)]
     led.close()
     # the fork: entry 3 (before cp1) rewritten, later entries kept; a head over it signed
     forked = list(entries)
@@ -220,7 +222,7 @@ def test_inclusion_of_a_forged_cap_change_fails_its_signature_check(world):
     seq = forge(world["url"], "cap_change", budget="b", old_cap=50_000, new_cap=10**9, approvals=[forged], request=req)
     # make_checkpoint refuses a ledger that does not verify, so sign the head the way the meter
     # publishes it (a bare signed tree head)
-    th = led.tree_head()
+    th = reads.tree_head(led)
     cp = Checkpoint(sign_tree_head(load_private_key(world["mkey"]), th.tree_size, th.ts, th.root))
     proof = prove_inclusion(led, seq, cp.head)
     led.close()
@@ -239,7 +241,7 @@ def test_cli_checkpoint_of_a_frozen_ledger(tmp_path):
     led = open_ledger(url)
     led.ensure_budget("b", 500)
     led.reserve("b", 123, "m", 1)
-    size = led.tree_head().tree_size
+    size = reads.tree_head(led).tree_size
     led.close()
     generate_keypair(tmp_path / "m.key")
     os.chmod(tmp_path / "l.db", 0o444)
@@ -275,11 +277,11 @@ def test_checkpoint_totals_belong_to_its_tree_size_under_traffic(url, tmp_path):
     finally:
         stop.set()
         t.join()
-    entries = [decode_event(e) for _, e in led.entries()]
+    entries = [decode_event(e) for _, e in reads.entries(led)]
     for cp in cps:
         reserved = 0
         for ev in entries[: cp.head.tree_size]:
             reserved += ev["amount"] if ev["kind"] == "reserve" else -ev["returned"] if ev["kind"] == "release" else 0
         assert cp.budgets == [{"budget": "b", "cap_bytes": 10**9, "used_bytes": reserved}]
-        assert cp.head.root == merkle.root([merkle.leaf_hash(ev_b) for _, ev_b in list(led.entries())[: cp.head.tree_size]])
+        assert cp.head.root == merkle.root([merkle.leaf_hash(ev_b) for _, ev_b in list(reads.entries(led))[: cp.head.tree_size]])
     led.close()

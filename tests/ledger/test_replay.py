@@ -7,6 +7,7 @@ import pytest
 
 from exfilguard.errors import LedgerTampered
 from exfilguard.ledger import Window, merkle, open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 from sqlkit import q
 
@@ -39,7 +40,7 @@ def test_following_two_meters_agrees_with_verify(url):
     assert a.reserve("b", 1000, "a", 2).granted == 200  # 100 + 300 + 200 used in the window
     rep = verify_ledger(a)
     assert rep.ok, rep.problems
-    assert rep.state is not None and rep.state.budgets["b"].reserved == a.status("b").reserved_bytes
+    assert rep.state is not None and rep.state.budgets["b"].reserved == reads.status(a, "b").reserved_bytes
     a.close()
     b.close()
 
@@ -91,7 +92,7 @@ def test_truncated_log_with_fixed_head_row_refused_when_tables_disagree(url):
     exhausted(url)
     # delete the last event (the release) and rewrite the head row to match the shorter log
     led = open_ledger(url)
-    entries = [e for _, e in led.entries()]
+    entries = [e for _, e in reads.entries(led)]
     led.close()
     n = len(entries) - 1
     leaves = [merkle.leaf_hash(e) for e in entries[:n]]

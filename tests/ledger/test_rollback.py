@@ -10,13 +10,9 @@ import time
 import pytest
 
 from exfilguard.errors import ConfigError, LedgerTampered
-from exfilguard.ledger import (
-    generate_keypair,
-    load_private_key,
-    load_public_key,
-    merkle,
-    open_ledger,
-)
+from exfilguard.ledger import load_private_key, merkle, open_ledger
+from exfilguard.ledger import reads
+from exfilguard.ledger.keytools import generate_keypair, load_public_key
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.checkpoint import (
     head_to_json,
@@ -45,7 +41,7 @@ def keyfile(tmp_path):
 
 
 def sign(led, key, bump: int = 0):
-    h = led.tree_head()
+    h = reads.tree_head(led)
     sth = sign_tree_head(key, h.tree_size, h.ts + bump, h.root)
     led.add_tree_head(sth)
     return sth
@@ -59,7 +55,7 @@ def build(url: str, keyfile) -> tuple[int, object]:
     g = led.reserve("b", 1000, "m", 1)
     led.release(g.res, 700)
     sign(led, key)
-    k = led.tree_head().tree_size
+    k = reads.tree_head(led).tree_size
     led.record("meter_start", budget="b", meter="m2", pid=2, listen="l", upstream="u", block=1000, key=None)
     led.record("deny", budget="b", meter="m2", conn=1, reason="window:60s")
     led.record("meter_stop", budget="b", meter="m2", bytes_out=0, bytes_in=0)
@@ -71,7 +67,7 @@ def build(url: str, keyfile) -> tuple[int, object]:
 def rollback(url: str, k: int) -> None:
     """Delete the entries after k and the heads that cover them; rewrite the head row to match."""
     led = open_ledger(url, create=False)
-    entries = [e for _, e in led.entries()][:k]
+    entries = [e for _, e in reads.entries(led)][:k]
     led.close()
     leaves = [merkle.leaf_hash(e) for e in entries]
     frontier: list[bytes] = []

@@ -8,6 +8,7 @@ import pytest
 
 from exfilguard.errors import ConfigError, LedgerUnavailable
 from exfilguard.ledger import Window, merkle, open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event, encode_event
 
@@ -28,7 +29,7 @@ def test_exact_cap_and_partial_grant(url):
     assert (g1.granted, g2.granted, g3.granted) == (600, 400, 0)
     assert g2.reason == "cap" and g3.res is None
     assert led.release(g1.res, 250) == 350
-    st = led.status("b")
+    st = reads.status(led, "b")
     assert (st.cap_bytes, st.reserved_bytes, st.remaining_bytes, st.outstanding_bytes) == (1000, 650, 350, 400)
     assert st.used_bytes == 650
     with pytest.raises(ValueError):
@@ -44,9 +45,9 @@ def test_root_in_status_is_rfc6962_root_of_entries(url):
     led = open_ledger(url)
     led.ensure_budget("b", 10)
     led.reserve("b", 3, "m", 1)
-    leaves = [merkle.leaf_hash(e) for _, e in led.entries()]
-    assert led.status("b").root == merkle.root(leaves).hex()
-    assert [decode_event(e)["kind"] for _, e in led.entries()] == ["budget_created", "reserve"]
+    leaves = [merkle.leaf_hash(e) for _, e in reads.entries(led)]
+    assert reads.status(led, "b").root == merkle.root(leaves).hex()
+    assert [decode_event(e)["kind"] for _, e in reads.entries(led)] == ["budget_created", "reserve"]
 
 
 def test_cap_change_on_restart_is_refused(url):
@@ -69,7 +70,7 @@ def test_windows_cap_the_rate(url):
     assert grants[2].reason == "window:60s"
     led.release(grants[0].res, 50)  # returned bytes free the window again
     assert led.reserve("w", 1000, "m", 9).granted == 150
-    st = led.status("w")
+    st = reads.status(led, "w")
     assert {w["seconds"]: w["used_bytes"] for w in st.windows} == {3600: 500, 60: 500}
     assert verify_ledger(led).ok
 
@@ -79,7 +80,7 @@ def test_batch_is_one_transaction(url):
     led.ensure_budget("b", 100)
     g = led.reserve("b", 60, "m", 1)
     out = led.batch([
-        ("renew", (g.res, 60, "b", 60, "m", 1)),
+        ("settle", ([(g.res, 60)], "b", 60, "m", 1)),
         ("reserve", ("b", 60, "m", 2)),
         ("release", (12345, 0, "m")),
         ("record", ("meter_stop", {"budget": "b", "meter": "m", "bytes_out": 0, "bytes_in": 0})),
@@ -113,7 +114,7 @@ def test_concurrent_reservations_never_pass_the_cap(url):
         t.join()
     assert sum(granted) == 5000
     led = open_ledger(url)
-    assert led.status("r").remaining_bytes == 0
+    assert reads.status(led, "r").remaining_bytes == 0
     assert verify_ledger(led).ok
 
 

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from exfilguard.ledger import generate_keypair, load_private_key, load_public_key, merkle, open_ledger
+from exfilguard.ledger import load_private_key, merkle, open_ledger
+from exfilguard.ledger import reads
+from exfilguard.ledger.keytools import generate_keypair, load_public_key
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event, encode_event
 from exfilguard.ledger.keys import sign_tree_head
@@ -25,15 +27,15 @@ def build(url: str, keyfile) -> int:
     led.ensure_budget("b", 10_000)
     led.record("meter_start", budget="b", meter="m", pid=1, listen="l", upstream="u", block=1000, key=None)
     rs = [led.reserve("b", 1000, "m", i) for i in range(4)]
-    led.batch([("renew", (rs[0].res, 1000, "b", 1000, "m", 0))])
+    led.batch([("settle", ([(rs[0].res, 1000)], "b", 1000, "m", 0))])
     led.release(rs[1].res, 10)
-    head = led.tree_head()
+    head = reads.tree_head(led)
     led.add_tree_head(sign_tree_head(key, head.tree_size, head.ts, head.root))
     for i in range(5):
         led.reserve("b", 1500, "m", 10 + i)
     led.reserve("b", 5000, "m", 20)  # a denial
     led.record("meter_stop", budget="b", meter="m", bytes_out=0, bytes_in=0)
-    head = led.tree_head()
+    head = reads.tree_head(led)
     led.add_tree_head(sign_tree_head(key, head.tree_size, head.ts + 1, head.root))
     size = head.tree_size
     led.close()

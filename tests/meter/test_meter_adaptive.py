@@ -23,9 +23,11 @@ import pytest
 from meterkit import CHUNK, MeterProcess, Upstream, get_metrics, pull_many
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
-from exfilguard.meter import Meter, MeterConfig, parse_window
+from exfilguard.meter import Meter, MeterConfig
+from exfilguard.units import parse_window
 from exfilguard.meter.blocks import GROW_MAX, GROW_TARGET, next_size, stalled_size
 
 FIRST = 4096
@@ -73,7 +75,7 @@ async def _answers(conns, n: int, size: int) -> int:
 def _events(url: str) -> list[dict]:
     led = open_ledger(url, create=False)
     try:
-        return [decode_event(e) for _, e in led.entries()]
+        return [decode_event(e) for _, e in reads.entries(led)]
     finally:
         led.close()
 
@@ -101,7 +103,7 @@ def test_at_rest_the_ledger_counts_what_was_forwarded(url, echo):
             await _until(lambda: all(c.settled and c.nxt is not None and c.nxt.done() for c in m._conns.values())
                          and m.status()["outstanding_bytes"] == conns_n * FIRST)
             led = open_ledger(url, create=False)
-            st = led.status()
+            st = reads.status(led)
             led.close()
             status = m.status()
             # The budget-wide gauges follow at the next health check.
@@ -137,7 +139,7 @@ def test_at_rest_the_ledger_counts_what_was_forwarded(url, echo):
     assert js["forwarded_bytes"] == got and js["outstanding_bytes"] == conns_n * FIRST
     # After the stop everything settled: the ledger's count is exactly what was forwarded.
     led = open_ledger(url, create=False)
-    end = led.status()
+    end = reads.status(led)
     assert end.used_bytes == end.forwarded_bytes == got and end.outstanding_bytes == 0
     rep = verify_ledger(led)
     assert rep.ok, rep.problems
@@ -161,7 +163,7 @@ def test_settlement_happens_on_idle_and_only_then(tmp_path, echo):
                 def status():
                     led = open_ledger(url, create=False)
                     try:
-                        return led.status()
+                        return reads.status(led)
                     finally:
                         led.close()
 
@@ -178,7 +180,7 @@ def test_settlement_happens_on_idle_and_only_then(tmp_path, echo):
             return snap, got
 
         snap, got = asyncio.run(main())
-        return snap, got, open_ledger(url, create=False).status().used_bytes
+        return snap, got, reads.status(open_ledger(url, create=False)).used_bytes
 
     (used, fwd, out), got, end = run(0.3)
     assert fwd == 10_000 and used - fwd == out == FIRST  # settled at what it forwarded, one first block kept
@@ -255,7 +257,7 @@ def test_blocks_grow_while_draining_fast_and_shrink_when_traffic_slows(tmp_path)
     # ... and came down when traffic slowed (to ~50 KB: 200 KB/s x 0.25 s; the trickle outlasts the
     # two big blocks in flight when it starts, 700 KB > 2 x 256 KiB).
     assert sizes[-1] <= ceiling // 2 and min(sizes[peak:]) < ceiling // 2
-    assert open_ledger(url, create=False).status().used_bytes == got
+    assert reads.status(open_ledger(url, create=False)).used_bytes == got
 
 
 @pytest.mark.postgres
@@ -278,7 +280,7 @@ def test_two_meters_fifty_clients_each_race_one_postgres_budget_adaptive(tmp_pat
     assert codes == [0, 0], [m.log()[-2000:] for m in meters]
     assert sum(got) == cap  # 0 bytes over; every byte granted was forwarded
     led = open_ledger(pg_url, create=False)
-    st = led.status("default")
+    st = reads.status(led, "default")
     assert st.reserved_bytes == st.forwarded_bytes == sum(got) and st.outstanding_bytes == 0
     rep = verify_ledger(led)
     assert rep.ok, rep.problems
@@ -325,7 +327,7 @@ def test_settlements_racing_bursts_keep_the_cap_and_the_count_exact(tmp_path):
         srv.shutdown()
         srv.server_close()
     led = open_ledger(url, create=False)
-    st = led.status()
+    st = reads.status(led)
     assert st.outstanding_bytes == 0
     # Every byte granted was forwarded, every byte returned by a settlement was granted again:
     # the connections raced to exactly the cap.

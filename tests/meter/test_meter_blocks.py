@@ -8,6 +8,7 @@ import asyncio
 from meterkit import Upstream
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.events import decode_event
 from exfilguard.meter import Meter, MeterConfig
 from exfilguard.meter.blocks import ROOM_FRACTION, within_room
@@ -41,8 +42,8 @@ def test_a_small_answer_under_a_small_cap_holds_a_small_block(tmp_path):
     finally:
         echo.close()
     led = open_ledger(cfg.ledger, create=False)
-    amounts = [ev["amount"] for ev in (decode_event(e) for _, e in led.entries()) if ev["kind"] == "reserve"]
-    st = led.status()
+    amounts = [ev["amount"] for ev in (decode_event(e) for _, e in reads.entries(led)) if ev["kind"] == "reserve"]
+    st = reads.status(led)
     led.close()
     assert max(amounts) <= 5000 // ROOM_FRACTION, amounts
     assert held <= 2 * (5000 // ROOM_FRACTION)  # the current block and the pipelined next one

@@ -12,6 +12,7 @@ from meterkit import MeterProcess, Upstream, get_status, pull
 
 from exfilguard.errors import ApprovalRefused, ApprovalsShort
 from exfilguard.ledger import approvals as A
+from exfilguard.ledger import reads
 from exfilguard.ledger import open_ledger
 from exfilguard.ledger.verify import verify_ledger
 
@@ -73,7 +74,7 @@ def test_raise_and_lower_reach_a_running_meter(tmp_path, url):
     try:
         assert rc == 0, mp.log()
         led = open_ledger(url, create=False)
-        st = led.status("default")
+        st = reads.status(led, "default")
         assert (st.cap_bytes, st.reserved_bytes, st.outstanding_bytes) == (4 * CAP, 4 * CAP, 0)
         rep = verify_ledger(led)
         assert rep.ok, rep.problems
@@ -108,6 +109,6 @@ def test_lowering_reaches_a_running_meter(tmp_path, url):
         assert mp.stop() == 0
         up.close()
     led = open_ledger(url, create=False)
-    assert led.status("default").reserved_bytes == 2 * CAP
+    assert reads.status(led, "default").reserved_bytes == 2 * CAP
     assert verify_ledger(led).ok
     led.close()

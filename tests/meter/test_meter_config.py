@@ -9,7 +9,7 @@ import pytest
 from meterkit import Upstream, free_port
 
 from exfilguard.errors import ConfigError
-from exfilguard.meter import parse_duration, parse_size, parse_window
+from exfilguard.units import parse_duration, parse_size, parse_window
 
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
 

@@ -15,6 +15,7 @@ import pytest
 from meterkit import MeterProcess, Upstream, pull
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.meter.proxy import WRITE_SLACK  # the client write buffer's high-water mark + one read
 
@@ -44,7 +45,7 @@ def _crash_rounds(tmp_path, url: str, rounds: int, cap: int, seed: int, block: i
                 m.kill()
             received += got
             led = open_ledger(url, create=False)
-            st = led.status("default")
+            st = reads.status(led, "default")
             led.close()
             # Never under-counts, whatever the moment of the crash.
             assert received <= st.reserved_bytes, (rnd, received, st)
@@ -73,7 +74,7 @@ def _crash_rounds(tmp_path, url: str, rounds: int, cap: int, seed: int, block: i
     finally:
         flood.close()
     led = open_ledger(url, create=False)
-    st = led.status("default")
+    st = reads.status(led, "default")
     assert received <= cap
     assert st.remaining_bytes == 0 and st.reserved_bytes == cap
     rep = verify_ledger(led)

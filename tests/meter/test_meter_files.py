@@ -15,6 +15,7 @@ import pytest
 from meterkit import FILE_FAULTS, MeterProcess, Upstream
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 
 
 async def _read_until_cut(port: int, at_least: int, fault, timeout: float = 30.0) -> tuple[int, bool]:
@@ -75,7 +76,7 @@ def test_a_ledger_file_fault_cuts_and_nothing_is_under_counted(tmp_path, fault):
             other.kill()
             other.wait()
     led = open_ledger(f"sqlite:///{path}", create=False)
-    reserved = led.status("default").reserved_bytes
+    reserved = reads.status(led, "default").reserved_bytes
     led.close()
     if fault == "replace-db":
         return  # a file put in the ledger's place is a rollback: signed heads published outside catch it

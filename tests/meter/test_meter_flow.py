@@ -16,6 +16,7 @@ import uvloop
 from meterkit import Upstream
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.meter import Meter, MeterConfig
 from exfilguard.meter.proxy import READ_SIZE, WRITE_SLACK
@@ -60,6 +61,6 @@ def test_a_stalled_client_pauses_the_upstream_and_the_count(tmp_path, loop):
     assert waiting <= READ_SIZE, "the meter kept reading from the upstream for a stalled client"
     assert got == CAP == status["bytes_out"]
     led = open_ledger(url, create=False)
-    st = led.status("default")
+    st = reads.status(led, "default")
     assert st.reserved_bytes == CAP and st.outstanding_bytes == 0
     assert verify_ledger(led).ok

@@ -10,9 +10,10 @@ import sys
 
 from meterkit import MeterProcess, Upstream, free_port, pull
 
-from exfilguard.ledger import generate_keypair, load_public_key, open_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
+from exfilguard.ledger.keytools import generate_keypair, load_public_key, verify_tree_head
 from exfilguard.ledger.checkpoint import head_from_json
-from exfilguard.ledger.keys import verify_tree_head
 
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
 
@@ -44,7 +45,7 @@ def test_published_heads_catch_a_rollback(tmp_path):
     published = [head_from_json(json.loads(f.read_text())) for f in files]
     assert all(verify_tree_head(key, h) for h in published)
     led = open_ledger(url, create=False)
-    assert max(h.tree_size for h in published) == led.tree_head().tree_size
+    assert max(h.tree_size for h in published) == reads.tree_head(led).tree_size
     led.close()
     verify = [*EXFILGUARD, "ledger", "verify", "--ledger", url, "--public-key", str(pub), "--trusted-head", str(heads)]
     ok = subprocess.run(verify, capture_output=True, text=True, timeout=60)
@@ -142,7 +143,7 @@ def test_heads_at_start_and_after_every_settlement_at_rest(tmp_path):
     def log_size() -> tuple[int, list[str]]:
         led = open_ledger(cfg.ledger, create=False)
         try:
-            kinds = [decode_event(e)["kind"] for _, e in led.entries()]
+            kinds = [decode_event(e)["kind"] for _, e in reads.entries(led)]
         finally:
             led.close()
         return len(kinds), kinds

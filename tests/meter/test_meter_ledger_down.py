@@ -10,6 +10,7 @@ import pytest
 from meterkit import MeterProcess, Upstream, get_metrics, get_status, pull
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 
 
 async def _read_some_then_wait_close(port: int, at_least: int, during, timeout: float = 30.0) -> tuple[int, int]:
@@ -62,7 +63,7 @@ def test_postgres_stopped(tmp_path, pg, pg_url):
     try:
         led = open_ledger(pg_url, create=False)
         # Everything the client got was reserved (committed) before PostgreSQL stopped.
-        assert total <= led.status("default").reserved_bytes
+        assert total <= reads.status(led, "default").reserved_bytes
         led.close()
         # The meter sees the ledger back and forwards again.
         _wait_state(m, "ok")
@@ -93,7 +94,7 @@ def test_sqlite_made_read_only(tmp_path):
         log = m.log()
         assert "LEDGER UNAVAILABLE, failing closed" in log and "read-only" in log
         led = open_ledger(url, create=False)
-        assert total <= led.status("default").reserved_bytes
+        assert total <= reads.status(led, "default").reserved_bytes
         led.close()
         os.chmod(path, 0o644)
         _wait_state(m, "ok")

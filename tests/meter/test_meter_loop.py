@@ -8,6 +8,7 @@ import pytest
 from meterkit import MeterProcess, Upstream, get_status, pull_many
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 
 
@@ -26,5 +27,5 @@ def test_cap_is_exact_on_each_loop(tmp_path, loop):
     assert st["loop"] == ("asyncio" if loop == "asyncio" else "uvloop")
     assert sum(got) == 300_007 and after["bytes_out"] == 300_007
     led = open_ledger(url, create=False)
-    assert led.status("default").reserved_bytes == 300_007
+    assert reads.status(led, "default").reserved_bytes == 300_007
     assert verify_ledger(led).ok

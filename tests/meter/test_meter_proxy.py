@@ -9,10 +9,14 @@ import os
 import pytest
 from meterkit import Upstream, pull, pull_many
 
-from exfilguard.ledger import generate_keypair, load_public_key, open_ledger
+from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
+from exfilguard.ledger.keytools import generate_keypair, load_public_key
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.ledger.events import decode_event
-from exfilguard.meter import Meter, MeterConfig, budget_status, parse_window
+from exfilguard.meter import Meter, MeterConfig
+from exfilguard.ledger.reads import budget_status
+from exfilguard.units import parse_window
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ async def _http(addr, path: str) -> tuple[str, bytes]:
 
 
 def _kinds(url: str) -> list[str]:
-    return [decode_event(e)["kind"] for _, e in open_ledger(url, create=False).entries()]
+    return [decode_event(e)["kind"] for _, e in reads.entries(open_ledger(url, create=False))]
 
 
 def test_bytes_pass_intact_and_are_counted(tmp_path, echo):
@@ -69,7 +73,7 @@ def test_bytes_pass_intact_and_are_counted(tmp_path, echo):
     assert got == payload
     assert st["bytes_in"] == st["bytes_out"] == len(payload)
     led = open_ledger(cfg.ledger, create=False)
-    s = led.status()
+    s = reads.status(led)
     assert s.reserved_bytes == len(payload) and s.outstanding_bytes == 0
     assert verify_ledger(led).ok
 
@@ -132,7 +136,7 @@ def test_stop_settles_open_connections_and_signs_the_head(tmp_path, echo):
 
     asyncio.run(main())
     led = open_ledger(cfg.ledger, create=False)
-    st = led.status()
+    st = reads.status(led)
     assert st.reserved_bytes == 5 and st.outstanding_bytes == 0
     rep = verify_ledger(led, [load_public_key(pub)])
     assert rep.ok, rep.problems

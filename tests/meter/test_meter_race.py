@@ -8,6 +8,7 @@ import pytest
 from meterkit import MeterProcess, Upstream, pull_many
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.ledger.verify import verify_ledger
 from exfilguard.meter import Meter, MeterConfig
 
@@ -38,7 +39,7 @@ def _run_in_process(url: str, flood: Upstream, cap: int, block: int) -> list[int
 
 def _check_ledger(url: str, got: list[int], cap: int) -> None:
     led = open_ledger(url, create=False)
-    st = led.status("default")
+    st = reads.status(led, "default")
     # Every connection closed cleanly: the ledger's count is exactly what the clients received.
     assert st.reserved_bytes == sum(got) <= cap
     assert st.outstanding_bytes == 0

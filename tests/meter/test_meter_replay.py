@@ -12,6 +12,7 @@ import pytest
 from meterkit import Upstream, free_port, pull
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
 
@@ -41,7 +42,7 @@ def test_meter_refuses_lowered_reserved_bytes(url):
     led.ensure_budget("default", 400)
     g = led.reserve("default", 400, "m", 1)
     led.release(g.res, 400)
-    size = led.tree_head().tree_size
+    size = reads.tree_head(led).tree_size
     led.close()
     _tamper(url, "UPDATE budgets SET reserved_bytes = 0 WHERE name = 'default'")
 
@@ -65,8 +66,8 @@ def test_meter_refuses_lowered_reserved_bytes(url):
     assert got == 0
     # Nothing was written: no reservation, no meter_start.
     led = open_ledger(url, create=False)
-    assert led.tree_head().tree_size == size
-    assert led.status("default").reserved_bytes == 0  # the tampered row is left for the auditor
+    assert reads.tree_head(led).tree_size == size
+    assert reads.status(led, "default").reserved_bytes == 0  # the tampered row is left for the auditor
     led.close()
 
 

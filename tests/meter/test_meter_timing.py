@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.meter import Meter, MeterConfig
 from exfilguard.meter.blocks import CLOSE_CHARGE, EVENT_MIN, OPEN_CHARGE
 
@@ -43,7 +44,7 @@ def _run(tmp_path, handler, clients: int, charge: bool) -> tuple[int, dict, int]
 
     got, st = asyncio.run(main())
     led = open_ledger(f"sqlite:///{tmp_path}/l.db", create=False)
-    used = led.status().used_bytes
+    used = reads.status(led).used_bytes
     led.close()
     return got, st, used
 

@@ -9,6 +9,7 @@ import pytest
 
 from exfilguard.errors import ConfigError, UpstreamUnavailable
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.meter import Meter, MeterConfig
 from exfilguard.meter.config import parse_upstream
 
@@ -64,7 +65,7 @@ def test_cap_is_exact_over_a_unix_socket(tmp_path):
         return got
 
     assert asyncio.run(main()) == 100_003
-    assert open_ledger(cfg.ledger, create=False).status().reserved_bytes == 100_003
+    assert reads.status(open_ledger(cfg.ledger, create=False)).reserved_bytes == 100_003
 
 
 def test_a_symlink_in_place_of_the_socket_is_refused(tmp_path):

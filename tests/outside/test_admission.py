@@ -13,6 +13,7 @@ import pytest
 from tinystack import KEY, TinyStack, access_lines
 
 from exfilguard.ledger.apikeys import KeyStore
+from exfilguard.ledger import reads
 from exfilguard.ledger import open_ledger
 from exfilguard.protocol.wire import Kind, encode_frame
 
@@ -72,7 +73,7 @@ def test_access_log_bytes_explain_the_ledger_and_no_bytes_are_spent_for_nothing(
     small.close()  # the meter settles its reservations as it stops
     small.close = lambda: None
     led = open_ledger(small.meter_url, create=False)
-    st = led.status(None)
+    st = reads.status(led, None)
     led.close()
     # one connection through the meter: its HELLO is the only byte no answer carries
     assert st.forwarded_bytes == logged + hello == conn.bytes_in

@@ -12,6 +12,7 @@ import pytest
 
 from exfilguard.errors import ConfigError
 from exfilguard.ledger import open_ledger
+from exfilguard.ledger import reads
 from exfilguard.plan import PlanInput, make_plan, measure, parse_count
 
 EXFILGUARD = [sys.executable, "-m", "exfilguard.cli.main"]
@@ -169,7 +170,7 @@ def _ledger_with_traffic(path: Path) -> tuple[str, int]:
 def test_measured_bits_per_token_by_hand(tmp_path: Path) -> None:
     url, used = _ledger_with_traffic(tmp_path / "l.db")
     led = open_ledger(url, create=False)
-    created = next(e for e in led.entries())  # the budget_created event
+    created = next(e for e in reads.entries(led))  # the budget_created event
     led.close()
     since = json.loads(created[1])["ts"]
     m = measure(url, tokens_per_day=1e6, tokens=6000, now_us=since + 2 * 86_400_000_000)

@@ -22,7 +22,7 @@ def audit_verify(
 ) -> None:
     """Check a consistency proof between two checkpoints, or an entry's inclusion proof; exit 0 if it holds."""
     from exfilguard.errors import ConfigError
-    from exfilguard.ledger import load_public_key
+    from exfilguard.ledger.keytools import load_public_key
     from exfilguard.ledger.checkpoint import load_checkpoint
     from exfilguard.ledger.proofs import ConsistencyProof, check_consistency, check_inclusion, load_proof
 

@@ -20,9 +20,10 @@ def budget_init(
     threshold: int = typer.Option(..., "--threshold", help="K: distinct approvers a raise needs."),
 ) -> None:
     """Set a budget's approver set and threshold, once; later changes are k-of-n requests."""
-    from exfilguard.ledger import load_public_key, open_ledger
+    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger.keytools import load_public_key
     from exfilguard.ledger.approvals import init_approvers
-    from exfilguard.meter.config import parse_size
+    from exfilguard.units import parse_size
 
     keys = [load_public_key(p) for p in approvers]
     led = open_ledger(url)
@@ -48,9 +49,10 @@ def budget_request(
 ) -> None:
     """Write a canonical change request (nonce, ledger head, expiry) for approvers to sign."""
     from exfilguard.errors import ConfigError
-    from exfilguard.ledger import load_public_key, open_ledger
+    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger.keytools import load_public_key
     from exfilguard.ledger.approvals import describe, make_request, write_json
-    from exfilguard.meter.config import parse_duration, parse_size
+    from exfilguard.units import parse_duration, parse_size
 
     if (approvers is None) != (threshold is None):
         raise ConfigError("--approvers and --threshold go together")

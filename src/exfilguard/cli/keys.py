@@ -15,7 +15,8 @@ def keys_new(
     out: Path = typer.Option(..., "--out", help="Where to write the private key; the public key goes to OUT.pub."),
 ) -> None:
     """Make a new Ed25519 key pair: private key to OUT (mode 0600), public key to OUT.pub."""
-    from exfilguard.ledger.keys import generate_keypair, key_id, load_public_key
+    from exfilguard.ledger.keys import key_id
+    from exfilguard.ledger.keytools import generate_keypair, load_public_key
 
     priv, pub = generate_keypair(out)
     typer.echo(f"wrote {priv} (private, keep it on the meter host) and {pub} (public, for auditors); "
@@ -41,7 +42,7 @@ def keys_add(
     """Make an API key with a budget of its own (under the meter's global cap); print its secret once."""
     from exfilguard.ledger.apikeys import KeyStore
     from exfilguard.ledger import open_ledger
-    from exfilguard.meter.config import parse_size, parse_window
+    from exfilguard.units import parse_size, parse_window
 
     _ensure_sqlite_dir(ledger)
     cap_bytes = None if cap is None else parse_size(cap, "--cap")

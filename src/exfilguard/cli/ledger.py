@@ -19,11 +19,11 @@ def ledger_status(
 ) -> None:
     """Print a budget's cap, forwarded, reserved, outstanding and remaining bytes and the tree head, as the
     replayed log adds them up (exit 5 when the ledger's rows or entries do not add up)."""
-    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger import open_ledger, reads
 
     led = open_ledger(url, create=False)
     try:
-        name = budget or led.status(None).budget  # (the only budget, or a one-line error naming them)
+        name = budget or reads.status(led, None).budget  # (the only budget, or a one-line error naming them)
         st = led.checked_status(name)
     finally:
         led.close()
@@ -59,7 +59,8 @@ def ledger_verify(
 ) -> None:
     """Recompute the Merkle tree, check every signed tree head and the accounting; exit 0 if all hold."""
     from exfilguard.errors import LedgerTampered
-    from exfilguard.ledger import load_public_key, open_ledger
+    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger.keytools import load_public_key
     from exfilguard.ledger.verify import verify_ledger
     from exfilguard.ledger.checkpoint import load_trusted_heads
 

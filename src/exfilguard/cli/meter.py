@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
         import logging
         import signal
 
-        from exfilguard.meter import Meter, MeterConfig, parse_size, parse_window
+        from exfilguard.meter import Meter, MeterConfig
+        from exfilguard.units import parse_size, parse_window
         from exfilguard.meter import loop as event_loop
 
         logging.basicConfig(

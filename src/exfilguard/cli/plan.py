@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Size the egress cap: weight size, legitimate egress, a cap with headroom, days to exfiltrate."""
-        from exfilguard.meter.config import parse_size
+        from exfilguard.units import parse_size
         from exfilguard.plan import PlanInput, make_plan, measure, parse_count, plot_plan
 
         inp = PlanInput(

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         from pathlib import Path
 
         from exfilguard.errors import ConfigError
-        from exfilguard.meter.config import parse_size
+        from exfilguard.units import parse_size
         from exfilguard.redteam import RedteamConfig, run_redteam
 
         try:

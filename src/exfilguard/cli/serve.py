@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         throttle: bool = typer.Option(False, help="refuse new answers (429) while the budget burns faster than planned"),
     ) -> None:
         """Outside API: OpenAI-compatible, decodes what crosses the meter."""
-        from exfilguard.meter.config import parse_duration
+        from exfilguard.units import parse_duration
         from exfilguard.outside.app import OutsideConfig
         from exfilguard.outside.audit import AuditConfig
         from exfilguard.models.loading import resolve_weak_spec

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         from pathlib import Path
 
         from exfilguard.errors import ConfigError, VerificationFailed
-        from exfilguard.ledger.keys import load_public_key
+        from exfilguard.ledger.keytools import load_public_key
         from exfilguard.verify.requestlog import read_log
         from exfilguard.verify.scoring import Thresholds
         from exfilguard.verify.verifier import VerifyConfig, verify_log

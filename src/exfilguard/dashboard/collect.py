@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exfilguard.errors import ConfigError, ExfilguardError
+from exfilguard.ledger import reads
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ class Collector:
     """Polls the ledger (incrementally), the meter's metrics and a token counter; keeps history."""
 
     def __init__(self, config: DashboardConfig):
-        from exfilguard.ledger import load_public_key, open_ledger
+        from exfilguard.ledger import open_ledger
+        from exfilguard.ledger.keytools import load_public_key
 
         config.validate()
         self.config = config
@@ -176,10 +178,11 @@ class Collector:
     # -- the ledger ----------------------------------------------------------------------
     def _check_rollback(self, now_s: float) -> None:
         """Remember the largest valid signed head; flag a ledger that no longer extends it (every poll, cheap)."""
-        from exfilguard.ledger.keys import key_id, verify_tree_head
+        from exfilguard.ledger.keys import key_id
+        from exfilguard.ledger.keytools import verify_tree_head
 
         keys = {key_id(k): k for k in self._keys}
-        heads = self._ledger.tree_heads()
+        heads = reads.tree_heads(self._ledger)
         if self._seen_head is not None and not any(h.tree_size >= self._seen_head.tree_size for h in heads):
             self._rollback = (f"the signed head of {self._seen_head.tree_size} entries this page saw is gone from the "
                               "ledger (heads deleted or the ledger rolled back)")
@@ -190,7 +193,7 @@ class Collector:
             if self._keys and (k is None or not verify_tree_head(k, h)):
                 continue  # a head nobody vouches for must not become the yardstick (verify reports it)
             self._seen_head = h
-        cur = self._ledger.tree_head()
+        cur = reads.tree_head(self._ledger)
         seen = self._seen_head
         if seen is None:
             return
@@ -208,7 +211,7 @@ class Collector:
     def _read_new_events(self) -> None:
         import json
 
-        for seq, entry in self._ledger.entries(self._next_seq):
+        for seq, entry in reads.entries(self._ledger, self._next_seq):
             # Plain JSON, not decode_event's canonical-form check: integrity is verify_ledger's job
             # (on its own thread), and this keeps the first read of a big log twice as fast.
             self._next_seq = seq + 1
@@ -236,8 +239,8 @@ class Collector:
     def _budgets(self, now_s: float) -> list[dict[str, Any]]:
         now_us = int(now_s * 1_000_000)
         out = []
-        for name in self._ledger.budgets():
-            st = self._ledger.status(name).as_dict()
+        for name in reads.budgets(self._ledger):
+            st = reads.status(self._ledger, name).as_dict()
             s = self._series.setdefault(name, _BudgetSeries())
             rate, span = burn_rate(s, st["forwarded_bytes"], now_us, self.config.burn_window_seconds)
             # The windows bound how fast the cap can go, whatever the recent burst did.
@@ -262,7 +265,7 @@ class Collector:
         return out
 
     def _tree_head(self) -> dict[str, Any] | None:
-        heads = self._ledger.tree_heads()
+        heads = reads.tree_heads(self._ledger)
         if not heads:
             return None
         h = heads[-1]

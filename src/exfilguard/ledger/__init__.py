@@ -3,17 +3,17 @@
 Public API: ``open_ledger(url)`` returns a ``Ledger`` over SQLite or PostgreSQL storage;
 ``merkle`` holds the RFC 6962 functions. The meter's trusted path is store.py (the log and its
 transactions), accounting.py (the rules), storage.py with sqlite.py/postgres.py, events.py,
-merkle.py, keys.py and approval_check.py. Governance and audit (``verify.verify_ledger``,
-approvals.py, apikeys.py, checkpoint.py, proofs.py) are imported by the CLI, never from here.
+merkle.py, keys.py and approval_check.py. The row reads of the CLI and the dashboard (reads.py),
+key files (keytools.py), governance and audit (``verify.verify_ledger``, approvals.py, apikeys.py,
+checkpoint.py, proofs.py) are imported by the CLI, never from here.
 """
 
 from urllib.parse import urlparse
 
-from exfilguard.errors import ConfigError
-from exfilguard.ledger.accounting import Grant, Window
-from exfilguard.ledger.keys import TreeHead, generate_keypair, load_private_key, load_public_key
+from exfilguard.base_errors import ConfigError
+from exfilguard.ledger.accounting import BudgetStatus, Grant, Window
+from exfilguard.ledger.keys import TreeHead, load_private_key
 from exfilguard.ledger.storage import redact
-from exfilguard.ledger.accounting import BudgetStatus
 from exfilguard.ledger.store import Ledger
 
 
@@ -49,8 +49,6 @@ __all__ = [
     "Ledger",
     "TreeHead",
     "Window",
-    "generate_keypair",
     "load_private_key",
-    "load_public_key",
     "open_ledger",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 from exfilguard.errors import ConfigError
 from exfilguard.ledger.accounting import Grant, Window, windows_to_json
+from exfilguard.ledger import reads
 from exfilguard.ledger.store import BudgetStatus, Ledger
 
 KEY_PREFIX = "sk-exfilguard-"
@@ -117,14 +118,14 @@ class KeyStore:
     def keys(self) -> list[ApiKey]:
         """Every key, active and revoked, by name."""
         with self._lock:
-            rows = self.ledger.query("SELECT name, key_hash, budget, created, revoked FROM api_keys ORDER BY name")
+            rows = reads.query(self.ledger, "SELECT name, key_hash, budget, created, revoked FROM api_keys ORDER BY name")
         return [ApiKey(r[0], r[1][:16], r[2], int(r[3]), None if r[4] is None else int(r[4])) for r in rows]
 
     # -- serving -------------------------------------------------------------------------
     def lookup(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, else None (revocation takes effect at once)."""
         with self._lock:
-            rows = self.ledger.query(
+            rows = reads.query(self.ledger, 
                 "SELECT name, key_hash, budget, created, revoked FROM api_keys WHERE key_hash = ?", (hash_key(secret),))
         if not rows or rows[0][4] is not None:
             return None
@@ -134,7 +135,7 @@ class KeyStore:
     def status(self, key: ApiKey) -> BudgetStatus:
         """The key's budget: cap, used, remaining, windows."""
         with self._lock:
-            return self.ledger.status(key.budget)
+            return reads.status(self.ledger, key.budget)
 
     def reserve(self, key: ApiKey, want: int, conn: int = 0) -> Grant:
         """Reserve up to `want` bytes of the key's budget (as many as its cap and windows allow)."""
@@ -162,7 +163,7 @@ class KeyStore:
             for w in st.windows:
                 if w["remaining_bytes"] > 0:
                     continue
-                rows = self.ledger.query("SELECT MIN(ts) FROM reservations WHERE budget = ? AND ts > ?",
+                rows = reads.query(self.ledger, "SELECT MIN(ts) FROM reservations WHERE budget = ? AND ts > ?",
                                          (key.budget, now - w["seconds"] * 1_000_000))
                 oldest = rows[0][0] if rows and rows[0][0] is not None else now
                 waits.append(max(1, -(-(int(oldest) + w["seconds"] * 1_000_000 - now) // 1_000_000)))

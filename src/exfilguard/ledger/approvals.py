@@ -43,6 +43,7 @@ from exfilguard.errors import (
     WrongBudget,
 )
 from exfilguard.ledger import merkle
+from exfilguard.ledger import reads
 from exfilguard.ledger.approval_check import APPROVAL_DOMAIN, event_approval_problems, needed, request_digest, verify_one
 from exfilguard.ledger.events import canonical as canonical_json
 from exfilguard.ledger.store import Ledger
@@ -79,13 +80,13 @@ def approver_set_json(threshold: int, keys: Sequence[str]) -> dict[str, Any]:
 
 def approver_set(ledger: Ledger, budget: str) -> tuple[int, list[str]] | None:
     """Return a budget's (threshold, sorted hex public keys), or None when it has none yet."""
-    rows = ledger.query("SELECT threshold, keys FROM budget_approvers WHERE budget = ?", (budget,))
+    rows = reads.query(ledger, "SELECT threshold, keys FROM budget_approvers WHERE budget = ?", (budget,))
     return (int(rows[0][0]), list(json.loads(rows[0][1]))) if rows else None
 
 
 def applied_request(ledger: Ledger, nonce: str) -> int | None:
     """Return the ledger entry that applied the request with this nonce, or None."""
-    rows = ledger.query("SELECT seq FROM applied_requests WHERE nonce = ?", (nonce,))
+    rows = reads.query(ledger, "SELECT seq FROM applied_requests WHERE nonce = ?", (nonce,))
     return int(rows[0][0]) if rows else None
 
 
@@ -199,12 +200,12 @@ def make_request(
         raise ConfigError("say why in --reason: approvers sign it and the ledger keeps it")
     if expires_in <= 0:
         raise ConfigError("--expires must be a positive duration, e.g. 1h or 2d")
-    st = ledger.status(budget)
+    st = reads.status(ledger, budget)
     current = approver_set(ledger, budget)
     if current is None:
         raise ConfigError(f"budget {budget!r} has no approvers yet; set them once with `exfilguard budget init`")
     now = int(time.time() * 1_000_000) if now is None else now
-    head = ledger.tree_head()
+    head = reads.tree_head(ledger)
     req: dict[str, Any] = {
         "type": REQUEST_TYPE,
         "budget": st.budget,
@@ -419,7 +420,7 @@ def apply_request(
     name = request["budget"]
     if budget is not None and budget != name:
         raise WrongBudget(f"the request is for budget {name!r}, not {budget!r}")
-    if name not in ledger.budgets():
+    if name not in reads.budgets(ledger):
         raise WrongBudget(f"the request is for budget {name!r}, which ledger {ledger.url} does not have")
     for i, a in enumerate(approvals):
         if a["budget"] != name:
@@ -453,7 +454,7 @@ def _check_history(ledger: Ledger, request: dict[str, Any]) -> None:
     """Refuse a request whose ledger head is not in this ledger's history (another ledger, or rewritten)."""
     h = request["head"]
     leaves: list[bytes] = []
-    for seq, entry in ledger.entries():
+    for seq, entry in reads.entries(ledger):
         if seq >= h["tree_size"]:
             break
         leaves.append(merkle.leaf_hash(entry))

@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from exfilguard.errors import ConfigError, LedgerTampered
 from exfilguard.ledger.events import canonical
-from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json, key_id, sign_tree_head, verify_tree_head
+from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json, key_id, sign_tree_head
+from exfilguard.ledger.keytools import verify_tree_head
 
 CHECKPOINT_DOMAIN = b"exfilguard-checkpoint-v1\x00"
 CHECKPOINT_VERSION = 1

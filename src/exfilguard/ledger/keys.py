@@ -1,26 +1,26 @@
-"""Ed25519 keys and signed tree heads (STH).
+"""Ed25519 signed tree heads (STH): what the meter signs, and the signing key it loads.
 
 The signed message of a tree head is ``b"exfilguard-sth-v1\\x00" || tree_size (8 bytes,
 big-endian) || timestamp in microseconds (8 bytes, big-endian) || root (32 bytes)``.
 A key id is the first 16 hex digits of SHA-256 of the raw 32-byte public key. A published
 head is the JSON ``{"tree_size", "ts", "root" (hex), "key_id", "signature" (hex)}``.
+Making key pairs, loading public keys and checking signatures (the CLI's and the auditor's side)
+are in keytools.py, which the meter does not import.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from exfilguard.errors import ConfigError
+from exfilguard.base_errors import ConfigError
 
 STH_DOMAIN = b"exfilguard-sth-v1\x00"
 
@@ -47,22 +47,6 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def generate_keypair(out: Path) -> tuple[Path, Path]:
-    """Write a new Ed25519 private key to `out` (mode 0600, PEM) and its public key to `out`.pub."""
-    out = Path(out)
-    pub_path = out.with_name(out.name + ".pub")
-    if out.exists():
-        raise ConfigError(f"{out} already exists; refusing to overwrite a key (remove it first)")
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub_path.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return out, pub_path
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -80,19 +64,6 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Load an Ed25519 public key (PEM) or raise ConfigError saying what is wrong."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read public key {path}: {exc.strerror}") from None
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path} is not an Ed25519 public key")
-    return key
 
 
 def sign_tree_head(key: Ed25519PrivateKey, tree_size: int, ts: int, root: bytes) -> TreeHead:
@@ -101,13 +72,6 @@ def sign_tree_head(key: Ed25519PrivateKey, tree_size: int, ts: int, root: bytes)
     return TreeHead(tree_size, ts, root, key_id(key.public_key()), sig)
 
 
-def verify_tree_head(public: Ed25519PublicKey, head: TreeHead) -> bool:
-    """Return True when `head` carries a valid signature by `public`."""
-    try:
-        public.verify(head.signature, sth_message(head.tree_size, head.ts, head.root))
-    except InvalidSignature:
-        return False
-    return True
 
 
 def head_to_json(head: TreeHead) -> dict[str, Any]:

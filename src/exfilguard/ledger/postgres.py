@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from exfilguard.errors import LedgerUnavailable
+from exfilguard.base_errors import LedgerUnavailable
 from exfilguard.ledger.storage import Storage, one_line, redact
 
 
@@ -54,9 +54,6 @@ class PostgresStorage(Storage):
 
     def pipeline(self) -> Any:
         return self._conn.pipeline()
-
-    def lock_row(self) -> str:
-        return " FOR UPDATE"
 
     def sql(self, sql: str) -> str:
         return sql.replace("?", "%s")

@@ -18,6 +18,7 @@ from typing import Any
 
 from exfilguard.errors import ConfigError, LedgerTampered
 from exfilguard.ledger import merkle, merkle_proofs
+from exfilguard.ledger import reads
 from exfilguard.ledger.checkpoint import Checkpoint, canonical_json
 from exfilguard.ledger.events import decode_event
 from exfilguard.ledger.keys import TreeHead
@@ -51,7 +52,7 @@ class InclusionProof:
 
 def _leaf_hashes(ledger: Ledger, size: int) -> list[bytes]:
     leaves: list[bytes] = []
-    for seq, entry in ledger.entries():
+    for seq, entry in reads.entries(ledger):
         if seq != len(leaves):
             raise LedgerTampered(f"ledger {ledger.url} has a gap at entry {len(leaves)} (entries deleted or renumbered)")
         if seq >= size:
@@ -86,7 +87,7 @@ def prove_inclusion(ledger: Ledger, seq: int, head: TreeHead) -> InclusionProof:
         raise ConfigError(f"entry {seq} is not in a checkpoint of {head.tree_size} entries (0..{head.tree_size - 1})")
     leaves = _leaf_hashes(ledger, head.tree_size)
     _check_head(leaves, head, "given")
-    entry = next(e for s, e in ledger.entries(seq) if s == seq)
+    entry = next(e for s, e in reads.entries(ledger, seq) if s == seq)
     if merkle.leaf_hash(entry) != leaves[seq]:
         raise LedgerTampered(f"entry {seq} changed while the proof was made")
     return InclusionProof(seq, head.tree_size, head.root, entry, merkle_proofs.inclusion_proof(leaves, seq))

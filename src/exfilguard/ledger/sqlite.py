@@ -7,7 +7,7 @@ import sqlite3
 import time
 from typing import Any
 
-from exfilguard.errors import ConfigError, LedgerUnavailable
+from exfilguard.base_errors import ConfigError, LedgerUnavailable
 from exfilguard.ledger.storage import Storage
 
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from exfilguard.errors import ConfigError, LedgerUnavailable
+from exfilguard.base_errors import ConfigError, LedgerUnavailable
 
 SCHEMA_VERSION = "1"
 
@@ -109,10 +109,6 @@ class Storage:
 
     def ddl(self, stmt: str) -> str:
         return stmt
-
-    def lock_row(self) -> str:
-        """Appended to a SELECT that must lock the rows it reads until the commit."""
-        return ""
 
     def pipeline(self) -> contextlib.AbstractContextManager[Any]:
         """Send the statements inside without waiting for each answer (PostgreSQL); errors surface at exit."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
+from exfilguard.base_errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import merkle
 from exfilguard.ledger.accounting import (
     BudgetState, BudgetStatus, Grant, LedgerState, Window, budget_row_problems, check_release, check_settlement,
@@ -52,7 +52,8 @@ class _Pending:
     budgets: dict[str, tuple[int, int, int, str]] = field(default_factory=dict)
 
 
-def _frontier(blob: Any) -> list[bytes]:
+def unpack_frontier(blob: Any) -> list[bytes]:
+    """The head row's frontier blob as its list of 32-byte hashes."""
     b = bytes(blob)
     return [b[i : i + 32] for i in range(0, len(b), 32)]
 
@@ -102,7 +103,7 @@ class Ledger:
                 if row is None:
                     raise LedgerUnavailable(f"ledger {self.url} has no head row; it is not an exfilguard ledger")
                 size, frontier, last_ts, last_leaf, now = row
-                head = Head(int(size), _frontier(frontier), int(last_ts), bytes(last_leaf), max(int(now), int(last_ts)))
+                head = Head(int(size), unpack_frontier(frontier), int(last_ts), bytes(last_leaf), max(int(now), int(last_ts)))
                 self._catch_up(cur, head)
                 self._pending = _Pending()
                 start = head.tree_size
@@ -341,15 +342,11 @@ class Ledger:
         self.append(cur, head, "release", budget=r.budget, meter=meter, res=res, used=used, returned=back, reserved=b.reserved - back)
         return back
 
-    def settle(self, releases: Sequence[tuple[int, int]], budget: str, want: int = 0, meter: str = "", conn: int = 0) -> Grant:
-        """Settle each (reservation, used) and, when `want` > 0, reserve the next block: one transaction.
-
-        With want == 0 the Grant has no reservation and reports the budget's debit after the releases.
-        """
-        return self.write(lambda cur, head: self._settle(cur, head, releases, budget, want, meter, conn))
-
     def _settle(self, cur: Any, head: Head, releases: Sequence[tuple[int, int]], budget: str, want: int, meter: str,
                 conn: int) -> Grant:
+        """Settle each (reservation, used) and, when `want` > 0, reserve the next block (the meter's one
+        call, the batch op "settle"). With want == 0 the Grant has no reservation and reports the
+        budget's debit after the releases."""
         check_settlement(self._state, releases)  # all valid before any is applied
         for res, used in releases:
             self._release(cur, head, res, used, meter)
@@ -360,10 +357,6 @@ class Ledger:
             raise ConfigError(f"no budget {budget!r} in ledger {self.url}")
         return Grant(None, 0, b.reserved, b.cap - b.reserved, "")
 
-    def _renew(self, cur: Any, head: Head, prev: int, used: int, budget: str, want: int, meter: str, conn: int) -> Grant:
-        """Settle a used-up reservation and take the next: one commit."""
-        return self._settle(cur, head, [(prev, used)], budget, want, meter, conn)
-
     def record(self, kind: str, **fields: Any) -> int:
         """Append one event (meter_start, meter_stop, deny, ...); return its sequence number."""
         return self.write(lambda cur, head: self.append(cur, head, kind, **fields))
@@ -372,11 +365,10 @@ class Ledger:
         """Run several operations in one transaction (one durable commit).
 
         Each op is ("reserve", (budget, want, meter, conn)), ("release", (res, used, meter)),
-        ("renew", (res, used, budget, want, meter, conn)), ("settle", (releases, budget, want, meter, conn))
-        or ("record", (kind, fields)). A ValueError or ConfigError in one op is returned in its slot;
+        ("settle", (releases, budget, want, meter, conn)) or ("record", (kind, fields)). A ValueError or ConfigError in one op is returned in its slot;
         a database failure fails the whole batch with LedgerUnavailable.
         """
-        run = {"reserve": self._reserve, "release": self._release, "settle": self._settle, "renew": self._renew,
+        run = {"reserve": self._reserve, "release": self._release, "settle": self._settle,
                "record": lambda cur, head, kind, fields: self.append(cur, head, kind, **fields)}
 
         def body(cur: Any, head: Head) -> list[Any]:
@@ -392,11 +384,12 @@ class Ledger:
 
         return self.write(body)
 
-    def add_tree_head(self, head: TreeHead) -> None:
-        """Store a signed tree head."""
-        self.write(lambda cur, _h: cur.execute(
-            self.db.sql("INSERT INTO tree_heads (tree_size, ts, root, key_id, signature) VALUES (?, ?, ?, ?, ?)"),
-            (head.tree_size, head.ts, head.root, head.key_id, head.signature)))
+    def add_tree_head(self, head: TreeHead, cur: Any = None) -> None:
+        """Store a signed tree head: in the open write transaction `cur`, else in a transaction of its own."""
+        if cur is None:
+            return self.write(lambda c, _h: self.add_tree_head(head, c))
+        cur.execute(self.db.sql("INSERT INTO tree_heads (tree_size, ts, root, key_id, signature) VALUES (?, ?, ?, ?, ?)"),
+                    (head.tree_size, head.ts, head.root, head.key_id, head.signature))
 
     def ping(self, really: bool = False) -> None:
         """Raise LedgerUnavailable (or LedgerTampered) unless a write transaction (`really` writing a row) commits now."""
@@ -412,7 +405,7 @@ class Ledger:
             cur = Reads(db)
             size, frontier, last_ts, last_leaf = cur.execute(
                 db.sql("SELECT tree_size, frontier, last_ts, last_leaf FROM ledger_head WHERE id = 1")).fetchone()
-            head = Head(int(size), _frontier(frontier), int(last_ts), bytes(last_leaf), max(int(time.time() * 1e6), int(last_ts)))
+            head = Head(int(size), unpack_frontier(frontier), int(last_ts), bytes(last_leaf), max(int(time.time() * 1e6), int(last_ts)))
             self._catch_up(cur, head)
             row = cur.execute(db.sql("SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets WHERE name = ?"),
                               (budget,)).fetchone()
@@ -432,65 +425,6 @@ class Ledger:
         if probs:
             raise self._tampered(probs[0])
         return replayed_status(self._state, budget, head.now, head.tree_size, merkle.frontier_root(head.frontier).hex())
-
-    # -- reads -------------------------------------------------------------------------
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run one read (``?`` placeholders); LedgerUnavailable when the database cannot answer."""
-        try:
-            return self.db.read(self.db.sql(sql), tuple(params))
-        except self.db.errors as exc:
-            self.db.broken()
-            raise LedgerUnavailable(f"ledger {self.url} cannot be read: {one_line(exc)}") from None
-
-    def tree_head(self) -> TreeHead:
-        """Return the current (unsigned) tree head: size, last timestamp and root."""
-        rows = self.query("SELECT tree_size, frontier, last_ts FROM ledger_head WHERE id = 1")
-        if not rows:
-            raise LedgerUnavailable(f"ledger {self.url} has no head row")
-        size, frontier, ts = rows[0]
-        return TreeHead(int(size), int(ts), merkle.frontier_root(_frontier(frontier)))
-
-    def budgets(self) -> list[str]:
-        """Return the names of all budgets."""
-        return [r[0] for r in self.query("SELECT name FROM budgets ORDER BY name")]
-
-    def status(self, budget: str | None = None) -> BudgetStatus:
-        """Return one budget's totals (the only budget when `budget` is None)."""
-        names = self.budgets()
-        if budget is None:
-            if len(names) != 1:
-                raise ConfigError(f"ledger {self.url} holds {len(names)} budgets ({', '.join(names) or 'none'}); name one with --budget")
-            budget = names[0]
-        rows = self.query("SELECT cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets WHERE name = ?", (budget,))
-        if not rows:
-            raise ConfigError(f"no budget {budget!r} in ledger {self.url} (it has: {', '.join(names) or 'none'})")
-        cap, reserved, outstanding = (int(x) for x in rows[0][:3])
-        head = self.tree_head()
-        now = max(int(time.time() * 1_000_000), head.ts)
-        wins = []
-        for w in windows_from_json(rows[0][3]):
-            used = int(self.query("SELECT COALESCE(SUM(COALESCE(used, amount)), 0) FROM reservations WHERE budget = ? AND ts > ?",
-                                  (budget, now - w.seconds * 1_000_000))[0][0])
-            wins.append({"seconds": w.seconds, "limit_bytes": w.limit, "used_bytes": used, "remaining_bytes": max(0, w.limit - used)})
-        return BudgetStatus(budget=budget, cap_bytes=cap, used_bytes=reserved, reserved_bytes=reserved,
-                            remaining_bytes=cap - reserved, outstanding_bytes=outstanding, tree_size=head.tree_size,
-                            root=head.root.hex(), windows=wins, forwarded_bytes=reserved - outstanding)
-
-    def entries(self, start: int = 0, chunk: int = 5000) -> Iterator[tuple[int, bytes]]:
-        """Yield (seq, entry bytes) in seq order."""
-        last = start - 1
-        while True:
-            rows = self.query("SELECT seq, entry FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk))
-            if not rows:
-                return
-            for seq, entry in rows:
-                yield int(seq), bytes(entry)
-            last = int(rows[-1][0])
-
-    def tree_heads(self) -> list[TreeHead]:
-        """Return every stored signed tree head, oldest first."""
-        rows = self.query("SELECT tree_size, ts, root, key_id, signature FROM tree_heads ORDER BY ts, tree_size")
-        return [TreeHead(int(a), int(b), bytes(c), d, bytes(e)) for a, b, c, d, e in rows]
 
 
 def _fmt_windows(wjson: str) -> str:

@@ -14,9 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from exfilguard.errors import LedgerUnavailable
 from exfilguard.ledger.storage import one_line
+from exfilguard.ledger import reads
 from exfilguard.ledger import merkle
 from exfilguard.ledger.events import GENESIS_PREV, decode_event
-from exfilguard.ledger.keys import TreeHead, key_id, verify_tree_head
+from exfilguard.ledger.keys import TreeHead, key_id
+from exfilguard.ledger.keytools import verify_tree_head
 from exfilguard.ledger.accounting import LedgerState, budget_row_problems, reservation_row_problems
 from exfilguard.ledger.store import Ledger
 
@@ -89,7 +91,7 @@ def _verify(
     last_ts = 0
     seen: dict[bytes, int] = {}  # leaf hash -> position, to tell an insertion from a change
     chain: list[str] = []  # only the first break in the chain is reported: the rest follows from it
-    for position, (seq, entry) in enumerate(ledger.entries()):
+    for position, (seq, entry) in enumerate(reads.entries(ledger)):
         if seq != position:
             if seq > position:
                 chain.append(f"entry {position} is missing (deleted?): the log jumps from {position - 1} to {seq}")
@@ -135,7 +137,7 @@ def _verify(
     rep.root = root.hex()
 
     # The head row is a cache of the tree; it must agree with the entries.
-    size, frontier = ledger.query("SELECT tree_size, frontier FROM ledger_head WHERE id = 1")[0]
+    size, frontier = reads.query(ledger, "SELECT tree_size, frontier FROM ledger_head WHERE id = 1")[0]
     size, frontier = int(size), [bytes(frontier)[i : i + 32] for i in range(0, len(bytes(frontier)), 32)]
     if size != n:
         rep.problems.append(
@@ -176,7 +178,7 @@ def _check_heads(
     sth_interval: float, now: float,
 ) -> None:
     keys = {key_id(k): k for k in public_keys}
-    heads = ledger.tree_heads()
+    heads = reads.tree_heads(ledger)
     n = len(leaves)
     if not public_keys:
         if heads:
@@ -245,8 +247,8 @@ def _check_accounting(ledger: Ledger, events: list[Any], rep: VerifyReport) -> N
         if ev is not None:
             st.apply(ev)
     rep.problems.extend(st.problems)
-    brows = ledger.query("SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets ORDER BY name")
-    rrows = ledger.query("SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")
+    brows = reads.query(ledger, "SELECT name, cap_bytes, reserved_bytes, outstanding_bytes, windows FROM budgets ORDER BY name")
+    rrows = reads.query(ledger, "SELECT id, budget, ts, amount, used FROM reservations ORDER BY id")
     rep.problems.extend(budget_row_problems(st, [(r[0], int(r[1]), int(r[2]), int(r[3]), r[4]) for r in brows]))
     rep.problems.extend(reservation_row_problems(
         st, [(int(a), b, int(c), int(d), None if e is None else int(e)) for a, b, c, d, e in rrows]))
@@ -259,8 +261,8 @@ def _approval_row_problems(ledger: Ledger, st: LedgerState) -> list[str]:
     out: list[str] = []
     try:
         approver_rows = {r[0]: (int(r[1]), list(json.loads(r[2])))
-                         for r in ledger.query("SELECT budget, threshold, keys FROM budget_approvers ORDER BY budget")}
-        applied = {r[0]: (r[1], int(r[2])) for r in ledger.query("SELECT nonce, budget, seq FROM applied_requests ORDER BY seq")}
+                         for r in reads.query(ledger, "SELECT budget, threshold, keys FROM budget_approvers ORDER BY budget")}
+        applied = {r[0]: (r[1], int(r[2])) for r in reads.query(ledger, "SELECT nonce, budget, seq FROM applied_requests ORDER BY seq")}
     except LedgerUnavailable:
         # a ledger made before k-of-n changes existed, opened read-only, lacks these tables
         approver_rows, applied = {}, {}

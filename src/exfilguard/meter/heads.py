@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from exfilguard.errors import ConfigError
+from exfilguard.base_errors import ConfigError
 from exfilguard.ledger.events import canonical
 from exfilguard.ledger import Ledger, merkle
 from exfilguard.ledger.keys import TreeHead, head_from_json, head_to_json, key_id, sign_tree_head
@@ -128,8 +128,7 @@ class HeadSigner:
                     return None
                 sth = sign_tree_head(key, head.tree_size, max(head.last_ts, int(time.time() * 1_000_000)),
                                      merkle.frontier_root(head.frontier))
-                cur.execute(led.db.sql("INSERT INTO tree_heads (tree_size, ts, root, key_id, signature) VALUES (?, ?, ?, ?, ?)"),
-                            (sth.tree_size, sth.ts, sth.root, sth.key_id, sth.signature))
+                led.add_tree_head(sth, cur)
                 self._signed_size = head.tree_size  # on the ledger's thread: the next call sees it
                 return sth
 

@@ -20,7 +20,7 @@ GIL_SWITCH_S = 0.0005
 
 def run(main: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
     """Run `main` to completion on the chosen loop: auto (uvloop if installed), asyncio or uvloop."""
-    from exfilguard.errors import ConfigError
+    from exfilguard.base_errors import ConfigError
 
     if loop not in LOOPS:
         main.close()

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from exfilguard.errors import LedgerUnavailable
+from exfilguard.base_errors import LedgerUnavailable
 from exfilguard.meter.proxy import LEDGER_FAILURES
 
 log = logging.getLogger("exfilguard.meter")

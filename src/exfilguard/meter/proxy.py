@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from exfilguard.errors import ConfigError, LedgerTampered, LedgerUnavailable
+from exfilguard.base_errors import ConfigError, LedgerTampered, LedgerUnavailable
 from exfilguard.ledger import Grant
 from exfilguard.meter.blocks import (
     CLOSE_CHARGE, EVENT_MIN, GROW_MAX, GROW_TARGET, OPEN_CHARGE, next_size, stalled_size, within_room,

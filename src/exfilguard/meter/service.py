@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from exfilguard.errors import ConfigError, UpstreamUnavailable
+from exfilguard.base_errors import ConfigError, UpstreamUnavailable
 from exfilguard.ledger import Grant, Ledger, open_ledger
 from exfilguard.ledger.keys import load_private_key
 from exfilguard.meter import loop as event_loop

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from exfilguard.errors import LedgerUnavailable
+from exfilguard.base_errors import LedgerUnavailable
 from exfilguard.ledger.store import Ledger
 
 _STOP = object()
@@ -45,7 +45,7 @@ class LedgerWorker:
         return await self._submit(("call", fn))
 
     async def op(self, name: str, *args: Any) -> Any:
-        """Queue one batchable op ("reserve", "release", "renew", "record"); await its result."""
+        """Queue one batchable op ("reserve", "release", "settle", "record"); await its result."""
         res = await self._submit(("op", (name, args)))
         if isinstance(res, Exception):
             raise res

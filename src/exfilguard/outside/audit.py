@@ -138,7 +138,8 @@ def log_signing_key(config: AuditConfig) -> Any:
     """The key that signs the request log: config.log_key, else REQUEST_LOG.key (made on first use)."""
     from pathlib import Path
 
-    from exfilguard.ledger.keys import generate_keypair, load_private_key
+    from exfilguard.ledger.keys import load_private_key
+    from exfilguard.ledger.keytools import generate_keypair
 
     assert config.request_log is not None
     path = Path(config.log_key) if config.log_key else Path(config.request_log + ".key")

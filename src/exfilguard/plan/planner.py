@@ -180,15 +180,15 @@ def measure(ledger_url: str, tokens_per_day: float, tokens: float | None = None,
     """
     import time
 
-    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger import open_ledger, reads
     from exfilguard.ledger.events import decode_event
 
     led = open_ledger(ledger_url, create=False)
     try:
-        st = led.status(budget)
+        st = reads.status(led, budget)
         since = None
         last_ts = 0
-        for seq, entry in led.entries():
+        for seq, entry in reads.entries(led):
             try:
                 ev = decode_event(entry)
             except ValueError as exc:

@@ -190,7 +190,7 @@ def run_timing(cfg: TimingConfig, strong: Any = None, weak: Any = None,
 
 
 def _channel(ch: str, cfg: TimingConfig, strong: Any, weak: Any, codecs: Any, ledger_url: str, lt: Any) -> ChannelResult:
-    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger import open_ledger, reads
     from exfilguard.meter import Meter, MeterConfig
 
     attacker = TimingInside(cfg, strong, weak, codecs)
@@ -217,7 +217,7 @@ def _channel(ch: str, cfg: TimingConfig, strong: Any, weak: Any, codecs: Any, le
     seconds = time.monotonic() - t0
     led = open_ledger(ledger_url)
     try:
-        charged = int(led.status("default").used_bytes)
+        charged = int(reads.status(led, "default").used_bytes)
     finally:
         led.close()
     sent = attacker.bits

@@ -137,7 +137,7 @@ def new_api_key(data_dir: Path) -> str:
 
 def meter_signing_key(ddir: Path) -> Path:
     """DATA_DIR/meter-key (made on first use, kept across restarts): the meter signs tree heads."""
-    from exfilguard.ledger.keys import generate_keypair
+    from exfilguard.ledger.keytools import generate_keypair
 
     path = Path(ddir) / "meter-key"
     if not path.is_file():
@@ -433,7 +433,8 @@ def up_config(strong: str, weak: str | None, cap: str | None, port: int, data_di
     `metrics` and `dashboard_port` left at None take their defaults (DEFAULT_METRICS, DEFAULT_DASHBOARD_PORT);
     a default that is taken is replaced by a free port, said on stdout; one given and taken is an error."""
     from exfilguard.ledger.keys import load_private_key
-    from exfilguard.meter.config import DEFAULT_BLOCK, parse_duration, parse_hostport, parse_size, parse_window
+    from exfilguard.meter.config import DEFAULT_BLOCK, parse_hostport
+    from exfilguard.units import parse_duration, parse_size, parse_window
     from exfilguard.models.loading import resolve_weak_spec, weight_file_bytes
 
     ddir = Path(data_dir)

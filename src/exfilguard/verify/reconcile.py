@@ -71,7 +71,7 @@ class Reconciliation:
 def reconcile(log_path: str | Path, ledger_url: str, budget: str | None = None, public_key: Any = None,
               tolerance: int = 0, timing_charged: int = 0) -> Reconciliation:
     """Count both sides; LogCorrupt for a bad log, LogUnreconciled when they disagree."""
-    from exfilguard.ledger import open_ledger
+    from exfilguard.ledger import open_ledger, reads
 
     answers = answer_bytes = conns = hello = 0
     for rec in read_log(log_path, public_key):
@@ -83,7 +83,7 @@ def reconcile(log_path: str | Path, ledger_url: str, budget: str | None = None, 
             hello += rec.hello_bytes
     led = open_ledger(ledger_url, create=False)
     try:
-        st = led.status(budget)
+        st = reads.status(led, budget)
     finally:
         led.close()
     r = Reconciliation(answers, answer_bytes, conns, hello, st.forwarded_bytes, st.outstanding_bytes, tolerance,
