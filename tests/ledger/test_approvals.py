@@ -136,7 +136,7 @@ def test_replay_race_applies_once(led, keys):
     req = raise_to(led, 5000)
     sigs = signed(req, keys[0], keys[1])
     results: list[object] = []
-    url = led.url if led.dialect == "sqlite" else led.db._dsn
+    url = led.url if led.db.dialect == "sqlite" else led.db._dsn
 
     def go():
         other = open_ledger(url, create=False)

@@ -79,10 +79,6 @@ class Ledger:
         return self.db.url
 
     @property
-    def dialect(self) -> str:
-        return self.db.dialect
-
-    @property
     def state(self) -> LedgerState:
         """The accounting replayed from the log; current inside a write transaction's body."""
         return self._state

@@ -2,13 +2,13 @@
 
 It imports no ML library and nothing from exfilguard.codec or exfilguard.models.
 
-Public API: ``MeterConfig``, ``Meter`` (start/stop/status) and ``run_meter(config, ready)``. A
+Public API: ``MeterConfig`` and ``Meter`` (start/stop/wait_closed/status). A
 budget's totals for other components: ``exfilguard.ledger.reads.budget_status``; the parsers of
 command-line sizes and durations: ``exfilguard.units``.
 """
 
 from exfilguard.ledger.accounting import Window
 from exfilguard.meter.config import DEFAULT_BLOCK, MeterConfig
-from exfilguard.meter.service import Meter, run_meter
+from exfilguard.meter.service import Meter
 
-__all__ = ["DEFAULT_BLOCK", "Meter", "MeterConfig", "Window", "run_meter"]
+__all__ = ["DEFAULT_BLOCK", "Meter", "MeterConfig", "Window"]

@@ -76,14 +76,6 @@ class HeadPublisher:
         return heads
 
 
-def parse_target(target: str | None) -> HeadPublisher | None:
-    """A publisher for --publish-heads, or None."""
-    if not target:
-        return None
-    return HeadPublisher(target)
-
-
-
 class HeadSigner:
     """Meter's head signing (a mixin: it uses the Meter's key, worker and publisher): every
     --sth-interval when the log grew, at start, after connections settled at rest, and at stop."""
@@ -144,4 +136,4 @@ class HeadSigner:
                 log.error("could not publish signed tree head %d to %s: %s", sth.tree_size, self._publisher.target, exc)
 
 
-__all__ = ["HeadPublisher", "HeadSigner", "parse_target"]
+__all__ = ["HeadPublisher", "HeadSigner"]

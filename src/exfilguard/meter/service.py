@@ -22,7 +22,7 @@ from exfilguard.ledger import Grant, Ledger, open_ledger
 from exfilguard.ledger.keys import load_private_key
 from exfilguard.meter import loop as event_loop
 from exfilguard.meter.config import MeterConfig, parse_hostport
-from exfilguard.meter.heads import HeadSigner, parse_target
+from exfilguard.meter.heads import HeadPublisher, HeadSigner
 from exfilguard.meter.metrics import MeterMetrics
 from exfilguard.meter.probe import LedgerProbe
 from exfilguard.meter.conn import connect_upstream
@@ -33,7 +33,7 @@ log = logging.getLogger("exfilguard.meter")
 
 
 class Meter(HeadSigner, LedgerProbe, Proxy):
-    """A running meter: ``await start()``, then ``await stop()`` (or use run_meter)."""
+    """A running meter: ``await start()``, then ``await stop()`` (``wait_closed()`` returns once it stopped)."""
 
     def __init__(self, config: MeterConfig):
         config.validate()
@@ -47,7 +47,7 @@ class Meter(HeadSigner, LedgerProbe, Proxy):
         self.metrics_address: tuple[str, int] | None = None
         self._worker = LedgerWorker(self._open_ledger, on_commit=self.metrics.commit_seconds.observe)
         self._key = load_private_key(config.signing_key) if config.signing_key else None
-        self._publisher = parse_target(config.publish_heads)
+        self._publisher = HeadPublisher(config.publish_heads) if config.publish_heads else None
         if self._publisher is not None and self._key is None:
             raise ConfigError("--publish-heads needs --signing-key: only signed heads are published")
         self._server: asyncio.base_events.Server | None = None
@@ -266,20 +266,3 @@ class Meter(HeadSigner, LedgerProbe, Proxy):
         finally:
             writer.close()
 
-
-async def run_meter(config: MeterConfig, ready: asyncio.Event | None = None, meter_out: list[Meter] | None = None) -> None:
-    """Run a meter until cancelled; set `ready` once it accepts connections.
-
-    Raises ConfigError, LedgerUnavailable or UpstreamUnavailable when it cannot start. On
-    cancellation it stops cleanly (releases reservations, records the stop, signs a head).
-    """
-    meter = Meter(config)
-    if meter_out is not None:
-        meter_out.append(meter)
-    await meter.start()
-    if ready is not None:
-        ready.set()
-    try:
-        await meter.wait_closed()
-    finally:
-        await asyncio.shield(meter.stop())
