@@ -13,11 +13,14 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 ROOTS = ("exfilguard.meter",)  # every module of the meter package is in (see _closure)
-MAX_LINES = 3500  # the whole base (4,314 lines in 20 files before issue 21; it asks for <= 2,000)
+MAX_LINES = 3100  # the whole base: 3,091 (4,314 in 20 files before issue 21, 3,475 before its last split; it asks for <= 2,000)
 MAX_FILE = 500
-# Governance and audit: imported by the CLI, never by the meter.
+# Governance and audit: imported by the CLI, never by the meter. And what was split off the base so that
+# it stays off: the row reads (ledger/reads.py), key files (keytools.py), the error tree beyond the
+# base's errors (errors.py; the base imports base_errors.py), the command-line value parsers (units.py).
 NEVER = ("exfilguard.ledger.approvals", "exfilguard.ledger.apikeys", "exfilguard.ledger.checkpoint",
-         "exfilguard.ledger.proofs", "exfilguard.ledger.verify", "exfilguard.ledger.merkle_proofs")
+         "exfilguard.ledger.proofs", "exfilguard.ledger.verify", "exfilguard.ledger.merkle_proofs",
+         "exfilguard.ledger.reads", "exfilguard.ledger.keytools", "exfilguard.errors", "exfilguard.units")
 
 
 def _file(mod: str) -> Path | None:
