@@ -398,6 +398,31 @@ def test_mix_tables_are_exact_distributions(vocab: int, sharp: float, temperatur
                 assert d.cost_bits(tok) <= bound + 0.01
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    vocab=st.integers(2, 3000),
+    sharp=st.floats(0.1, 8.0),
+    temperature=st.sampled_from([0.0, 0.7, 1.0]),
+    exact=st.booleans(),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_token_cost_bits_is_what_the_tables_charge(vocab: int, sharp: float, temperature: float, exact: bool, seed: int) -> None:
+    """The encoder's per-token price in every mode (computed without building the tables) equals
+    the built table's price: candidates, plain-only tokens and tail tokens."""
+    from exfilguard.codec.coupled import PLAIN, mode_dist, token_cost_bits
+
+    rng = np.random.default_rng(seed % 2**32)
+    logits = (rng.standard_normal(vocab) * sharp).astype(np.float32)
+    plain = logits if temperature <= 0 else logits / np.float32(temperature)
+    freqs = (rng.integers(1, 5000, vocab)).astype(np.int64) if exact else None
+    pos = position_levels(coupled_scores(logits, temperature, seed, 3), plain, freqs)
+    tails = np.setdiff1d(np.arange(vocab), pos.plain_dist.order)
+    toks = {int(pos.ids[0]), int(pos.ids[-1]), int(np.argmin(logits)), *map(int, rng.integers(0, vocab, 4)), *map(int, tails[:3])}
+    for tok in toks:
+        want = [mode_dist(pos, m).cost_bits(tok) for m in range(PLAIN + 1)]
+        assert token_cost_bits(pos, tok).tolist() == want
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_teacher_forced_encoder_roundtrips(tiny_model: LanguageModel, exact: bool) -> None:
     """The inside's batched encoder against the outside's incremental decoder: a real model

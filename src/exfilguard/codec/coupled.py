@@ -126,6 +126,16 @@ class Position:
         every mode's table mixes it in, and the encoder prices every mode."""
         return Q.from_frequencies(self.freqs) if self.freqs is not None else Q.quantize(self.plain, 0)
 
+    @cached_property
+    def plain_index(self) -> np.ndarray:
+        """Token id -> its position in the plain table's order, -1 for the tail."""
+        order = self.plain_dist.order
+        if self.freqs is not None:  # an exact table lists every id, in id order (Q.from_frequencies)
+            return order
+        out = np.full(self.vocab_size, -1, dtype=np.int64)
+        out[order] = np.arange(order.size)
+        return out
+
     @property
     def vocab_size(self) -> int:
         return int(self.plain.size)
@@ -219,11 +229,30 @@ def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
 
 
 def token_cost_bits(pos: Position, token: int) -> np.ndarray:
-    """Exact coding cost of `token` in every mode (bits), for choosing the mode per chunk."""
+    """Exact coding cost of `token` in every mode (bits), for choosing the mode per chunk.
+
+    The frequency mix_dist would give the token, without building the 49,152-entry tables
+    (7 of them per token cost the encoder ~2 ms): a token's frequency needs only its own
+    entries and the table's size. A token in the plain table's tail is priced through the
+    table itself (its escape depends on every entry)."""
     out = np.empty(len(TAUS) + 1)
-    out[PLAIN] = pos.plain_dist.cost_bits(token)
+    plain = pos.plain_dist
+    out[PLAIN] = plain.cost_bits(token)
+    at_plain = pos.plain_index[token]
+    dense_tok = int(plain.weights[at_plain]) + 1 if at_plain >= 0 else (plain.escape + 1) // max(plain.tail_size, 1)
     for m in range(len(TAUS)):
-        out[m] = mix_dist(pos, m).cost_bits(token)
+        k, w1 = _stage1_weights(pos, m)
+        ids1 = pos.ids[:k]
+        hit = np.flatnonzero(ids1 == token)
+        if not hit.size and at_plain < 0:
+            out[m] = mix_dist(pos, m).cost_bits(token)
+            continue
+        a = LAMBDAS[m]
+        b = 256 - a
+        size = k + plain.order.size - int(np.count_nonzero(pos.plain_index[ids1] >= 0))
+        room = TOTAL - (size + 1) - _MIX_SLACK
+        f = a * (int(w1[hit[0]]) + 1) + b * dense_tok if hit.size else b * dense_tok
+        out[m] = -math.log2(((f * room) // (TOTAL << 8) + 1) / TOTAL)
     return out
 
 
