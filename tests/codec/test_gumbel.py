@@ -219,3 +219,12 @@ def test_a_bad_log_falls_back_to_the_integers(monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         gumbel._approx_ok.cache_clear()
+
+
+def test_cached_noise_is_shared_read_only_and_validated() -> None:
+    a = gumbel.position_noise(5, 9, 1000)
+    assert gumbel.position_noise(5, 9, 1000) is a  # the sampler's draw serves the encoder
+    with pytest.raises(ValueError):
+        a.approx[0] = 0.0  # shared between threads: nobody may change it
+    with pytest.raises(RequestInvalid):
+        gumbel.position_noise([5], 9, 1000)  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ import numpy as np
 
 from exfilguard.codec import quantizer as Q
 from exfilguard.codec.codecs import COUPLED_CODEC_ID, Codec, CodecState, CodecStats, WeakModelState
-from exfilguard.codec.gumbel import PositionNoise, validate_seed
+from exfilguard.codec.gumbel import position_noise, validate_seed
 from exfilguard.codec.rangecoding import StepDecoder, encode_steps
 from exfilguard.errors import ConfigError, FrameCorrupt, RequestInvalid
 
@@ -108,7 +108,7 @@ def coupled_scores(logits: np.ndarray, temperature: float, seed: int, position: 
     if temperature <= 0.0:
         return row
     # The grid cells and the argmax are all position_levels reads: exact, at a fraction of the cost.
-    return PositionNoise(seed, position, row.size).perturb(row, float(temperature), GRID)
+    return position_noise(seed, position, row.size).perturb(row, float(temperature), GRID)
 
 
 @dataclass(frozen=True)
