@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -340,7 +342,20 @@ def main() -> None:
     ap.add_argument("--up", default="", help="scenarios through `exfilguard up`: long,short4")
     ap.add_argument("--long-tokens", type=int, default=6000, help="--up long: prompt length in tokens")
     ap.add_argument("--model-name", default="smollm2", help="--up: the model name the API serves")
+    ap.add_argument("--alone-only", action="store_true", help=argparse.SUPPRESS)  # the strong-alone child (below)
     args = ap.parse_args()
+    if args.alone_only:
+        from exfilguard.models import load_model
+
+        strong = load_model(args.strong, device=args.device)
+        prompts = load_prompts(args.requests, args.corpus)
+        runs = [strong_alone(strong, prompts, args.max_tokens, args.temperature, list(range(1000, 1000 + len(prompts)))) for _ in range(2)]
+        print(json.dumps({"tokens": sum(len(o) for o in runs[0][0]), "seconds": min(dt for _, dt in runs)}), flush=True)
+        return
+    if not args.decode_rate and not args.up and os.environ.get("OMP_WAIT_POLICY") is None:
+        # The stack runs as `exfilguard up` runs the inside on a CPU: OpenMP threads that sleep
+        # when idle instead of spinning (inside/serve.py), so the encoders get the cores.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     if args.decode_rate:
         decode_rate(args)
         return
@@ -355,12 +370,23 @@ def main() -> None:
     prompts = load_prompts(args.requests, args.corpus)
     seeds = list(range(1000, 1000 + len(prompts)))
     outs, alone_s = strong_alone(strong, prompts, args.max_tokens, args.temperature, seeds)
+    alone_s = min(alone_s, strong_alone(strong, prompts, args.max_tokens, args.temperature, seeds)[1])
     alone_toks = sum(len(o) for o in outs)
     ideal = ideal_bits(weak, prompts, outs)
+    # The strong model alone as a user runs it: its own process, OpenMP's default wait policy
+    # (spinning threads suit a process that only runs the model); the faster of the two is the bar.
+    child = subprocess.run([sys.executable, __file__, "--alone-only", "--strong", args.strong, "--device", args.device,
+                            "--corpus", str(args.corpus), "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                            "--temperature", str(args.temperature)], capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    default = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"strong {args.strong}, weak {weak_spec}, device {args.device}, {len(prompts)} requests x <= {args.max_tokens} tokens, "
           f"T={args.temperature}, concurrency {args.concurrency}")
-    print(f"strong alone: {alone_toks} tokens in {alone_s:.1f} s = {alone_toks / alone_s:.1f} tok/s, "
-          f"{len(prompts) / alone_s:.2f} req/s; weak-model ideal (cross-entropy) {ideal / alone_toks:.2f} bits/token")
+    print(f"strong alone (best of 2): {alone_toks} tokens in {alone_s:.1f} s = {alone_toks / alone_s:.1f} tok/s with "
+          f"OMP_WAIT_POLICY=PASSIVE (as `up` runs the inside), {default['tokens'] / default['seconds']:.1f} tok/s in its own "
+          f"process with OpenMP's default policy; 'vs alone' compares with the faster")
+    alone_s = min(alone_s, default["seconds"] * alone_toks / max(default["tokens"], 1))
+    print(f"weak-model ideal (cross-entropy) {ideal / alone_toks:.2f} bits/token")
     print("| codec | flush every | meter bits/token | UTF-8 text bits/token | meter / ideal | tok/s | vs alone | req/s | TTFT p50 s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in args.settings.split(","):
