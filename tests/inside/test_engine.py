@@ -173,3 +173,34 @@ def test_a_steps_tokens_reach_their_sinks_together(tiny):
     e.stop()
     assert [(s.ids, s.reason) for s in sinks] == alone
     assert region.most == len(reqs)
+
+
+def test_prompts_that_arrive_together_share_one_prefill(tiny):
+    """Jobs waiting together are read in one left-padded pass (grouped by length), with the
+    tokens they get alone; a long prompt is read on its own."""
+    reqs = [GenerationRequest(list(range(5, 5 + n)), 6, seed=i, temperature=t)
+            for i, (n, t) in enumerate([(3, 0.7), (9, 1.0), (5, 0.0), (7, 0.7), (300, 0.7)])]
+    alone = [_run(tiny, [r])[0] for r in reqs]
+    e = LocalEngine(tiny)
+    calls: list[tuple[int, int]] = []
+    inner = tiny.model.forward
+
+    def counting(*a, **k):
+        ids = k.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            calls.append(tuple(ids.shape))
+        return inner(*a, **k)
+
+    tiny.model.forward = counting
+    try:
+        sinks = [Sink() for _ in reqs]
+        for r, s in zip(reqs, sinks):
+            e.submit(Job(r, s))
+        e.start()
+        for s in sinks:
+            assert s.ev.wait(60)
+        e.stop()
+    finally:
+        del tiny.model.forward
+    assert [(s.ids, s.reason) for s in sinks] == alone
+    assert sorted(calls) == [(1, 300), (4, 9)]

@@ -76,6 +76,7 @@ class _Row:
     emitting: Future[str | None] | None = None  # the sink's work on the last token: why to stop, or None
 
 
+PREFILL_GROUP_TOKENS = 2048  # most (padded) prompt tokens read in one shared prefill pass
 BARRIER_S = 5.0  # the longest a step's sink call waits for the step's others to start
 
 
@@ -142,12 +143,13 @@ class LocalEngine:
                         break
                     room = self.max_batch - len(self._rows)
                     new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                for job in new:
+                for group in self._prefill_groups(new):
                     try:
-                        self._admit(job)
+                        self._admit(group)
                     except Exception:
                         log.exception("prefill failed")
-                        self._finish(job, "error")
+                        for job in group:
+                            self._finish(job, "error")
                 self._drop([r for r in self._rows if r.job.cancelled], "cancelled")
                 if self._rows:
                     try:
@@ -218,42 +220,84 @@ class LocalEngine:
         req = row.job.request
         return sample_token(logits, req.seed, row.generated, req.temperature, req.top_p)
 
-    def _admit(self, job: Job) -> None:
+    def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """The jobs to admit, in groups that share one prefill pass: prompts of similar length
+        (left padding at most a quarter of the group's real tokens, or 64; at most
+        PREFILL_GROUP_TOKENS in all, so a long prompt is read alone), shortest first.
+        Cancelled and over-long jobs are finished here."""
+        ok: list[Job] = []
+        for job in jobs:
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            elif len(job.request.prompt_ids) >= self.max_context:
+                self._finish(job, "length")
+            else:
+                ok.append(job)
+        groups: list[list[Job]] = []
+        real = 0
+        for job in sorted(ok, key=lambda j: len(j.request.prompt_ids)):
+            n = len(job.request.prompt_ids)  # the longest so far: the group pads to it
+            padded = (len(groups[-1]) + 1) * n if groups else 0
+            if groups and padded <= PREFILL_GROUP_TOKENS and padded - (real + n) <= max(64, (real + n) // 4):
+                groups[-1].append(job)
+                real += n
+            else:
+                groups.append([job])
+                real = n
+        return groups
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the jobs' prompts in one pass (left-padded, as the batch is), sample each one's
+        first token, and add the rows that go on to the batch."""
         import torch
 
-        if job.cancelled:
-            self._finish(job, "cancelled")
-            return
-        ids = job.request.prompt_ids
-        if len(ids) >= self.max_context:
-            self._finish(job, "length")
-            return
         m = self.model
-        x = torch.tensor([ids], dtype=torch.long, device=m.device)
-        out = m.model(input_ids=x, use_cache=True)
-        row = _Row(job=job, last=-1, generated=0, length=len(ids))
-        tok = self._sample(out.logits[0, -1].float().cpu().numpy(), row)
-        row.last = tok
-        row.generated += 1
-        ending = self._ends(row, tok)
-        self._emit([(row, tok, ending)])
-        if ending is not None:  # its task finishes the job
+        dev = m.device
+        lens = [len(j.request.prompt_ids) for j in jobs]
+        width = max(lens)
+        x = torch.tensor([[0] * (width - n) + list(j.request.prompt_ids) for j, n in zip(jobs, lens)], dtype=torch.long, device=dev)
+        new_mask = torch.tensor([[0] * (width - n) + [1] * n for n in lens], dtype=torch.long, device=dev)
+        if len(jobs) == 1:
+            out = m.model(input_ids=x, use_cache=True)
+        else:
+            pos = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = m.model(input_ids=x, attention_mask=new_mask, position_ids=pos, use_cache=True)
+        logits = out.logits[:, -1].float().cpu().numpy()
+        emit: list[tuple[_Row, int, str | None]] = []
+        keep: list[int] = []
+        rows: list[_Row] = []
+        for i, (job, n) in enumerate(zip(jobs, lens)):
+            row = _Row(job=job, last=-1, generated=0, length=n)
+            tok = self._sample(logits[i], row)
+            row.last = tok
+            row.generated += 1
+            ending = self._ends(row, tok)
+            emit.append((row, tok, ending))
+            if ending is None:  # else its task finishes the job
+                keep.append(i)
+                rows.append(row)
+        self._emit(emit)
+        if not rows:
             return
         new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        new_mask = torch.ones((1, len(ids)), dtype=torch.long, device=m.device)
+        if len(keep) < len(jobs):
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            new_mask = new_mask.index_select(0, idx)
+            start = int(new_mask.any(dim=0).nonzero()[0])  # padding every kept row has: trim it
+            new_mask = new_mask[:, start:]
+            new_kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in new_kv]
         if not self._rows:
             self._kv, self._mask = new_kv, new_mask
         else:
             self._kv = self._current_kv()
-            cur = self._mask.shape[1]
-            width = max(cur, len(ids))
+            width = max(self._mask.shape[1], new_mask.shape[1])
             self._kv = [
                 (torch.cat([_lpad(k, width), _lpad(nk, width)]), torch.cat([_lpad(v, width), _lpad(nv, width)]))
                 for (k, v), (nk, nv) in zip(self._kv, new_kv, strict=True)
             ]
             self._mask = torch.cat([_lpad_mask(self._mask, width), _lpad_mask(new_mask, width)])
         self._cache = None
-        self._rows.append(row)
+        self._rows += rows
 
     def _current_kv(self) -> list[tuple[Any, Any]]:
         if self._cache is not None:
