@@ -265,6 +265,14 @@ def up_scenarios(args: argparse.Namespace) -> None:
         _, alone = strong_alone(strong, [list(long_prompt)], 16, args.temperature, [7])
         results["long: strong alone s"] = round(alone, 1)
         print(json.dumps(results), flush=True)
+    if "short4" in which:
+        # The strong model's own scaling on this machine: one short request, then four at once
+        # (the inside's engine alone, in this process; best of 3 each).
+        ids = [tok(rows[i]["prompt"])["input_ids"] for i in range(4)]
+        one_s = min(strong_alone(strong, ids[:1], 16, args.temperature, [7])[1] for _ in range(3))
+        four_s = min(strong_alone(strong, ids, 16, args.temperature, [7] * 4)[1] for _ in range(3))
+        results.update({"short4: strong alone, one s": round(one_s, 2), "short4: strong alone, four s": round(four_s, 2),
+                        "short4: strong alone, four / one": round(four_s / one_s, 2)})
     del strong
     exe = str(Path(sys.executable).with_name("exfilguard"))
     port = free_port()
