@@ -623,7 +623,8 @@ class Stepper:
             if implicit:
                 self._active += 1
             self._waiting.append(sess)
-            self._cv.notify_all()
+            # No wake-up here: if this request makes the pass ready, this thread leads it below;
+            # waking every waiting thread on every arrival cost ~n**2 wake-ups a pass at n streams.
             since = time.monotonic()
             try:
                 while sess._freqs is None and sess._error is None:
@@ -633,9 +634,9 @@ class Stepper:
                         continue
                     self._lead()
             finally:
-                if implicit:
+                if implicit:  # one fewer to wait for: a waiting thread may now lead
                     self._active -= 1
-                self._cv.notify_all()
+                    self._cv.notify_all()
             err, sess._error = sess._error, None
         if err is not None:
             raise err
