@@ -161,18 +161,23 @@ def test_a_steps_tokens_reach_their_sinks_together(tiny):
     region = _Region()
     reqs = [GenerationRequest(list(range(5, 5 + n)), 6, seed=i, temperature=0.7) for i, n in enumerate((2, 4, 3))]
     alone = [_run(tiny, [r])[0] for r in reqs]
-    e = LocalEngine(tiny)
     sinks = [Sink() for _ in reqs]
     for s in sinks:
         s.encoder = _Encoder(region)
+    assert _run_queued(tiny, reqs, sinks) == alone
+    assert region.most == len(reqs)
+
+
+def _run_queued(model, reqs, sinks):
+    """Submit every request before the engine starts (they wait together), run them to the end."""
+    e = LocalEngine(model)
     for r, s in zip(reqs, sinks):
         e.submit(Job(r, s))
     e.start()
     for s in sinks:
         assert s.ev.wait(60)
     e.stop()
-    assert [(s.ids, s.reason) for s in sinks] == alone
-    assert region.most == len(reqs)
+    return [(s.ids, s.reason) for s in sinks]
 
 
 def test_prompts_that_arrive_together_share_one_prefill(tiny):
@@ -181,7 +186,6 @@ def test_prompts_that_arrive_together_share_one_prefill(tiny):
     reqs = [GenerationRequest(list(range(5, 5 + n)), 6, seed=i, temperature=t)
             for i, (n, t) in enumerate([(3, 0.7), (9, 1.0), (5, 0.0), (7, 0.7), (300, 0.7)])]
     alone = [_run(tiny, [r])[0] for r in reqs]
-    e = LocalEngine(tiny)
     calls: list[tuple[int, int]] = []
     inner = tiny.model.forward
 
@@ -193,14 +197,7 @@ def test_prompts_that_arrive_together_share_one_prefill(tiny):
 
     tiny.model.forward = counting
     try:
-        sinks = [Sink() for _ in reqs]
-        for r, s in zip(reqs, sinks):
-            e.submit(Job(r, s))
-        e.start()
-        for s in sinks:
-            assert s.ev.wait(60)
-        e.stop()
+        assert _run_queued(tiny, reqs, [Sink() for _ in reqs]) == alone
     finally:
         del tiny.model.forward
-    assert [(s.ids, s.reason) for s in sinks] == alone
     assert sorted(calls) == [(1, 300), (4, 9)]
