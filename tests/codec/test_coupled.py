@@ -231,6 +231,35 @@ def test_coupled_scores_levels_are_the_exact_noises(seed: int, pos: int, tempera
     assert np.array_equal(fast.ids, exact.ids) and np.array_equal(fast.d, exact.d)
 
 
+def _levels_reference(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """position_levels' (ids, d) as first written: every entry snapped, a stable sort of all."""
+    from exfilguard.codec.coupled import KMAX, TAUS, depth_levels
+
+    q = np.floor(np.clip(s, -1e6, 1e6) * 16).astype(np.int64)
+    top = int(q.max())
+    ids = np.flatnonzero(q >= top - depth_levels(len(TAUS) - 1))
+    d = top - q[ids]
+    order = np.argsort(d, kind="stable")[:KMAX]
+    ids, d = ids[order], d[order]
+    best = int(np.argmax(s))
+    if best not in ids:  # a top cell holding more than KMAX entries: the argmax takes the last place
+        ids, d = np.append(ids[:-1], best), np.append(d[:-1], 0)
+    at = int(np.flatnonzero(ids == best)[0])
+    return np.concatenate(([best], np.delete(ids, at))), np.concatenate(([d[at]], np.delete(d, at)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.01, 1.0, 3.0, 30.0]), st.sampled_from([0.0, 40.0, -40.0, 1e5]))
+def test_position_levels_equal_the_reference(seed: int, spread: float, shift: float) -> None:
+    """The window-first snapping gives the levels of snapping every entry."""
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal(6000) * spread + shift
+    s[rng.integers(0, 6000, 50)] = np.round(s[:50] * 16) / 16  # on grid lines
+    got = position_levels(s)
+    ids, d = _levels_reference(s)
+    assert np.array_equal(got.ids, ids) and np.array_equal(got.d, d)
+
+
 def test_coupled_scores_levels_stable_under_float_noise() -> None:
     """Noise of 1e-5 in the weak logits changes a position's coded levels only rarely."""
     rng = np.random.default_rng(0)

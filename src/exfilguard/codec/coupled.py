@@ -159,17 +159,24 @@ def _first_by_depth(ids: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndar
 def position_levels(scores: np.ndarray, plain: np.ndarray | None = None, freqs: np.ndarray | None = None) -> Position:
     """Snap perturbed scores to the grid; keep the candidates of the widest table."""
     s = np.asarray(scores, dtype=np.float64)
-    # GRID is a power of two: the product is exact and floor() is the only rounding.
-    q = np.floor(np.clip(s, -1e6, 1e6) * GRID).astype(np.int64)
-    top = int(q.max())
-    ids = np.flatnonzero(q >= top - depth_levels(len(TAUS) - 1))
-    d = top - q[ids]
+    # GRID is a power of two: the product is exact and floor() is the only rounding. A cell is
+    # floor(GRID * clip(s)); floor(GRID * x) >= L for an integer L exactly when x >= L / GRID
+    # (exact too), so only the entries in the window are snapped.
+    top = int(np.floor(min(max(float(s.max()), -1e6), 1e6) * GRID))
+    low = top - depth_levels(len(TAUS) - 1)
+    # (Below -1e6 a clipped score sits at -1e6: the window test must see the clip there too.)
+    ids = np.flatnonzero((s if low / GRID > -1e6 else np.clip(s, -1e6, 1e6)) >= low / GRID)
+    d = top - np.floor(np.clip(s[ids], -1e6, 1e6) * GRID).astype(np.int64)
     ids, d = _first_by_depth(ids, d)
     # The argmax goes first and gets the BONUS weight: it is the weak model's guess, and a grid
     # cell shared with it must not halve the price of agreement. It differs between two
     # machines only when the two best scores are within float noise of each other.
     best = int(np.argmax(s))
-    at = int(np.flatnonzero(ids == best)[0])
+    hit = np.flatnonzero(ids == best)
+    if not hit.size:  # more than KMAX entries share the top cell and the argmax came after them
+        ids, d = np.append(ids[:-1], best), np.append(d[:-1], 0)
+        hit = np.array([ids.size - 1])
+    at = int(hit[0])
     if at:
         ids = np.concatenate(([best], np.delete(ids, at)))
         d = np.concatenate(([d[at]], np.delete(d, at)))

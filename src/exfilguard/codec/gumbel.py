@@ -25,6 +25,7 @@ rounded and a product with a power of two exact, in any IEEE-754 arithmetic).
 from __future__ import annotations
 
 import decimal
+import math
 import numbers
 from functools import lru_cache
 
@@ -218,6 +219,7 @@ class PositionNoise:
         self.approx = _approx_of_bits(self._x) if self.fast else self.exact()
         self._x.flags.writeable = False  # shared between threads (position_noise): read-only
         self.approx.flags.writeable = False
+        self._reach = float(np.abs(self.approx).max())  # the largest |G| (for perturb's bound)
 
     def exact(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
         """gumbel_noise's values (float64) at idx."""
@@ -234,17 +236,23 @@ class PositionNoise:
         out = base + scale * self.approx
         if not self.fast:
             return out
-        finite = np.isfinite(out)
-        if not finite.any():
-            return out
+        hi, lo = float(out.max()), float(out.min())
+        finite = None
+        if not (math.isfinite(hi) and math.isfinite(lo)):  # -inf outside a top-p nucleus
+            finite = np.isfinite(out)
+            if not finite.any():
+                return out
+            hi, lo = float(out[finite].max()), float(out[finite].min())
         # |out - exact| <= scale * |approx - G| + rounding of the product and the sum (each half
         # an ulp of its result): m bounds it; a decision changes only within 2m of its threshold.
-        big = float(np.abs(out[finite]).max()) + abs(scale) * float(np.abs(self.approx).max())
+        big = max(abs(hi), abs(lo)) + abs(scale) * self._reach
         m = abs(scale) * APPROX_BOUND + big * 2.0**-50
-        near = out >= float(out[finite].max()) - 2 * m
+        near = out >= hi - 2 * m
         if grid:
             g = out * grid
-            near |= finite & (np.abs(g - np.round(g)) <= 2 * m * grid)
+            g -= np.round(g)
+            on_line = np.abs(g, out=g) <= 2 * m * grid
+            near |= on_line if finite is None else finite & on_line
         idx = np.flatnonzero(near)
         out[idx] = base[idx] + scale * self.exact(idx)
         return out

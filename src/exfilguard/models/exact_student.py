@@ -712,7 +712,8 @@ class ExactStudentSession(Session):
 
     def logits(self) -> np.ndarray:
         """The integer logits as float32 (exact: |logit| * 2**FL < 2**24 in practice; a power-of-two division)."""
-        return (self.int_logits() / (1 << FL)).astype(np.float32)
+        # One rounding either way: int64 -> float32 (via an exact float64), then an exact scaling.
+        return self.int_logits().astype(np.float32) * np.float32(2.0**-FL)
 
     def frequencies(self) -> np.ndarray:
         self._ready()
