@@ -159,14 +159,14 @@ def _first_by_depth(ids: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndar
 def position_levels(scores: np.ndarray, plain: np.ndarray | None = None, freqs: np.ndarray | None = None) -> Position:
     """Snap perturbed scores to the grid; keep the candidates of the widest table."""
     s = np.asarray(scores, dtype=np.float64)
-    # GRID is a power of two: the product is exact and floor() is the only rounding. A cell is
-    # floor(GRID * clip(s)); floor(GRID * x) >= L for an integer L exactly when x >= L / GRID
-    # (exact too), so only the entries in the window are snapped.
-    top = int(np.floor(min(max(float(s.max()), -1e6), 1e6) * GRID))
+    # A cell is floor(GRID * clip(s)): GRID is a power of two, so the product is exact and floor()
+    # the only rounding. floor(GRID * x) >= L for an integer L exactly when x >= L / GRID (exact
+    # too), so only the entries in the window are snapped.
+    c = s if -1e6 <= float(s.min()) and float(s.max()) <= 1e6 else np.clip(s, -1e6, 1e6)
+    top = int(np.floor(float(c.max()) * GRID))
     low = top - depth_levels(len(TAUS) - 1)
-    # (Below -1e6 a clipped score sits at -1e6: the window test must see the clip there too.)
-    ids = np.flatnonzero((s if low / GRID > -1e6 else np.clip(s, -1e6, 1e6)) >= low / GRID)
-    d = top - np.floor(np.clip(s[ids], -1e6, 1e6) * GRID).astype(np.int64)
+    ids = np.flatnonzero(c >= low / GRID)
+    d = top - np.floor(c[ids] * GRID).astype(np.int64)
     ids, d = _first_by_depth(ids, d)
     # The argmax goes first and gets the BONUS weight: it is the weak model's guess, and a grid
     # cell shared with it must not halve the price of agreement. It differs between two
@@ -204,6 +204,19 @@ def _stage1_weights(pos: Position, tau_index: int) -> tuple[int, np.ndarray]:
     return k, w
 
 
+def _tail_share(plain: Q.QuantizedDist) -> int:
+    """What the plain table charges one token of its tail: its share of the plain escape."""
+    return (plain.escape + 1) // max(plain.tail_size, 1)
+
+
+def _mix_weights(f: np.ndarray | int, size: int) -> np.ndarray | int:
+    """mix_dist's weights (frequency - 1) of entries whose mixed mass is f = lambda * (stage-1
+    frequency) + (256 - lambda) * (plain frequency), out of 2**(PRECISION + 8), in a table of
+    `size` entries: scaled to the room left after +1 per entry and the escape."""
+    room = TOTAL - (size + 1) - _MIX_SLACK  # +1 per entry and the escape come on top
+    return (f * room) // (TOTAL << 8)  # < 2**57: no int64 overflow
+
+
 def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
     """Mode `mode`'s exact integer table over token ids: lambda * stage 1 + (1 - lambda) * plain.
 
@@ -219,7 +232,7 @@ def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
     # Plain frequency per token id; a token in the plain table's tail gets its share of the
     # plain escape (what the plain table would charge it), so listing it in stage 1 never
     # prices it above what plain alone would.
-    dense = np.full(vocab, (plain.escape + 1) // max(plain.tail_size, 1), dtype=np.int64)
+    dense = np.full(vocab, _tail_share(plain), dtype=np.int64)
     dense[plain.order] = plain.weights + 1
     ids1 = pos.ids[:k]
     a = LAMBDAS[mode]
@@ -229,8 +242,7 @@ def mix_dist(pos: Position, mode: int) -> Q.QuantizedDist:
     rest = ~in1[plain.order]
     order = np.concatenate((ids1, plain.order[rest]))
     f = np.concatenate((a * (w1 + 1) + b * dense[ids1], b * (plain.weights[rest] + 1)))  # < 2**33
-    room = TOTAL - (order.size + 1) - _MIX_SLACK  # +1 per entry and the escape come on top
-    w = (f * room) // (TOTAL << 8)  # < 2**57: no int64 overflow
+    w = _mix_weights(f, order.size)
     escape = TOTAL - (order.size + 1) - int(w.sum())
     return Q.QuantizedDist(order=order, weights=w, escape=escape, vocab_size=vocab)
 
@@ -246,7 +258,7 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
     plain = pos.plain_dist
     out[PLAIN] = plain.cost_bits(token)
     at_plain = pos.plain_index[token]
-    dense_tok = int(plain.weights[at_plain]) + 1 if at_plain >= 0 else (plain.escape + 1) // max(plain.tail_size, 1)
+    dense_tok = int(plain.weights[at_plain]) + 1 if at_plain >= 0 else _tail_share(plain)
     for m in range(len(TAUS)):
         k, w1 = _stage1_weights(pos, m)
         ids1 = pos.ids[:k]
@@ -256,10 +268,9 @@ def token_cost_bits(pos: Position, token: int) -> np.ndarray:
             continue
         a = LAMBDAS[m]
         b = 256 - a
-        size = k + plain.order.size - int(np.count_nonzero(pos.plain_index[ids1] >= 0))
-        room = TOTAL - (size + 1) - _MIX_SLACK
+        size = k + plain.order.size - int(np.count_nonzero(pos.plain_index[ids1] >= 0))  # mix_dist's order.size
         f = a * (int(w1[hit[0]]) + 1) + b * dense_tok if hit.size else b * dense_tok
-        out[m] = -math.log2(((f * room) // (TOTAL << 8) + 1) / TOTAL)
+        out[m] = -math.log2((_mix_weights(f, size) + 1) / TOTAL)
     return out
 
 
