@@ -68,10 +68,20 @@ def uniform_bits(seed: int, position: int, vocab: int) -> np.ndarray:
     return gen.random_raw(int(vocab))
 
 
+def top_bits(seed: int, position: int, vocab: int) -> np.ndarray:
+    """The top 53 bits X of each Philox word (int64 [vocab]): U = (2X + 1) / 2**54."""
+    bits = uniform_bits(seed, position, vocab)
+    return np.right_shift(bits, np.uint64(11), out=bits).view(np.int64)  # < 2**53: the same value
+
+
+def _uniform_of(x: np.ndarray) -> np.ndarray:
+    """U = (x + 1/2) / 2**53 as float64: exact while x < 2**52, else within 2**-53 of itself."""
+    return (x.astype(np.float64) + 0.5) * _TWO_M53
+
+
 def uniform_noise(seed: int, position: int, vocab: int) -> np.ndarray:
     """Uniforms (float64 [vocab]) strictly inside (0, 1), exact functions of the integers."""
-    x = uniform_bits(seed, position, vocab) >> np.uint64(11)
-    return (x.astype(np.float64) + 0.5) * _TWO_M53
+    return _uniform_of(top_bits(seed, position, vocab))
 
 
 G_FRAC = 48  # gumbel_fixed's fractional bits
@@ -130,7 +140,7 @@ def gumbel_fixed(seed: int, position: int, vocab: int) -> np.ndarray:
     """Standard Gumbel noise -log(-log(U)) as int64 at G_FRAC fractional bits; integers only.
 
     U = (2X + 1) / 2**54 for the top 53 bits X of each Philox word (as uniform_noise)."""
-    return gumbel_of_bits((uniform_bits(seed, position, vocab) >> np.uint64(11)).astype(np.int64))
+    return gumbel_of_bits(top_bits(seed, position, vocab))
 
 
 def gumbel_of_bits(x: np.ndarray) -> np.ndarray:
@@ -184,7 +194,7 @@ def _approx_of_bits(x: np.ndarray) -> np.ndarray:
     (exact below 1/2), so -log U is within ~2**-53 absolutely: below U = 1 - 2**-10 that is
     2**-43 relative and G is within ~2**-43. Above it (one entry in 1,024) -log U comes from
     1 - U = (2**54 - 2x - 1) / 2**54, an exact float, through log1p."""
-    lg = -np.log((x.astype(np.float64) + 0.5) * _TWO_M53)
+    lg = -np.log(_uniform_of(x))
     tail = np.flatnonzero(x >= _TAIL_X)
     if tail.size:
         lg[tail] = -np.log1p(((1 << 54) - 2 * x[tail] - 1).astype(np.float64) * -(2.0**-54))
@@ -195,7 +205,7 @@ def _approx_of_bits(x: np.ndarray) -> np.ndarray:
 def _approx_ok() -> bool:
     """Whether this machine's np.log keeps _approx_of_bits within APPROX_BOUND / 16 of gumbel_of_bits,
     on 2**16 counter-based values and both tails (U near 0 and U within 2**-44 of 1)."""
-    x = (uniform_bits(0x5EED, 0, 1 << 16) >> np.uint64(11)).astype(np.int64)
+    x = top_bits(0x5EED, 0, 1 << 16)
     top = (1 << 53) - 1
     edges = np.array([0, 1, 2, 3, 1 << 20, 1 << 52, top, top - 1, top - 2, top - (1 << 10), top - (1 << 20), top - (1 << 43)], dtype=np.int64)
     x = np.concatenate((x, edges, top - x[:4096] % (1 << 44)))
@@ -219,8 +229,7 @@ class PositionNoise:
     gumbel_noise), and the exact values of any entries on demand."""
 
     def __init__(self, seed: int, position: int, vocab: int):
-        bits = uniform_bits(seed, position, vocab)
-        self._x = np.right_shift(bits, np.uint64(11), out=bits).view(np.int64)  # < 2**53: the same value
+        self._x = top_bits(seed, position, vocab)
         self.fast = _approx_ok()
         self.approx = _approx_of_bits(self._x) if self.fast else self.exact()
         self._x.flags.writeable = False  # shared between threads (position_noise): read-only
