@@ -73,8 +73,7 @@ def deterministic_positions(logits: np.ndarray, output_ids: Sequence[int], seed:
     for i, tok in enumerate(output_ids):
         row = _row(logits[i])
         if greedy:
-            u = row
-            live = u
+            live = row
         else:
             assert seed is not None
             logp = tempered_logprobs(row, temperature, 1.0)
@@ -83,14 +82,14 @@ def deterministic_positions(logits: np.ndarray, output_ids: Sequence[int], seed:
             # argmax is the exact noise's (PositionNoise); the runner-up within 1e-9 of it.
             noise = PositionNoise(seed, i, row.size)
             live = temperature * noise.perturb(logp if nucleus is None else np.where(nucleus, logp, -np.inf))
-            u = live
         top2 = np.argpartition(-live, 1)[:2]
         a, b = (top2[0], top2[1]) if live[top2[0]] >= live[top2[1]] else (top2[1], top2[0])
         margins[i] = live[a] - live[b]
         if int(tok) != int(a):
             t = int(tok)
-            ut = u[t] if greedy else temperature * (logp[t] + noise.exact(np.array([t]))[0])
-            gaps[i] = abs(float(u[a]) - float(ut))
+            # (live is -inf outside the nucleus; the gap is to the token's own perturbed score)
+            ut = live[t] if greedy else temperature * (logp[t] + noise.exact(np.array([t]))[0])
+            gaps[i] = abs(float(live[a]) - float(ut))
             if not np.isfinite(gaps[i]):
                 gaps[i] = float("inf")
     return Positions(gaps, margins)
