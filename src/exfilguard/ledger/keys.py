@@ -47,8 +47,6 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-
-
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Load an Ed25519 private key (PEM) or raise ConfigError saying what is wrong."""
     try:
@@ -64,14 +62,10 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-
-
 def sign_tree_head(key: Ed25519PrivateKey, tree_size: int, ts: int, root: bytes) -> TreeHead:
     """Return the tree head signed with `key`."""
     sig = key.sign(sth_message(tree_size, ts, root))
     return TreeHead(tree_size, ts, root, key_id(key.public_key()), sig)
-
-
 
 
 def head_to_json(head: TreeHead) -> dict[str, Any]:
