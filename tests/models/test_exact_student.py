@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -315,3 +316,51 @@ def test_threads_that_wake_during_a_pass_do_not_corrupt_it(exact, monkeypatch):
             assert all(np.array_equal(got[i], alone[i]) for i in range(len(work)))
     finally:
         sys.setswitchinterval(old_switch)
+
+
+def test_at_most_coding_slots_threads_code_between_passes(exact, monkeypatch):
+    """Between two table requests a thread codes (Python, under the GIL); the stepper lets
+    CODING_SLOTS of them do so at once and parks the others, which still get their tables from
+    shared passes, equal to each alone. Threads that enter their region and wait for each other
+    first (the inside's barrier) do not hold a slot, so they cannot block each other."""
+    import threading
+
+    import exfilguard.models.exact_student as es
+
+    m, _ = exact
+    monkeypatch.setattr(es, "CODING_SLOTS", 1)
+    monkeypatch.setattr(m, "stepper", es.Stepper(m))
+    rng = np.random.default_rng(12)
+    work = [([1, 5 + i], [int(x) for x in rng.integers(0, 49152, 12)]) for i in range(8)]
+    alone = [_session_tables(m, p, t) for p, t in work]
+    got: dict[int, np.ndarray] = {}
+    coding, most = [0], [0]
+    count = threading.Lock()
+    barrier = threading.Barrier(len(work))
+
+    def run(i):
+        p, toks = work[i]
+        with m.stepper.active():
+            barrier.wait(10)
+            s = m.session(p)
+            rows = []
+            for t in toks:
+                rows.append(s.frequencies().copy())  # waits for a pass; holds a slot after it
+                with count:
+                    coding[0] += 1
+                    most[0] = max(most[0], coding[0])
+                time.sleep(0.002)  # coding: another thread with a slot would overlap here
+                with count:
+                    coding[0] -= 1
+                s.feed(t)
+            got[i] = np.stack(rows)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(np.array_equal(got[i], alone[i]) for i in range(len(work)))
+    assert most[0] == 1
+    assert m.stepper.rows > m.stepper.passes  # passes were still shared

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,11 @@ SCORE_SHIFT = 16 + 2 * FQ - FL  # q.k * inv_sqrt_hd_q (2**16 / sqrt(hd)) at 2*FQ
 ATT_ENTRIES = 1 << 21  # attention scores per block of queries (16 MB of float64): memory linear in the context
 PREFILL_CHUNK = 256  # tokens a sequence reads per pass: a long prompt does not hold up the others for long
 GATHER_S = 0.02  # the longest a pass waits for an active thread that has not asked yet
+# Threads of a stepper that code between passes at once (the others wait for a slot). The coding
+# is mostly Python, so more threads than this only trade the GIL and the cores back and forth:
+# at 32 streams on 2 cores a third of the CPU went to futex calls (bench/serve_bench.py
+# --decode-rate). Half the cores this process may run on, at least 1.
+CODING_SLOTS = max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else 1
 
 
 @dataclass(frozen=True)
@@ -586,16 +592,20 @@ class Stepper:
     them all; a thread outside `active()` counts only while it waits. A stalled active thread
     delays a pass by at most GATHER_S. A long prompt is read PREFILL_CHUNK tokens per pass, so
     the streams decoding beside it keep getting tables between its chunks (chunked prefill).
+    A pass wakes only the threads it served (and one to lead the next pass, if it is ready);
+    of those, CODING_SLOTS code at once until their next request, the others wait for a slot.
 
     Batching never changes a table: every product is exact row by row (ExactStudentModel._check)."""
 
     def __init__(self, model: ExactStudentModel):
         self._model = model
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._waiting: list[ExactStudentSession] = []
+        self._wake: dict[ExactStudentSession, threading.Condition] = {}  # each waiting session's thread
         self._active = 0
         self._leading = False
         self._local = threading.local()
+        self._slots = threading.BoundedSemaphore(CODING_SLOTS)
         self.passes = 0  # forward passes run, and the rows they computed (for benchmarks)
         self.rows = 0
 
@@ -605,39 +615,59 @@ class Stepper:
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
         if depth == 0:  # a thread counts once, however deep its regions nest
-            with self._cv:
+            with self._lock:
                 self._active += 1
         try:
             yield
         finally:
             self._local.depth = depth
             if depth == 0:
-                with self._cv:
+                self._free_slot()
+                with self._lock:
                     self._active -= 1
-                    self._cv.notify_all()
+                    self._wake_leader()
+
+    def _free_slot(self) -> None:
+        if getattr(self._local, "slot", False):
+            self._local.slot = False
+            self._slots.release()
+
+    def _wake_leader(self) -> None:
+        """(Lock held.) If the next pass is ready and none runs, wake one waiting thread to lead it."""
+        if not self._leading and self._waiting and len(self._waiting) >= self._active:
+            self._wake[self._waiting[0]].notify()
 
     def run(self, sess: ExactStudentSession) -> None:
         """Return once `sess` has its logits and table for every token fed to it."""
         implicit = getattr(self._local, "depth", 0) == 0
-        with self._cv:
+        self._free_slot()
+        cond = getattr(self._local, "cond", None)
+        if cond is None:
+            cond = self._local.cond = threading.Condition(self._lock)
+        with self._lock:
             if implicit:
                 self._active += 1
             self._waiting.append(sess)
-            # No wake-up here: if this request makes the pass ready, this thread leads it below;
-            # waking every waiting thread on every arrival cost ~n**2 wake-ups a pass at n streams.
+            self._wake[sess] = cond
+            # No wake-up here: if this request makes the pass ready, this thread leads it below.
+            # A pass wakes only the threads it served, and one thread to lead the next pass.
             since = time.monotonic()
             try:
                 while sess._freqs is None and sess._error is None:
                     ready = len(self._waiting) >= self._active or time.monotonic() - since >= GATHER_S
                     if self._leading or not ready:
-                        self._cv.wait(GATHER_S)
+                        cond.wait(GATHER_S)
                         continue
                     self._lead()
             finally:
+                self._wake.pop(sess, None)
                 if implicit:  # one fewer to wait for: a waiting thread may now lead
                     self._active -= 1
-                    self._cv.notify_all()
+                    self._wake_leader()
             err, sess._error = sess._error, None
+        if not implicit:
+            self._slots.acquire()
+            self._local.slot = True
         if err is not None:
             raise err
 
@@ -649,7 +679,7 @@ class Stepper:
         batch = list(dict.fromkeys(self._waiting))
         err: BaseException | None = None
         results: list[tuple[ExactStudentSession, np.ndarray, np.ndarray]] = []
-        self._cv.release()
+        self._lock.release()
         try:
             if self._model.matmul == "torch" and not getattr(self._local, "one_thread", False):
                 _one_thread_here()
@@ -658,7 +688,7 @@ class Stepper:
         except BaseException as exc:  # every session of the pass hears of it, not just the leader
             err = exc
         finally:
-            self._cv.acquire()
+            self._lock.acquire()
             # Handed out only now, under the lock: a waiting thread cannot see its table (and
             # feed its session again) while the pass still works on that session.
             for s, lg, tab in results:
@@ -669,8 +699,11 @@ class Stepper:
             for s in batch:
                 if err is not None:
                     s._error = err
+                w = self._wake.get(s)
+                if w is not None:
+                    w.notify()
             self._waiting = [s for s in self._waiting if s._freqs is None and s._error is None]
-            self._cv.notify_all()
+            self._wake_leader()
 
 
 class ExactStudentSession(Session):
