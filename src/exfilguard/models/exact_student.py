@@ -635,7 +635,11 @@ class Stepper:
     def _wake_leader(self) -> None:
         """(Lock held.) If the next pass is ready and none runs, wake one waiting thread to lead it."""
         if not self._leading and self._waiting and len(self._waiting) >= self._active:
-            self._wake[self._waiting[0]].notify()
+            for s in self._waiting:  # the first whose thread still waits (all do, barring an exception)
+                w = self._wake.get(s)
+                if w is not None:
+                    w.notify()
+                    return
 
     def run(self, sess: ExactStudentSession) -> None:
         """Return once `sess` has its logits and table for every token fed to it."""
