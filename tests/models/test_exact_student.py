@@ -364,3 +364,15 @@ def test_at_most_coding_slots_threads_code_between_passes(exact, monkeypatch):
     assert all(np.array_equal(got[i], alone[i]) for i in range(len(work)))
     assert most[0] == 1
     assert m.stepper.rows > m.stepper.passes  # passes were still shared
+
+
+def test_usable_cpus_reads_a_cgroup_quota(tmp_path):
+    import exfilguard.models.exact_student as es
+
+    own = len(os.sched_getaffinity(0))
+    cases = {"max 100000\n": own, "200000 100000\n": min(own, 2), "50000 100000\n": 1, "250000 100000\n": min(own, 3), "garbage\n": own}
+    for text, want in cases.items():
+        f = tmp_path / "cpu.max"
+        f.write_text(text)
+        assert es.usable_cpus(str(f)) == want, text
+    assert es.usable_cpus(str(tmp_path / "missing")) == own

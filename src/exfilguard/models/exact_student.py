@@ -67,11 +67,27 @@ SCORE_SHIFT = 16 + 2 * FQ - FL  # q.k * inv_sqrt_hd_q (2**16 / sqrt(hd)) at 2*FQ
 ATT_ENTRIES = 1 << 21  # attention scores per block of queries (16 MB of float64): memory linear in the context
 PREFILL_CHUNK = 256  # tokens a sequence reads per pass: a long prompt does not hold up the others for long
 GATHER_S = 0.02  # the longest a pass waits for an active thread that has not asked yet
+
+
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container limited to 2 CPUs on a 64-core host sees 64 in its affinity)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 # Threads of a stepper that code between passes at once (the others wait for a slot). The coding
 # is mostly Python, so more threads than this only trade the GIL and the cores back and forth:
 # at 32 streams on 2 cores a third of the CPU went to futex calls (bench/serve_bench.py
-# --decode-rate). Half the cores this process may run on, at least 1.
-CODING_SLOTS = max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else 1
+# --decode-rate). Half the usable cores, at least 1.
+CODING_SLOTS = max(1, usable_cpus() // 2)
 
 
 @dataclass(frozen=True)
