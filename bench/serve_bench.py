@@ -116,7 +116,8 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int, flus
     codecs = RealCodecFactory(weak)
     tok = strong.tokenizer
     lt = LoopThread()
-    inside = lt.run(start_inside(make_backend(strong), codecs, tok, strong.info.vocab_size))
+    backend = make_backend(strong)
+    inside = lt.run(start_inside(backend, codecs, tok, strong.info.vocab_size))
     meter = StandInMeter(inside.port, 10**12)
     mport = lt.run(meter.start())
     cfg = OutsideConfig(model_name="smollm2", codec=codec, flush_every=flush, flush_ms=flush_ms, default_max_tokens=args.max_tokens)
@@ -142,9 +143,12 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int, flus
         return n, "".join(text), ttft if ttft is not None else time.perf_counter() - t
 
     t = time.perf_counter()
+    sec0, cpu0 = dict(backend.step_seconds), time.process_time()
     with ThreadPoolExecutor(args.concurrency) as ex:
         res = list(ex.map(one, range(len(prompts))))
     wall = time.perf_counter() - t
+    cpu = time.process_time() - cpu0
+    steps = {k: v - sec0[k] for k, v in backend.step_seconds.items()}
     lt.run(outside.stop())
     lt.run(meter.stop())
     lt.run(inside.stop())
@@ -155,6 +159,7 @@ def run_setting(strong, weak, prompts, seeds, args, codec: str, flush: int, flus
         "codec": codec, "flush": flush, "tokens": toks, "meter_bytes": meter.used - base,
         "text_bytes": sum(len(r[1].encode()) for r in res), "wall_s": wall,
         "ttft_p50_s": float(np.median([r[2] for r in res])),
+        "cpu_s": cpu, "step_seconds": steps,
     }
 
 
@@ -397,6 +402,7 @@ def main() -> None:
     print(f"weak-model ideal (cross-entropy) {ideal / alone_toks:.2f} bits/token")
     print("| codec | flush every | meter bits/token | UTF-8 text bits/token | meter / ideal | tok/s | vs alone | req/s | TTFT p50 s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    where: list[str] = []
     for s in args.settings.split(","):
         codec, _, rest = s.partition(":")
         flush, _, ms = rest.partition(":")
@@ -406,6 +412,10 @@ def main() -> None:
         print(f"| {codec} | {(r['flush'] or 'end') if not ms else f'{flush} or {ms} ms'} | {8 * r['meter_bytes'] / n:.2f} | {8 * r['text_bytes'] / n:.1f} | "
               f"{8 * r['meter_bytes'] / max(ideal * n / alone_toks, 1e-9):.2f} | {tps:.1f} | {tps / (alone_toks / alone_s):.2f} | "
               f"{len(prompts) / r['wall_s']:.2f} | {r['ttft_p50_s']:.2f} |", flush=True)
+        where.append(f"{codec} {(r['flush'] or 'end')}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU (this process: inside, "
+                     f"meter stand-in, outside) = {r['cpu_s'] / r['wall_s']:.2f} cores busy; engine steps: "
+                     + ", ".join(f"{k} {v:.1f} s" for k, v in r["step_seconds"].items()))
+    print("\n".join(where))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -107,6 +108,10 @@ class LocalEngine:
         self._cache: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self.steps = 0
+        # Seconds of the engine's work (benchmarks): admitting jobs (prefill, first tokens), and
+        # per step the strong model's forward, waiting for the sinks' work on the previous step's
+        # tokens, sampling and handing out this step's.
+        self.step_seconds = {"prefill": 0.0, "forward": 0.0, "wait for sinks": 0.0, "sample": 0.0}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +148,7 @@ class LocalEngine:
                         break
                     room = self.max_batch - len(self._rows)
                     new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                t = time.perf_counter()
                 for group in self._prefill_groups(new):
                     try:
                         self._admit(group)
@@ -150,6 +156,7 @@ class LocalEngine:
                         log.exception("prefill failed")
                         for job in group:
                             self._finish(job, "error")
+                self.step_seconds["prefill"] += time.perf_counter() - t
                 self._drop([r for r in self._rows if r.job.cancelled], "cancelled")
                 if self._rows:
                     try:
@@ -342,6 +349,7 @@ class LocalEngine:
             self._cache = DynamicCache(ddp_cache_data=self._kv)
             self._kv = []
         rows = self._rows
+        t0 = time.perf_counter()
         x = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=dev)
         pos = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=dev)
         mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
@@ -352,12 +360,14 @@ class LocalEngine:
         self._mask = mask
         self.steps += 1
         logits = out.logits[:, -1].float().cpu().numpy()
+        t1 = time.perf_counter()
         # The sinks worked on the previous step's tokens while the model computed this one.
         stopped: dict[str, list[_Row]] = {}
         for r in rows:
             why = self._settle(r)
             if why is not None:
                 stopped.setdefault(why, []).append(r)
+        t2 = time.perf_counter()
         gone = {id(r) for rs in stopped.values() for r in rs}
         emit: list[tuple[_Row, int, str | None]] = []
         ended: list[_Row] = []
@@ -373,6 +383,11 @@ class LocalEngine:
             if ending is not None:
                 ended.append(r)
         self._emit(emit)
+        t3 = time.perf_counter()
+        sec = self.step_seconds
+        sec["forward"] += t1 - t0
+        sec["wait for sinks"] += t2 - t1
+        sec["sample"] += t3 - t2
         for reason, rs in stopped.items():
             self._drop(rs, reason)
         self._drop(ended, None)
