@@ -409,11 +409,12 @@ def main() -> None:
         r = run_setting(strong, weak, prompts, seeds, args, codec, int(flush or 0), float(ms or 0))
         n = max(r["tokens"], 1)
         tps = r["tokens"] / r["wall_s"]
-        print(f"| {codec} | {(r['flush'] or 'end') if not ms else f'{flush} or {ms} ms'} | {8 * r['meter_bytes'] / n:.2f} | {8 * r['text_bytes'] / n:.1f} | "
+        label = (r['flush'] or 'end') if not ms else f'{flush} or {ms} ms'
+        print(f"| {codec} | {label} | {8 * r['meter_bytes'] / n:.2f} | {8 * r['text_bytes'] / n:.1f} | "
               f"{8 * r['meter_bytes'] / max(ideal * n / alone_toks, 1e-9):.2f} | {tps:.1f} | {tps / (alone_toks / alone_s):.2f} | "
               f"{len(prompts) / r['wall_s']:.2f} | {r['ttft_p50_s']:.2f} |", flush=True)
-        where.append(f"{codec} {(r['flush'] or 'end')}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU (this process: inside, "
-                     f"meter stand-in, outside) = {r['cpu_s'] / r['wall_s']:.2f} cores busy; engine steps: "
+        where.append(f"{codec} {label}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU (this process: inside, "
+                     f"meter stand-in, outside) = {r['cpu_s'] / r['wall_s']:.2f} cores busy; engine: "
                      + ", ".join(f"{k} {v:.1f} s" for k, v in r["step_seconds"].items()))
     print("\n".join(where))
 
