@@ -239,20 +239,130 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class _Up:
+    """One `exfilguard up` in its own process group (a user's terminal): its API key, the outside's
+    pid, and its access log (DATA_DIR/access.jsonl: one JSON object per request, with meter_bytes)."""
+
+    def __init__(self, args: argparse.Namespace, extra: list[str]) -> None:
+        import re
+        import tempfile
+
+        from exfilguard.models.loading import resolve_weak_spec
+        from exfilguard.supervise.assemble import free_port
+
+        exe = str(Path(sys.executable).with_name("exfilguard"))
+        self.port = free_port()
+        data = self.data = Path(tempfile.mkdtemp(prefix="serve-bench-up-"))
+        cmd = [exe, "up", "--port", str(self.port), "--data-dir", str(data), "--dashboard-port", str(free_port()),
+               "--strong", args.strong, "--weak", resolve_weak_spec(args.weak, args.strong), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.key = self.outside_pid = None
+        lines: list[str] = []
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            lines.append(line)
+            if m := re.search(r"API key: (\S+)", line):
+                self.key = m.group(1)
+            if m := re.search(r"outside pid (\d+)", line):
+                self.outside_pid = int(m.group(1))
+            if "Ctrl-C stops" in line:
+                break
+        if self.key is None or self.outside_pid is None:
+            self.stop()
+            raise SystemExit("exfilguard up did not start:\n" + "".join(lines))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for _ in self.proc.stdout:  # type: ignore[union-attr]
+            pass
+
+    def access(self) -> list[dict]:
+        path = self.data / "access.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def client(self):  # noqa: ANN201
+        import openai
+
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.key, max_retries=0, timeout=3600)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def up_stack(args: argparse.Namespace, results: dict) -> None:
+    """`up stack`: the stack table's batch (--requests prompts, seeds 1000.., --max-tokens, T) through
+    `exfilguard up` for each codec of --settings, whole answers then streamed ones (the outside's
+    --flush-every, 16), against the strong model alone in its own process (OpenMP's default policy)."""
+    prompts = load_prompts(args.requests, args.corpus)
+    seeds = list(range(1000, 1000 + len(prompts)))
+    child = subprocess.run([sys.executable, __file__, "--alone-only", "--strong", args.strong, "--device", args.device,
+                            "--corpus", str(args.corpus), "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                            "--temperature", str(args.temperature)], capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    alone = json.loads(child.stdout.strip().splitlines()[-1])
+    bar = alone["tokens"] / alone["seconds"]
+    results["stack: strong alone tok/s"] = round(bar, 1)
+    print(f"strong alone (its own process, best of 2): {alone['tokens']} tokens in {alone['seconds']:.1f} s = {bar:.1f} tok/s")
+    print("| codec | answers | tok/s | vs alone | meter bits/token | TTFT p50 s | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    codecs = dict.fromkeys(s.partition(":")[0] for s in args.settings.split(","))
+    for codec in codecs:
+        up = _Up(args, ["--codec", codec])
+        try:
+            client = up.client()
+            client.completions.create(model=args.model_name, prompt="warm up", max_tokens=2, temperature=0)
+
+            def one(i: int, stream: bool) -> tuple[int, float]:
+                t = time.perf_counter()
+                if not stream:
+                    r = client.completions.create(model=args.model_name, prompt=prompts[i], max_tokens=args.max_tokens,
+                                                  seed=seeds[i], temperature=args.temperature)
+                    return r.usage.completion_tokens, time.perf_counter() - t
+                ttft, n = None, 0
+                for ch in client.completions.create(model=args.model_name, prompt=prompts[i], max_tokens=args.max_tokens,
+                                                    seed=seeds[i], temperature=args.temperature, stream=True,
+                                                    stream_options={"include_usage": True}):
+                    if ch.choices and ch.choices[0].text and ttft is None:
+                        ttft = time.perf_counter() - t
+                    if ch.usage:
+                        n = ch.usage.completion_tokens
+                return n, ttft if ttft is not None else time.perf_counter() - t
+
+            for stream in (False, True):
+                seen = len(up.access())
+                t = time.perf_counter()
+                with ThreadPoolExecutor(len(prompts)) as ex:
+                    res = list(ex.map(lambda i: one(i, stream), range(len(prompts))))
+                wall = time.perf_counter() - t
+                time.sleep(0.5)  # the access log's last lines
+                toks = sum(r[0] for r in res)
+                meter = sum(int(a.get("meter_bytes") or 0) for a in up.access()[seen:])
+                label = "streamed (flush every 16)" if stream else "whole"
+                row = {"tok/s": round(toks / wall, 1), "vs alone": round(toks / wall / bar, 2),
+                       "meter bits/token": round(8 * meter / max(toks, 1), 2),
+                       "TTFT p50 s": round(float(np.median([r[1] for r in res])), 2), "wall s": round(wall, 1)}
+                results[f"stack: {codec} {label}"] = row
+                print(f"| {codec} | {label} | " + " | ".join(str(v) for v in row.values()) + " |", flush=True)
+        finally:
+            up.stop()
+
+
 def up_scenarios(args: argparse.Namespace) -> None:
-    """`exfilguard up` as a user runs it: the long-prompt and the four-at-once scenarios."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import openai
-
+    """`exfilguard up` as a user runs it: the stack's batch, the long-prompt and the four-at-once scenarios."""
     from exfilguard.models import load_model
-    from exfilguard.models.loading import resolve_weak_spec
-    from exfilguard.supervise.assemble import free_port
 
     which = [x for x in args.up.split(",") if x]
+    results: dict[str, object] = {}
+    if "stack" in which:
+        up_stack(args, results)
+    if not {"long", "short4"} & set(which):
+        print(json.dumps(results, indent=1))
+        return
     rows = [json.loads(line) for line in open(args.corpus)]
     long_ids: list[int] = []
     for r in rows:  # dev prompts and answers glued together, as one long prompt
@@ -264,7 +374,7 @@ def up_scenarios(args: argparse.Namespace) -> None:
     tok = strong.tokenizer
     long_text = tok.decode(long_ids, skip_special_tokens=True)
     long_prompt = tok(long_text)["input_ids"]
-    results: dict[str, object] = {"long prompt tokens": len(long_prompt)}
+    results["long prompt tokens"] = len(long_prompt)
     if "long" in which:
         # The strong model's own time for the same request: the inside's engine alone.
         _, alone = strong_alone(strong, [list(long_prompt)], 16, args.temperature, [7])
@@ -279,31 +389,11 @@ def up_scenarios(args: argparse.Namespace) -> None:
         results.update({"short4: strong alone, one s": round(one_s, 2), "short4: strong alone, four s": round(four_s, 2),
                         "short4: strong alone, four / one": round(four_s / one_s, 2)})
     del strong
-    exe = str(Path(sys.executable).with_name("exfilguard"))
-    port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="serve-bench-up-"))
-    cmd = [exe, "up", "--port", str(port), "--data-dir", str(data), "--dashboard-port", str(free_port()),
-           "--strong", args.strong, "--weak", resolve_weak_spec(args.weak, args.strong)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    key = outside_pid = None
-    lines: list[str] = []
+    up = _Up(args, [])
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if m := re.search(r"API key: (\S+)", line):
-                key = m.group(1)
-            if m := re.search(r"outside pid (\d+)", line):
-                outside_pid = int(m.group(1))
-            if "Ctrl-C stops" in line:
-                break
-        if key is None or outside_pid is None:
-            raise SystemExit("exfilguard up did not start:\n" + "".join(lines))
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=3600)
+        client = up.client()
         client.completions.create(model=args.model_name, prompt="warm up", max_tokens=2, temperature=0)
-        results["outside RSS after warm-up MB"] = round(_peak_rss_mb(outside_pid), 0)
+        results["outside RSS after warm-up MB"] = round(_peak_rss_mb(up.outside_pid), 0)  # type: ignore[arg-type]
 
         def ask(prompt: object, n: int = 16) -> float:
             t = time.perf_counter()
@@ -325,14 +415,10 @@ def up_scenarios(args: argparse.Namespace) -> None:
             took = ask(list(long_prompt))
             results.update({"long: through up s": round(took, 1),
                             "long: up / strong alone": round(took / float(results["long: strong alone s"]), 2),  # type: ignore[arg-type]
-                            "long: outside peak RSS MB": round(_peak_rss_mb(outside_pid), 0)})
+                            "long: outside peak RSS MB": round(_peak_rss_mb(up.outside_pid), 0)})  # type: ignore[arg-type]
             print(json.dumps(results), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        up.stop()
     print(json.dumps(results, indent=1))
 
 
