@@ -129,6 +129,24 @@ def _rshift_round(v: np.ndarray, sh: np.ndarray | int) -> np.ndarray:
     return np.where(sh >= 1, down, up)
 
 
+def _rshift_round_into(v: np.ndarray, sh: np.ndarray) -> None:
+    """v[...] = _rshift_round(v, sh), in place: no [rows, out] temporaries (for the head, 49,152
+    entries a row, each temporary cost a fresh allocation and its page faults)."""
+    if sh.size and int(sh.min()) >= 1:
+        right = np.minimum(sh, 62)
+        v += np.int64(1) << (right - 1)
+        v >>= right
+    else:
+        v[...] = _rshift_round(v, sh)
+
+
+def _clamp(v: np.ndarray, lim: int) -> np.ndarray:
+    """v clipped to [-lim, lim] in place (np.clip's own overhead was ~10 us a call, ~100 calls a pass)."""
+    np.minimum(v, lim, out=v)
+    np.maximum(v, -lim, out=v)
+    return v
+
+
 def _bitlen(v: np.ndarray) -> np.ndarray:
     """Bit length of non-negative int64 values < 2**53 (frexp of an exactly representable float is exact)."""
     if v.size and int(v.max()) >= F64_EXACT:
@@ -250,24 +268,31 @@ class _Linear:
         if int(self.m.max(initial=0)) >= 1 << 25 or int(self.m.min(initial=0)) < 0:
             raise ConfigError(f"exact student: {self.name} has a scale mantissa outside [0, 2**25)")
 
-    def products(self, a: np.ndarray) -> np.ndarray:
-        """a @ q.T for int8 codes a [t, in]: exact int64 [t, out]."""
+    def _raw_products(self, a: np.ndarray) -> np.ndarray:
+        """a @ q.T for int8 codes a [t, in], as the backend gives it: int32, or integer-valued float32."""
         if self.int_mm is not None:
             import torch
 
             at = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int8))
-            return self.int_mm(at, self._qt).numpy().astype(np.int64)
-        return (a.astype(np.float32) @ self._w32.T).astype(np.int64)  # exact: bound checked at load
+            return self.int_mm(at, self._qt).numpy()
+        return a.astype(np.float32) @ self._w32.T  # exact: bound checked at load
+
+    def products(self, a: np.ndarray) -> np.ndarray:
+        """a @ q.T for int8 codes a [t, in]: exact int64 [t, out]."""
+        return self._raw_products(a).astype(np.int64)
 
     def __call__(self, a: np.ndarray, am: np.ndarray, ae: np.ndarray, frac: int) -> np.ndarray:
-        """Rows a [t, in] (int8 codes, scale am * 2**ae) -> int64 [t, out] at `frac` bits."""
+        """Rows a [t, in] (int8 codes, scale am * 2**ae) -> int64 [t, out] at `frac` bits:
+        round(((acc * m') >> 20) * am / 2**sh), computed in place in the output."""
         out = np.empty((a.shape[0], self.q.shape[0]), dtype=np.int64)
         for lo in range(0, a.shape[0], self.row_block):
             hi = lo + self.row_block
-            acc = self.products(a[lo:hi])
-            p = (acc * self.m_common) >> 20  # |acc| < 2**24, m' < 2**25: < 2**49 >> 20 = 2**29
-            sh = -(ae[lo:hi, None] + (self.top_e + 20 + frac))  # one shift per row
-            out[lo:hi] = _rshift_round(p * am[lo:hi, None], sh)  # < 2**29 * 2**25 = 2**54
+            p = out[lo:hi]
+            np.copyto(p, self._raw_products(a[lo:hi]), casting="unsafe")  # integers below 2**24: exact
+            p *= self.m_common  # |acc| < 2**24, m' < 2**25: < 2**49
+            p >>= 20  # < 2**29
+            p *= am[lo:hi, None]  # < 2**29 * 2**25 = 2**54
+            _rshift_round_into(p, -(ae[lo:hi, None] + (self.top_e + 20 + frac)))  # one shift per row
         return out
 
 
@@ -393,7 +418,7 @@ class ExactStudentModel(LanguageModel):
         sin = self.rope_sin[pos][:, None, :]
         x1, x2 = x[..., :h2], x[..., h2:]
         out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # < 2**15 * 2**14 * 2
-        return np.clip(_rshift_round(out, ROPE_BITS), -I16, I16)
+        return _clamp(_rshift_round(out, ROPE_BITS), I16)
 
     def _silu(self, g: np.ndarray) -> np.ndarray:
         """silu at FH bits: the table at step 2**-8 inside [-16, 16]; 0 below, identity above."""
@@ -465,11 +490,11 @@ class ExactStudentModel(LanguageModel):
         for (_, cache), n in zip(seqs, lens):
             cache.reserve(n)
         x = _rshift_round(self.embed_q[ids].astype(np.int64) * self.embed_m[ids, None], -(self.embed_e[ids, None] + FX))
-        x = np.clip(x, -XCLIP, XCLIP)
+        x = _clamp(x, XCLIP)
         h, hd, d = c.n_head, self.hd, c.d_model
         for li, b in enumerate(self.blocks):
             a, am, ae = _norm_quant8(x, b["norm1"], self.eps_q)
-            qkv = np.clip(b["qkv"](a, am, ae, FQ), -I16, I16).reshape(-1, 3, h, hd)
+            qkv = _clamp(b["qkv"](a, am, ae, FQ), I16).reshape(-1, 3, h, hd)
             q = self._rope(qkv[:, 0], pos)
             k = self._rope(qkv[:, 1], pos)
             v = qkv[:, 2]
@@ -482,13 +507,13 @@ class ExactStudentModel(LanguageModel):
                 cache.v[li, :, st : st + hi - lo] = v[lo:hi].transpose(1, 0, 2)
                 y[lo:hi] = self._attend(q[lo:hi], cache.k[li], cache.v[li], st)
             a, am, ae = _quant8(y.reshape(-1, d), FQ)
-            x = np.clip(x + b["proj"](a, am, ae, FX), -XCLIP, XCLIP)
+            x = _clamp(x + b["proj"](a, am, ae, FX), XCLIP)
             a, am, ae = _norm_quant8(x, b["norm2"], self.eps_q)
-            gu = np.clip(b["gate_up"](a, am, ae, FH), -HCLIP, HCLIP)
+            gu = _clamp(b["gate_up"](a, am, ae, FH), HCLIP)
             g, u = gu[:, : c.d_ff], gu[:, c.d_ff :]
             hm = _rshift_round(self._silu(g) * u, FH)  # < 2**24 * 2**24: at FH bits
             a, am, ae = _quant8(hm, FH)
-            x = np.clip(x + b["down"](a, am, ae, FX), -XCLIP, XCLIP)
+            x = _clamp(x + b["down"](a, am, ae, FX), XCLIP)
         for (_, cache), n in zip(seqs, lens):
             cache.length += n  # only now: a pass that raised left the caches as they were
         a, am, ae = _norm_quant8(x, self.norm, self.eps_q)
