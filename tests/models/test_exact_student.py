@@ -148,6 +148,9 @@ def test_bad_files_are_config_errors(tmp_path):
 def test_isqrt_is_exact(ns):
     got = isqrt(np.array(ns, dtype=np.int64))
     assert [int(x) for x in got] == [math.isqrt(n) for n in ns]
+    # Beyond 64 values isqrt takes its numpy path (a float guess fixed in integers): the same roots.
+    many = np.array((ns * (65 // len(ns) + 1))[:65] + [n * n for n in range(0, 1 << 31, 1 << 25)] + [(1 << 62) - 1], dtype=np.int64)
+    assert [int(x) for x in isqrt(many)] == [math.isqrt(int(n)) for n in many]
 
 
 @pytest.mark.skipif(not DEFAULT_EXACT_STUDENT.is_file(), reason="the shipped exact student is missing")
@@ -219,6 +222,40 @@ def test_concurrent_sessions_share_passes_and_keep_their_tables(exact):
     for i in range(len(work)):
         assert np.array_equal(got[i], alone[i]), i
     assert m.stepper.rows - rows0 > m.stepper.passes - passes0  # passes were shared
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 9000), min_size=1, max_size=64))
+def test_step_groups_cover_every_sequence_once_within_the_key_budget(starts):
+    from exfilguard.models.exact_student import STEP_KEYS, _step_groups
+
+    groups = _step_groups(starts, 256)
+    assert sorted(i for g in groups for i in g) == list(range(len(starts)))
+    for g in groups:
+        assert len(g) == 1 or len(g) * (max(starts[i] for i in g) + 1) * 256 <= STEP_KEYS
+
+
+@pytest.mark.parametrize("starts", [[0, 4, 37], [9, 9, 9], [50]])
+def test_a_decoding_step_attends_for_all_sequences_as_each_alone(exact, starts):
+    """`_attend_steps` (one new row per sequence, keys padded to the longest) gives `_attend`'s
+    integers for each sequence, with unequal lengths (padding masked) and equal ones (none)."""
+    from exfilguard.models.exact_student import I16, KVCache
+
+    m, _ = exact
+    c = m.config
+    rng = np.random.default_rng(len(starts) + starts[-1])
+    caches = []
+    for st in starts:
+        kc = KVCache(c.n_layer, c.n_head, m.hd)
+        kc.reserve(st + 1)
+        kc.k[:, :, : st + 1] = rng.integers(-I16, I16 + 1, (c.n_layer, c.n_head, st + 1, m.hd))
+        kc.v[:, :, : st + 1] = rng.integers(-I16, I16 + 1, (c.n_layer, c.n_head, st + 1, m.hd))
+        caches.append(kc)
+    q = rng.integers(-I16, I16 + 1, (len(starts), c.n_head, m.hd)).astype(np.int64)
+    for li in range(c.n_layer):
+        got = m._attend_steps(q, caches, li, starts)
+        for i, (kc, st) in enumerate(zip(caches, starts)):
+            assert np.array_equal(got[i], m._attend(q[i : i + 1], kc.k[li], kc.v[li], st)[0]), (li, i)
 
 
 def test_one_pass_for_many_sessions_equals_each_alone(exact):

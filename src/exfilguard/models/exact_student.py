@@ -147,6 +147,23 @@ def _clamp(v: np.ndarray, lim: int) -> np.ndarray:
     return v
 
 
+STEP_KEYS = 1 << 20  # float64 entries of one group's padded keys in a decoding step (8 MB, as many for values)
+
+
+def _step_groups(starts: Sequence[int], row: int) -> list[list[int]]:
+    """Sequences (by index) in groups for one decoding step's attention, shortest first: a group's
+    count times its longest context, times `row` entries a key, stays within STEP_KEYS (a
+    sequence longer than that is a group alone), so the padding costs little memory and work."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * (starts[i] + 1) * row <= STEP_KEYS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def _bitlen(v: np.ndarray) -> np.ndarray:
     """Bit length of non-negative int64 values < 2**53 (frexp of an exactly representable float is exact)."""
     if v.size and int(v.max()) >= F64_EXACT:
@@ -157,6 +174,8 @@ def _bitlen(v: np.ndarray) -> np.ndarray:
 def isqrt(n: np.ndarray) -> np.ndarray:
     """floor(sqrt(n)) of non-negative int64 values < 2**62, exactly (a float guess, fixed in integers)."""
     n = np.asarray(n, dtype=np.int64)
+    if n.size <= 64:  # a row's norm each: Python's exact isqrt beats eight numpy passes over a few values
+        return np.array([math.isqrt(v) for v in n.ravel().tolist()], dtype=np.int64).reshape(n.shape)
     r = np.sqrt(n.astype(np.float64)).astype(np.int64)
     for _ in range(4):  # the guess is within 1 of the answer; each pass moves it by at most 1
         r = np.where(r * r > n, r - 1, r)
@@ -463,6 +482,34 @@ class ExactStudentModel(LanguageModel):
             y[lo:hi] = ((2 * num + den) // (2 * den)).transpose(1, 0, 2)
         return y
 
+    def _attend_steps(self, q: np.ndarray, caches: Sequence[KVCache], li: int, starts: Sequence[int]) -> np.ndarray:
+        """`_attend` for one new row per sequence (a decoding step), all sequences in one product:
+        queries q [n, h, hd], sequence i's query at position starts[i] over its keys 0..starts[i].
+        The keys and values are padded to the longest; a padded key is masked like a causal one
+        (weight att_table[-1] = 0), so every score, weight and sum is `_attend`'s, bit for bit."""
+        n, h, hd = q.shape
+        lens = np.asarray(starts, dtype=np.int64) + 1
+        s = int(lens.max())
+        kf = np.zeros((n, h, s, hd), dtype=np.float64)
+        vf = np.zeros((n, h, s, hd), dtype=np.float64)
+        for i, (cache, ln) in enumerate(zip(caches, lens.tolist())):
+            kf[i, :, :ln] = cache.k[li, :, :ln]
+            vf[i, :, :ln] = cache.v[li, :, :ln]
+        qs = (q * self.inv_sqrt_hd_q).astype(np.float64)[:, :, None, :]  # [n, h, 1, hd]
+        sc = self._matmul64(qs, kf.transpose(0, 1, 3, 2))  # [n, h, 1, s]
+        sc += 1 << (SCORE_SHIFT - 1)
+        sc *= 1.0 / (1 << SCORE_SHIFT)
+        np.floor(sc, out=sc)
+        if int(lens.min()) < s:
+            sc += np.where(np.arange(s)[None, :] >= lens[:, None], -np.inf, 0.0)[:, None, None, :]  # every head
+        top = sc.max(axis=-1, keepdims=True)
+        np.subtract(top, sc, out=sc)
+        np.minimum(sc, self.att_table.size - 1, out=sc)
+        p = self.att_table[sc.astype(np.intp)]  # [n, h, 1, s]
+        num = self._matmul64(p, vf).astype(np.int64)[:, :, 0]  # [n, h, hd]
+        den = p.sum(axis=-1).astype(np.int64)  # [n, h, 1]
+        return (2 * num + den) // (2 * den)
+
     def _matmul64(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Batched float64 product of integer-valued operands (exact: the callers' bounds); on the
         torch backend through torch, so it runs on the pass's one thread (numpy's BLAS has its own pool)."""
@@ -492,6 +539,9 @@ class ExactStudentModel(LanguageModel):
         x = _rshift_round(self.embed_q[ids].astype(np.int64) * self.embed_m[ids, None], -(self.embed_e[ids, None] + FX))
         x = _clamp(x, XCLIP)
         h, hd, d = c.n_head, self.hd, c.d_model
+        # A decoding step (one new row per sequence, the common pass) attends for several sequences
+        # at once: groups of similar length whose padded keys fit STEP_KEYS float64 entries.
+        steps = _step_groups(starts, h * hd) if len(seqs) > 1 and all(n == 1 for n in lens) else None
         for li, b in enumerate(self.blocks):
             a, am, ae = _norm_quant8(x, b["norm1"], self.eps_q)
             qkv = _clamp(b["qkv"](a, am, ae, FQ), I16).reshape(-1, 3, h, hd)
@@ -505,7 +555,10 @@ class ExactStudentModel(LanguageModel):
                     continue
                 cache.k[li, :, st : st + hi - lo] = k[lo:hi].transpose(1, 0, 2)  # |k|, |v| <= 2**15 - 1
                 cache.v[li, :, st : st + hi - lo] = v[lo:hi].transpose(1, 0, 2)
-                y[lo:hi] = self._attend(q[lo:hi], cache.k[li], cache.v[li], st)
+                if steps is None:
+                    y[lo:hi] = self._attend(q[lo:hi], cache.k[li], cache.v[li], st)
+            for g in steps or ():  # a step: row i is sequence i's
+                y[g] = self._attend_steps(q[g], [seqs[i][1] for i in g], li, [starts[i] for i in g])
             a, am, ae = _quant8(y.reshape(-1, d), FQ)
             x = _clamp(x + b["proj"](a, am, ae, FX), XCLIP)
             a, am, ae = _norm_quant8(x, b["norm2"], self.eps_q)
