@@ -17,8 +17,10 @@ second per CPU core (decoded tokens / the process's CPU seconds) and per wall se
 only what an old tree also has, so `PYTHONPATH=OLD/src python bench/serve_bench.py
 --decode-rate ...` measures an older checkout with the same script.
 
---up long,short4: `exfilguard up` as a user runs it (separate processes, the default weak
-model), the openai client: `long` sends one prompt of --long-tokens tokens (dev answers glued
+--up stack,long,short4: `exfilguard up` as a user runs it (separate processes, the default weak
+model), the openai client: `stack` sends the table's batch (--requests prompts, --max-tokens, T)
+for each codec of --settings, whole answers then streamed ones (up's flush every 16), against the
+strong model alone in its own process, with the meter bits from up's access log; `long` sends one prompt of --long-tokens tokens (dev answers glued
 together) with max_tokens=16 and compares the time with the strong model's own (the inside's
 engine alone, in this process, same request), and reads the outside process's peak RSS
 (VmHWM); `short4` times one short request (max_tokens=16) alone and then four at once.
@@ -438,7 +440,7 @@ def main() -> None:
     ap.add_argument("--decode-rate", default="", help="stream counts: time the outside's decoding alone (see above)")
     ap.add_argument("--codec", default="coupled", help="--decode-rate: the codec to decode")
     ap.add_argument("--flush-every", type=int, default=16, help="--decode-rate: tokens per flush (0: one at the end)")
-    ap.add_argument("--up", default="", help="scenarios through `exfilguard up`: long,short4")
+    ap.add_argument("--up", default="", help="scenarios through `exfilguard up`: stack,long,short4")
     ap.add_argument("--long-tokens", type=int, default=6000, help="--up long: prompt length in tokens")
     ap.add_argument("--model-name", default="smollm2", help="--up: the model name the API serves")
     ap.add_argument("--alone-only", action="store_true", help=argparse.SUPPRESS)  # the strong-alone child (below)
