@@ -557,8 +557,8 @@ class ExactStudentModel(LanguageModel):
                 cache.v[li, :, st : st + hi - lo] = v[lo:hi].transpose(1, 0, 2)
                 if steps is None:
                     y[lo:hi] = self._attend(q[lo:hi], cache.k[li], cache.v[li], st)
-            for g in steps or ():  # a step: row i is sequence i's
-                y[g] = self._attend_steps(q[g], [seqs[i][1] for i in g], li, [starts[i] for i in g])
+            for grp in steps or ():  # a step: row i is sequence i's
+                y[grp] = self._attend_steps(q[grp], [seqs[i][1] for i in grp], li, [starts[i] for i in grp])
             a, am, ae = _quant8(y.reshape(-1, d), FQ)
             x = _clamp(x + b["proj"](a, am, ae, FX), XCLIP)
             a, am, ae = _norm_quant8(x, b["norm2"], self.eps_q)
