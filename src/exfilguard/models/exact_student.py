@@ -140,6 +140,15 @@ def _rshift_round_into(v: np.ndarray, sh: np.ndarray) -> None:
         v[...] = _rshift_round(v, sh)
 
 
+def _round_scores(sc: np.ndarray) -> np.ndarray:
+    """q.k * inv products (float64 integers) -> round(. / 2**SCORE_SHIFT) half up, in place: the
+    scores at FL bits (exact in float64: the products are integers below 2**53)."""
+    sc += 1 << (SCORE_SHIFT - 1)
+    sc *= 1.0 / (1 << SCORE_SHIFT)
+    np.floor(sc, out=sc)
+    return sc
+
+
 def _clamp(v: np.ndarray, lim: int) -> np.ndarray:
     """v clipped to [-lim, lim] in place (np.clip's own overhead was ~10 us a call, ~100 calls a pass)."""
     np.minimum(v, lim, out=v)
@@ -461,26 +470,27 @@ class ExactStudentModel(LanguageModel):
         qs = (q * self.inv_sqrt_hd_q).transpose(1, 0, 2).astype(np.float64)  # [h, t, hd], |.| < 2**28
         block = max(1, ATT_ENTRIES // (h * (start + t)))
         y = np.empty((t, h, hd), dtype=np.int64)
-        last = self.att_table.size - 1
         for lo in range(0, t, block):
             hi = min(t, lo + block)
             s = start + hi  # keys the block's last query sees
             kf = k[:, :s].astype(np.float64)  # [h, s, hd]
-            sc = self._matmul64(qs[:, lo:hi], kf.transpose(0, 2, 1))  # [h, b, s]
-            sc += 1 << (SCORE_SHIFT - 1)
-            sc *= 1.0 / (1 << SCORE_SHIFT)
-            np.floor(sc, out=sc)  # round(q.k * inv / 2**S) half up: the score at FL bits
+            sc = _round_scores(self._matmul64(qs[:, lo:hi], kf.transpose(0, 2, 1)))  # [h, b, s]
             if hi - lo > 1 or s != start + lo + 1:  # causal mask, where a key follows a query
                 qpos = start + np.arange(lo, hi)
                 sc[:, np.arange(s)[None, :] > qpos[:, None]] = -np.inf
-            top = sc.max(axis=-1, keepdims=True)
-            np.subtract(top, sc, out=sc)  # distance below the top; masked: +inf
-            np.minimum(sc, last, out=sc)
-            p = self.att_table[sc.astype(np.intp)]  # [h, b, s], <= 2**16
-            num = self._matmul64(p, v[:, :s].astype(np.float64)).astype(np.int64)  # [h, b, hd]
-            den = p.sum(axis=-1).astype(np.int64)[:, :, None]  # >= 2**16
-            y[lo:hi] = ((2 * num + den) // (2 * den)).transpose(1, 0, 2)
+            y[lo:hi] = self._weighted_mean(sc, v[:, :s].astype(np.float64)).transpose(1, 0, 2)  # [h, b, hd] -> [b, h, hd]
         return y
+
+    def _weighted_mean(self, sc: np.ndarray, vf: np.ndarray) -> np.ndarray:
+        """Rounded scores sc [..., b, s] (masked keys -inf; overwritten) and values vf [..., s, hd]
+        -> round(sum p v / sum p) [..., b, hd], p = att_table[top - score] (masked: the last, 0)."""
+        top = sc.max(axis=-1, keepdims=True)
+        np.subtract(top, sc, out=sc)  # distance below the top; masked: +inf
+        np.minimum(sc, self.att_table.size - 1, out=sc)
+        p = self.att_table[sc.astype(np.intp)]  # <= 2**16
+        num = self._matmul64(p, vf).astype(np.int64)
+        den = p.sum(axis=-1, keepdims=True).astype(np.int64)  # >= 2**16
+        return (2 * num + den) // (2 * den)
 
     def _attend_steps(self, q: np.ndarray, caches: Sequence[KVCache], li: int, starts: Sequence[int]) -> np.ndarray:
         """`_attend` for one new row per sequence (a decoding step), all sequences in one product:
@@ -496,19 +506,10 @@ class ExactStudentModel(LanguageModel):
             kf[i, :, :ln] = cache.k[li, :, :ln]
             vf[i, :, :ln] = cache.v[li, :, :ln]
         qs = (q * self.inv_sqrt_hd_q).astype(np.float64)[:, :, None, :]  # [n, h, 1, hd]
-        sc = self._matmul64(qs, kf.transpose(0, 1, 3, 2))  # [n, h, 1, s]
-        sc += 1 << (SCORE_SHIFT - 1)
-        sc *= 1.0 / (1 << SCORE_SHIFT)
-        np.floor(sc, out=sc)
+        sc = _round_scores(self._matmul64(qs, kf.transpose(0, 1, 3, 2)))  # [n, h, 1, s]
         if int(lens.min()) < s:
             sc += np.where(np.arange(s)[None, :] >= lens[:, None], -np.inf, 0.0)[:, None, None, :]  # every head
-        top = sc.max(axis=-1, keepdims=True)
-        np.subtract(top, sc, out=sc)
-        np.minimum(sc, self.att_table.size - 1, out=sc)
-        p = self.att_table[sc.astype(np.intp)]  # [n, h, 1, s]
-        num = self._matmul64(p, vf).astype(np.int64)[:, :, 0]  # [n, h, hd]
-        den = p.sum(axis=-1).astype(np.int64)  # [n, h, 1]
-        return (2 * num + den) // (2 * den)
+        return self._weighted_mean(sc, vf)[:, :, 0]  # [n, h, hd]
 
     def _matmul64(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Batched float64 product of integer-valued operands (exact: the callers' bounds); on the
