@@ -153,6 +153,24 @@ def test_isqrt_is_exact(ns):
     assert [int(x) for x in isqrt(many)] == [math.isqrt(int(n)) for n in many]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(1 << 54), 1 << 54), st.integers(-6, 70)), min_size=1, max_size=12))
+def test_rshift_round_matches_python_integers_and_in_place(pairs):
+    """round(v / 2**sh) half up (sh capped at 62), v * 2**-sh for sh <= 0: per row, as the layers
+    call it, out of place and in place (both branches: all shifts >= 1, and some <= 0)."""
+    from exfilguard.models.exact_student import _rshift_round, _rshift_round_into
+
+    v = np.array([[p[0], -p[0]] for p in pairs], dtype=np.int64)
+    sh = np.array([[p[1]] for p in pairs], dtype=np.int64)
+    if (sh <= 0).any():  # a left shift must stay inside int64, as the model's bounds keep it
+        v >>= 8
+    want = [[(x + (1 << (min(k, 62) - 1))) >> min(k, 62) if k >= 1 else x << -k for x in row] for row, k in zip(v.tolist(), sh[:, 0].tolist())]
+    assert _rshift_round(v, sh).tolist() == want
+    inplace = v.copy()
+    _rshift_round_into(inplace, sh)
+    assert inplace.tolist() == want
+
+
 @pytest.mark.skipif(not DEFAULT_EXACT_STUDENT.is_file(), reason="the shipped exact student is missing")
 def test_default_is_the_exact_student_with_the_match_model():
     from exfilguard.models.match import MatchModel

@@ -119,25 +119,25 @@ class ExactConfig:
 
 def _rshift_round(v: np.ndarray, sh: np.ndarray | int) -> np.ndarray:
     """round(v / 2**sh) (half up) for sh >= 1, v * 2**-sh for sh <= 0; int64, elementwise."""
+    out = np.array(v, dtype=np.int64)
+    _rshift_round_into(out, sh)
+    return out
+
+
+def _rshift_round_into(v: np.ndarray, sh: np.ndarray | int) -> None:
+    """v[...] = _rshift_round(v, sh) for an int64 array v, in place: the usual case makes no
+    temporary of v's size (for the head, 49,152 entries a row, each one cost a fresh allocation
+    and its page faults)."""
     sh = np.asarray(sh, dtype=np.int64)
     if sh.size and int(sh.min()) >= 1:  # the usual case: a plain rounding right shift
         right = np.minimum(sh, 62)
-        return (v + (np.int64(1) << (right - 1))) >> right
+        v += np.int64(1) << (right - 1)
+        v >>= right
+        return
     right = np.clip(sh, 1, 62)
     down = (v + (np.int64(1) << (right - 1))) >> right
     up = np.left_shift(v, np.clip(-sh, 0, 62))
-    return np.where(sh >= 1, down, up)
-
-
-def _rshift_round_into(v: np.ndarray, sh: np.ndarray) -> None:
-    """v[...] = _rshift_round(v, sh), in place: no [rows, out] temporaries (for the head, 49,152
-    entries a row, each temporary cost a fresh allocation and its page faults)."""
-    if sh.size and int(sh.min()) >= 1:
-        right = np.minimum(sh, 62)
-        v += np.int64(1) << (right - 1)
-        v >>= right
-    else:
-        v[...] = _rshift_round(v, sh)
+    v[...] = np.where(sh >= 1, down, up)
 
 
 def _round_scores(sc: np.ndarray) -> np.ndarray:
