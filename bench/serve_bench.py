@@ -19,11 +19,11 @@ only what an old tree also has, so `PYTHONPATH=OLD/src python bench/serve_bench.
 
 --up stack,long,short4: `exfilguard up` as a user runs it (separate processes, the default weak
 model), the openai client: `stack` sends the table's batch (--requests prompts, --max-tokens, T)
-for each codec of --settings, whole answers then streamed ones (up's flush every 16), against the
-strong model alone in its own process, with the meter bits from up's access log; `long` sends one prompt of --long-tokens tokens (dev answers glued
-together) with max_tokens=16 and compares the time with the strong model's own (the inside's
-engine alone, in this process, same request), and reads the outside process's peak RSS
-(VmHWM); `short4` times one short request (max_tokens=16) alone and then four at once.
+for each codec of --settings, whole answers then streamed ones (a flush every 16 tokens), against
+the strong model alone in its own process, with the meter bits from up's access log; `long`
+sends one prompt of --long-tokens tokens (dev answers glued together) with max_tokens=16 and
+compares the time with the strong model's own (the inside's engine alone, in this process, same
+request), and reads the outside process's peak RSS (VmHWM); `short4` times one short request (max_tokens=16) alone and then four at once.
 """
 
 from __future__ import annotations
@@ -89,6 +89,17 @@ def strong_alone(strong, prompts, max_tokens, temperature, seeds):  # noqa: ANN0
     dt = time.perf_counter() - t
     eng.stop()
     return [s.ids for s in sinks], dt
+
+
+def alone_in_own_process(args: argparse.Namespace) -> dict:
+    """The strong model alone on the batch, as a user runs it: its own process, OpenMP's default
+    wait policy (spinning threads suit a process that only runs the model). {"tokens", "seconds"},
+    the faster of two runs."""
+    child = subprocess.run([sys.executable, __file__, "--alone-only", "--strong", args.strong, "--device", args.device,
+                            "--corpus", str(args.corpus), "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                            "--temperature", str(args.temperature)], capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def ideal_bits(weak, prompts, outs) -> float:  # noqa: ANN001
@@ -296,17 +307,16 @@ class _Up:
             self.proc.kill()
 
 
+UP_FLUSH = 16  # `up stack`: streamed answers flush every this many tokens (up's default)
+
+
 def up_stack(args: argparse.Namespace, results: dict) -> None:
     """`up stack`: the stack table's batch (--requests prompts, seeds 1000.., --max-tokens, T) through
-    `exfilguard up` for each codec of --settings, whole answers then streamed ones (the outside's
-    --flush-every, 16), against the strong model alone in its own process (OpenMP's default policy)."""
+    `exfilguard up` for each codec of --settings, whole answers then streamed ones (flushing every
+    UP_FLUSH tokens), against the strong model alone in its own process (OpenMP's default policy)."""
     prompts = load_prompts(args.requests, args.corpus)
     seeds = list(range(1000, 1000 + len(prompts)))
-    child = subprocess.run([sys.executable, __file__, "--alone-only", "--strong", args.strong, "--device", args.device,
-                            "--corpus", str(args.corpus), "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-                            "--temperature", str(args.temperature)], capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
-    alone = json.loads(child.stdout.strip().splitlines()[-1])
+    alone = alone_in_own_process(args)
     bar = alone["tokens"] / alone["seconds"]
     results["stack: strong alone tok/s"] = round(bar, 1)
     print(f"strong alone (its own process, best of 2): {alone['tokens']} tokens in {alone['seconds']:.1f} s = {bar:.1f} tok/s")
@@ -314,7 +324,7 @@ def up_stack(args: argparse.Namespace, results: dict) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     codecs = dict.fromkeys(s.partition(":")[0] for s in args.settings.split(","))
     for codec in codecs:
-        up = _Up(args, ["--codec", codec])
+        up = _Up(args, ["--codec", codec, "--flush-every", str(UP_FLUSH)])
         try:
             client = up.client()
             client.completions.create(model=args.model_name, prompt="warm up", max_tokens=2, temperature=0)
@@ -344,7 +354,7 @@ def up_stack(args: argparse.Namespace, results: dict) -> None:
                 time.sleep(0.5)  # the access log's last lines
                 toks = sum(r[0] for r in res)
                 meter = sum(int(a.get("meter_bytes") or 0) for a in up.access()[seen:])
-                label = "streamed (flush every 16)" if stream else "whole"
+                label = f"streamed (flush every {UP_FLUSH})" if stream else "whole"
                 row = {"tok/s": round(toks / wall, 1), "vs alone": round(toks / wall / bar, 2),
                        "meter bits/token": round(8 * meter / max(toks, 1), 2),
                        "TTFT p50 s": round(float(np.median([r[1] for r in res])), 2), "wall s": round(wall, 1)}
@@ -474,13 +484,7 @@ def main() -> None:
     alone_s = min(alone_s, strong_alone(strong, prompts, args.max_tokens, args.temperature, seeds)[1])
     alone_toks = sum(len(o) for o in outs)
     ideal = ideal_bits(weak, prompts, outs)
-    # The strong model alone as a user runs it: its own process, OpenMP's default wait policy
-    # (spinning threads suit a process that only runs the model); the faster of the two is the bar.
-    child = subprocess.run([sys.executable, __file__, "--alone-only", "--strong", args.strong, "--device", args.device,
-                            "--corpus", str(args.corpus), "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-                            "--temperature", str(args.temperature)], capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
-    default = json.loads(child.stdout.strip().splitlines()[-1])
+    default = alone_in_own_process(args)  # the faster of this and the in-process run is the bar
     print(f"strong {args.strong}, weak {weak_spec}, device {args.device}, {len(prompts)} requests x <= {args.max_tokens} tokens, "
           f"T={args.temperature}, concurrency {args.concurrency}")
     print(f"strong alone (best of 2): {alone_toks} tokens in {alone_s:.1f} s = {alone_toks / alone_s:.1f} tok/s with "
